@@ -1,0 +1,1 @@
+"""mtp-dist: multi-token prediction pretraining on megatron-core and DeepSpeed."""
