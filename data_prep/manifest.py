@@ -1,0 +1,138 @@
+"""Per-shard sidecars and the merged manifest of an output directory.
+
+Each finished shard gets a sidecar `<shard>.json`, written atomically after its .bin/.idx were
+renamed into place. Sidecars are the source of truth: a shard is complete only if its sidecar
+says so and the files on disk have the recorded sizes. Concurrent SLURM array tasks never write
+the same sidecar; `manifest.json` is their merge, rewritten under an flock so that a task that
+finishes late can never replace a newer merge by an older one.
+
+Nothing here depends on time, host or process, so a killed-and-rerun output is byte-identical
+to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+
+MANIFEST = "manifest.json"
+FORMAT = "mtp-dist-shards-v1"
+_LOCK = ".manifest.lock"
+
+
+def shard_prefix(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, name)
+
+
+def sidecar_path(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, f"{name}.json")
+
+
+def atomic_write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_sidecar(out_dir: str, name: str) -> dict | None:
+    try:
+        with open(sidecar_path(out_dir, name)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(out_dir: str, sidecar: dict | None) -> bool:
+    """Complete = sidecar status complete and .bin/.idx present with the recorded sizes."""
+    if not sidecar or sidecar.get("status") != "complete":
+        return False
+    prefix = shard_prefix(out_dir, sidecar["shard"])
+    try:
+        return (
+            os.path.getsize(prefix + ".bin") == sidecar["bin_bytes"]
+            and os.path.getsize(prefix + ".idx") == sidecar["idx_bytes"]
+        )
+    except OSError:
+        return False
+
+
+def file_checksum(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def _locked(out_dir: str):
+    with open(os.path.join(out_dir, _LOCK), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def merge_manifest(out_dir: str, expected_shards: list[str] | None = None) -> dict:
+    """Merge all sidecars into manifest.json (atomically, under a lock) and return it.
+
+    `expected_shards` (all shard names of the run, across SLURM tasks) lets the manifest say
+    whether the directory is complete; when None, the previous manifest's list is kept.
+    """
+    with _locked(out_dir):
+        previous = load_manifest(out_dir, required=False)
+        if expected_shards is None and previous is not None:
+            expected_shards = previous.get("expected_shards")
+        sidecars = []
+        for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+            if os.path.basename(path) == MANIFEST:
+                continue
+            name = os.path.basename(path)[: -len(".json")]
+            sc = read_sidecar(out_dir, name)
+            if sc is not None and sc.get("format") == FORMAT:
+                sidecars.append(sc)
+        tokenizers = {json.dumps(s["tokenizer"], sort_keys=True) for s in sidecars}
+        if len(tokenizers) > 1:
+            raise ValueError(
+                f"{out_dir}: shards were made with different tokenizers; use one per dir"
+            )
+        complete = [s for s in sidecars if is_complete(out_dir, s)]
+        done = {s["shard"] for s in complete}
+        manifest = {
+            "format": FORMAT,
+            "tokenizer": sidecars[0]["tokenizer"] if sidecars else None,
+            "expected_shards": expected_shards,
+            "complete": expected_shards is not None and done >= set(expected_shards),
+            "totals": {
+                "shards": len(complete),
+                "documents": sum(s["documents"] for s in complete),
+                "tokens": sum(s["tokens"] for s in complete),
+                "skipped_shards": sum(s["status"] == "skipped" for s in sidecars),
+            },
+            "shards": sidecars,
+        }
+        atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+def load_manifest(out_dir: str, required: bool = True) -> dict | None:
+    path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if required:
+            raise FileNotFoundError(
+                f"{out_dir}: no {MANIFEST}; make the shards with `python -m data_prep tokenize`"
+            ) from None
+        return None

@@ -1,0 +1,163 @@
+"""Tokenizing one input shard into one megatron-core .bin/.idx shard.
+
+The worker that tokenizes a shard writes it, to `<name>.bin.partial` / `.idx.partial`, renames
+both when complete, then writes the sidecar that marks completion. A kill at any moment leaves
+either no sidecar (the shard is redone from scratch on rerun) or a complete shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_prep import manifest as mf
+from data_prep.readers import BadInputFile, DocumentReader, InputShard, ReadOptions, ReadStats
+from data_prep.tokenizers import Tokenizer
+
+# Documents are encoded in batches of about this many characters: large enough that
+# sentencepiece's batched encode dominates, small enough to bound memory per worker.
+BATCH_CHARS = 8 << 20
+BATCH_DOCS = 16384
+
+
+@functools.cache
+def batched_builder_class():
+    """megatron-core's IndexedDatasetBuilder plus a method adding many documents at once.
+
+    `add_document` costs a numpy copy and a write per document, which dominates when documents
+    are lines. `add_documents` writes one buffer and extends the same bookkeeping lists that
+    `add_document` extends; `finalize` (the .idx writer) stays megatron-core's.
+    tests/test_data_prep_format.py checks both give identical bytes.
+    """
+    with warnings.catch_warnings():
+        # Importing megatron.core warns that Transformer Engine / Apex are absent: irrelevant here.
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    class BatchedIndexedDatasetBuilder(IndexedDatasetBuilder):
+        def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+            self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+            start = len(self.sequence_lengths)
+            self.sequence_lengths.extend(lengths.tolist())
+            self.document_indices.extend(range(start + 1, start + len(lengths) + 1))
+
+    return BatchedIndexedDatasetBuilder
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 65535 else np.int32
+
+
+@dataclass
+class ShardJob:
+    name: str
+    shard: InputShard
+    out_dir: str
+    tokenizer_spec: str
+    read_opts: ReadOptions
+    threads: int = 1
+
+
+def shard_fingerprint(job: ShardJob, tokenizer: Tokenizer) -> dict:
+    """What must match for an existing sidecar to count as this job's output."""
+    return {
+        "input": job.shard.describe(),
+        "read_options": job.read_opts.as_dict(),
+        "tokenizer": tokenizer.identity,
+    }
+
+
+def tokenize_shard(
+    job: ShardJob,
+    tokenizer: Tokenizer,
+    skip_bad_files: bool,
+    progress: Callable[[int, int, int], None] = lambda b, d, t: None,
+) -> dict:
+    """Tokenize job.shard into job.out_dir/job.name.{bin,idx}; return (and write) its sidecar.
+
+    `progress(bytes, documents, tokens)` receives increments. A BadInputFile is raised unless
+    skip_bad_files, in which case the sidecar records it with status "skipped".
+    """
+    prefix = mf.shard_prefix(job.out_dir, job.name)
+    partial = {ext: f"{prefix}.{ext}.partial" for ext in ("bin", "idx")}
+    for path in [*partial.values(), prefix + ".bin", prefix + ".idx"]:
+        if os.path.exists(path):
+            os.remove(path)
+    stats = ReadStats()
+    reader = DocumentReader(job.shard, job.read_opts, stats)
+    builder = batched_builder_class()(partial["bin"], dtype=token_dtype(tokenizer.vocab_size))
+    tokens = 0
+    sent = [0, 0, 0]
+    try:
+        batch: list[str] = []
+        chars = 0
+        for doc in reader:
+            batch.append(doc)
+            chars += len(doc)
+            if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+                tokens += _write_batch(builder, tokenizer, batch, job.threads)
+                batch, chars = [], 0
+                sent = _report(progress, sent, reader.consumed_bytes, stats.documents, tokens)
+        if batch:
+            tokens += _write_batch(builder, tokenizer, batch, job.threads)
+        builder.finalize(partial["idx"])
+        _report(progress, sent, reader.consumed_bytes, stats.documents, tokens)
+    except BadInputFile as err:
+        builder.data_file.close()
+        for path in partial.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if not skip_bad_files:
+            raise
+        sidecar = {
+            "format": mf.FORMAT,
+            "shard": job.name,
+            "status": "skipped",
+            "error": f"{err.path}: {err.problem}",
+            **shard_fingerprint(job, tokenizer),
+            "documents": 0,
+            "tokens": 0,
+        }
+        mf.atomic_write_json(mf.sidecar_path(job.out_dir, job.name), sidecar)
+        return sidecar
+
+    for ext in ("bin", "idx"):
+        with open(partial[ext], "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial[ext], f"{prefix}.{ext}")
+    sidecar = {
+        "format": mf.FORMAT,
+        "shard": job.name,
+        "status": "complete",
+        **shard_fingerprint(job, tokenizer),
+        "documents": stats.documents,
+        "tokens": tokens,
+        "skipped_documents": dict(sorted(stats.skipped.items())),
+        "invalid_utf8_documents": stats.invalid_utf8_documents,
+        "bin_bytes": os.path.getsize(prefix + ".bin"),
+        "idx_bytes": os.path.getsize(prefix + ".idx"),
+        "sha256": mf.file_checksum([prefix + ".bin", prefix + ".idx"]),
+    }
+    mf.atomic_write_json(mf.sidecar_path(job.out_dir, job.name), sidecar)
+    return sidecar
+
+
+def _write_batch(builder, tokenizer: Tokenizer, batch: list[str], threads: int) -> int:
+    """Encode a batch and append it, an end-of-document token after each document."""
+    flat, lengths = tokenizer.encode_flat(batch, threads)
+    # np.insert at each document's end offset places one eod after every document at once.
+    ends = np.cumsum(lengths)
+    with_eod = np.insert(flat, ends, tokenizer.eod_id)
+    builder.add_documents(with_eod, lengths + 1)
+    return int(with_eod.size)
+
+
+def _report(progress, sent: list[int], nbytes: int, docs: int, tokens: int) -> list[int]:
+    now = [nbytes, docs, tokens]
+    progress(*(a - b for a, b in zip(now, sent, strict=True)))
+    return now

@@ -1,0 +1,368 @@
+"""The typed configuration: one dataclass tree, loaded strictly from YAML plus dotted overrides.
+
+An unknown key, a wrong type or an inconsistent combination raises `ConfigError` with a message
+that names the key and says how to fix it. Nothing here imports torch.distributed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    n_future_tokens: int = 1
+    """n: number of heads; head i (1-based) predicts token t+i. n=1 is next-token prediction."""
+    num_layers: int = 4
+    """Transformer layers in the shared trunk (the heads add n more). To match parameters across
+    n as the paper does, use num_layers = L - n for a reference depth of L layers."""
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    """Grouped-query attention groups; None means multi-head attention."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner size; None means 8/3 * hidden_size rounded up to a multiple of 64."""
+    vocab_size: int = 32000
+    """The tokenizer's vocabulary size; the embedding is padded to `vocab_multiple`."""
+    vocab_multiple: int = 128
+    """Padded vocabulary is a multiple of this (must also be divisible by parallel.tensor)."""
+    seq_length: int = 512
+    head_backward: Literal["sequential", "joint"] = "sequential"
+    """sequential: heads run forward/backward one after another (one head's logits alive at a
+    time, the paper's Figure 2); joint: all heads in one autograd graph."""
+    head_loss_weights: list[float] | None = None
+    """Weight of each head's cross-entropy in the summed loss; None means 1.0 each."""
+    tie_embeddings: bool = False
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return (8 * self.hidden_size // 3 + 63) // 64 * 64
+
+    @property
+    def loss_weights(self) -> list[float]:
+        return self.head_loss_weights or [1.0] * self.n_future_tokens
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (megatron-core column/row-parallel layers, vocab-parallel loss)."""
+    pipeline: int = 1
+    """Pipeline-parallel size; the trunk's layers are split evenly, all heads on the last stage."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills it)."""
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio (the paper: 0.1 language, 0.03 code)."""
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in checkpoint.dir if any; none; or a path."""
+    recompute: bool = False
+    """Activation recomputation of the trunk's layers (full, per layer)."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite steps tolerated (each is skipped) before the run stops."""
+    eval_interval: int = 0
+    """Evaluate every N steps (0: never)."""
+    eval_steps: int = 2
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Shard directories (made by `python -m data_prep tokenize`)."""
+    weights: list[float] | None = None
+    """Blend weights, one per path; None means proportional to size."""
+    split: str = "98,1,1"
+    """train,valid,test proportions."""
+    synthetic: bool = False
+    """Megatron-core's mock dataset instead of shards: for smoke tests and benchmarks."""
+    tokenizer: str | None = None
+    """The tokenizer the shards were made with (a sentencepiece .model, or `bytes`)."""
+    cache_dir: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Defaults to RUN_DIR/checkpoints."""
+    interval: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM/SIGUSR1)."""
+    keep: int = 3
+    """Keep the last K checkpoints."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    wandb: bool = True
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "mtp-dist"
+    tensorboard: bool = False
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for the MFU estimate; 0 picks a default for the device."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    config: str | None = None
+    """Optional DeepSpeed JSON; its batch sizes must agree with train.*."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    engine: Literal["megatron", "deepspeed"] = "megatron"
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size for a world size; an error if the layout does not divide it."""
+        mp = self.parallel.tensor * self.parallel.pipeline
+        if world_size % mp:
+            raise ConfigError(
+                f"parallel.tensor * parallel.pipeline = {mp} does not divide the world size "
+                f"{world_size}: change parallel.tensor/parallel.pipeline or the number of processes"
+            )
+        dp = world_size // mp
+        t = self.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}: "
+                "change one of them"
+            )
+        return dp
+
+
+def validate(c: Config) -> None:
+    m, p, t = c.model, c.parallel, c.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(m.n_future_tokens >= 1, "model.n_future_tokens must be >= 1 (1 is next-token only)")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+        need(getattr(m, key) >= 1, f"model.{key} must be >= 1")
+    need(p.tensor >= 1, "parallel.tensor must be >= 1")
+    need(p.pipeline >= 1, "parallel.pipeline must be >= 1")
+    need(
+        m.num_layers % p.pipeline == 0,
+        f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}: "
+        "every pipeline stage needs the same number of trunk layers",
+    )
+    need(
+        m.hidden_size % m.num_attention_heads == 0,
+        f"model.hidden_size={m.hidden_size} is not divisible by "
+        f"model.num_attention_heads={m.num_attention_heads}",
+    )
+    groups = m.num_query_groups or m.num_attention_heads
+    need(
+        m.num_attention_heads % groups == 0,
+        "model.num_query_groups must divide model.num_attention_heads",
+    )
+    need(
+        groups % p.tensor == 0,
+        f"parallel.tensor={p.tensor} must divide the attention heads / query groups ({groups})",
+    )
+    need(
+        m.ffn_size % p.tensor == 0,
+        f"parallel.tensor={p.tensor} must divide the SwiGLU size {m.ffn_size} "
+        "(model.ffn_hidden_size)",
+    )
+    need(
+        m.padded_vocab_size % p.tensor == 0,
+        f"the padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor="
+        f"{p.tensor}: set model.vocab_multiple to a multiple of {p.tensor}",
+    )
+    if m.head_loss_weights is not None:
+        need(
+            len(m.head_loss_weights) == m.n_future_tokens,
+            f"model.head_loss_weights has {len(m.head_loss_weights)} entries but "
+            f"model.n_future_tokens={m.n_future_tokens}: give one weight per head",
+        )
+    need(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    need(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+        f"train.micro_batch_size={t.micro_batch_size}",
+    )
+    need(t.steps >= 0, "train.steps must be >= 0")
+    need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
+    if not c.data.synthetic:
+        need(
+            bool(c.data.paths) or t.steps == 0,
+            "data.paths is empty: give shard directories (python -m data_prep tokenize) "
+            "or set data.synthetic=true",
+        )
+    if c.data.weights is not None:
+        need(
+            len(c.data.weights) == len(c.data.paths),
+            "data.weights needs one weight per entry of data.paths",
+        )
+    need(c.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
+    if c.engine == "deepspeed":
+        need(
+            p.pipeline == 1 or c.deepspeed.zero_stage <= 1,
+            f"deepspeed.zero_stage={c.deepspeed.zero_stage} with parallel.pipeline={p.pipeline}: "
+            "DeepSpeed supports pipelines with ZeRO-0/1 only; use deepspeed.zero_stage=1 or "
+            "parallel.pipeline=1",
+        )
+    if c.data.tokenizer is not None and not c.data.synthetic:
+        check_tokenizer_vocab(c.data.tokenizer, m.vocab_size)
+
+
+def check_tokenizer_vocab(tokenizer: str, vocab_size: int) -> None:
+    from data_prep.tokenizers import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tokenizer)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"data.tokenizer={tokenizer!r} cannot be loaded: {e}") from e
+    if tok.vocab_size != vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} does not match the tokenizer {tokenizer!r} "
+            f"(vocabulary {tok.vocab_size}): set model.vocab_size={tok.vocab_size}"
+        )
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, recursing into dataclasses; ints widen to
+    floats, nothing else is coerced."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key} cannot be null")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"{key} must be {tp.__name__}, got a boolean")
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}: valid keys here are {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value, e.g. train.steps=10")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or the defaults) and apply dotted overrides; validates the result."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist: pass an existing --config path")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    for o in overrides:
+        apply_override(data, o)
+    return from_dict(data)

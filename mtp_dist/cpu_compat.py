@@ -1,0 +1,123 @@
+"""Shims that let megatron-core 0.16 run on a machine without a GPU.
+
+megatron-core assumes CUDA in a few places (the RNG tracker, `torch.cuda.current_device()` used
+as a device, "cuda" literals in the pipeline schedules and the optimizer). `apply()` patches
+exactly those places; it is called once, by `distributed.init`, and only when no GPU is present.
+Every shim first checks that the upstream code it replaces still looks as expected
+(`check_upstream`), so an upgrade that moves things fails loudly instead of silently
+running unpatched code. tests/test_cpu_compat.py runs that check.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+_APPLIED = False
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _cpu_tracker_add(self, name, seed):
+    """CudaRNGStatesTracker.add on the CPU generator: same bookkeeping, CPU states."""
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    orig = torch.get_rng_state()
+    torch.random.default_generator.manual_seed(seed)
+    self.states_[name] = torch.get_rng_state()
+    torch.set_rng_state(orig)
+
+
+def _cpu_current_device():
+    return "cpu"
+
+
+class _CpuCudaNamespace:
+    """Stands in for `torch` inside modules that write `device="cuda"`: every tensor factory
+    called with a CUDA device is redirected to the CPU."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if name in _FACTORIES:
+            return _on_cpu(attr)
+        return attr
+
+
+_FACTORIES = {"zeros", "ones", "empty", "tensor", "full", "arange", "zeros_like", "ones_like"}
+
+
+def _on_cpu(fn):
+    def wrapper(*args, **kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and "cuda" in str(dev):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _targets():
+    """(module, attribute, what the upstream source must contain) for every patched place."""
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random
+
+    return [
+        (random, "_get_cuda_rng_state", "torch.cuda"),
+        (random, "_set_cuda_rng_state", "_cuda_setRNGState"),
+        (random.CudaRNGStatesTracker, "add", "torch.cuda.get_rng_state()"),
+        (schedules, "torch", 'device="cuda"'),
+        (clip_grads, "torch", "cuda"),
+        (optimizer, "torch", "cuda"),
+        (distrib_optimizer, "torch", "cuda"),
+    ]
+
+
+def check_upstream() -> None:
+    """Raise if a place the shims patch no longer looks like what they were written for."""
+    for owner, attr, needle in _targets():
+        target = owner if attr == "torch" else getattr(owner, attr)
+        src = inspect.getsource(target)
+        if needle not in src:
+            where = getattr(owner, "__name__", owner)
+            raise RuntimeError(
+                f"cpu_compat: {where}.{attr} no longer contains {needle!r}; megatron-core "
+                "changed, review mtp_dist/cpu_compat.py"
+            )
+
+
+def apply() -> None:
+    """Patch megatron-core for CPU execution. Idempotent; refuses to run when CUDA is present."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.apply() is for machines without a GPU")
+    check_upstream()
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random
+
+    random._get_cuda_rng_state = _cpu_get_rng_state
+    random._set_cuda_rng_state = _cpu_set_rng_state
+    random.CudaRNGStatesTracker.add = _cpu_tracker_add
+    # ~30 places use torch.cuda.current_device() as a device argument.
+    torch.cuda.current_device = _cpu_current_device
+    for module in (schedules, clip_grads, optimizer, distrib_optimizer):
+        module.torch = _CpuCudaNamespace(torch)
+    _APPLIED = True
+

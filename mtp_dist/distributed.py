@@ -1,0 +1,165 @@
+"""Distributed start-up in one place.
+
+Reads the launcher's environment (torchrun, the deepspeed launcher, or SLURM's srun), creates
+the process groups through megatron-core's parallel_state, picks the device (CUDA with NCCL if
+present, else CPU with gloo and the megatron-core CPU shims) and seeds every RNG.
+`ParallelDims` is the one source of truth for sizes and ranks; it is passed, not re-derived.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    rank: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: str
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
+    """Rank, world size and rendezvous address from torchrun/deepspeed (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT) or SLURM (SLURM_PROCID, SLURM_NTASKS, ...); a plain process
+    is rank 0 of 1."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=env.get("MASTER_PORT", "29500"),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR")
+            or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=env.get("MASTER_PORT", str(20000 + job % 10000)),
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT", "29500"))
+
+
+def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> ParallelDims:
+    """Initialise torch.distributed and megatron-core's groups; seed; return the layout.
+
+    Sizes are validated by the caller (Config.data_parallel_size) before any compute.
+    """
+    from megatron.core import parallel_state
+
+    launch = read_launch_env()
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    else:
+        from mtp_dist import cpu_compat
+
+        cpu_compat.apply()
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", launch.master_port)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    if launch.world_size % (tensor * pipeline):
+        raise ValueError(
+            f"parallel.tensor * parallel.pipeline = {tensor * pipeline} does not divide the "
+            f"world size {launch.world_size}"
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    dims = ParallelDims(
+        world_size=launch.world_size,
+        rank=launch.rank,
+        local_rank=launch.local_rank,
+        tp=tensor,
+        pp=pipeline,
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+    seed_all(seed)
+    return dims
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron-core's model-parallel RNG tracker.
+
+    The same seed on every rank: weights are initialised from full tensors keyed by name
+    (model.init_weights), so they do not depend on the rank's RNG stream.
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

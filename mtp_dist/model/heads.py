@@ -1,0 +1,185 @@
+"""The n prediction heads, their targets and losses, and the sequential head backward.
+
+Head i (1-based) is one transformer layer; its output goes through the shared final norm and
+the shared vocab-parallel unembedding; at position t it predicts token t+i. The loss is the
+weighted sum of the heads' cross-entropies.
+
+Sequential mode (the paper's Figure 2): the trunk's output is detached, each head in turn runs
+forward, loss and backward, adding into the detached output's gradient, so only one head's
+logits are alive at a time. The trunk's backward then runs once, when the pipeline schedule
+back-propagates the returned loss. The heads are not recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+
+class HeadOutput(NamedTuple):
+    loss: Tensor
+    """Weighted sum of the heads' mean cross-entropies (scalar, differentiable)."""
+    head_losses: Tensor
+    """Each head's mean cross-entropy, detached, shape [n]."""
+    head_accuracy: Tensor | None = None
+    """Each head's top-1 accuracy over its valid positions (only without grad), shape [n]."""
+    head_tokens: Tensor | None = None
+    """Each head's number of valid target positions, shape [n]."""
+
+
+def head_targets(
+    tokens: Tensor, loss_mask: Tensor | None, seq_length: int, n: int
+) -> tuple[Tensor, Tensor]:
+    """Targets and masks of all heads, shaped [n, s, b] (megatron's sequence-first layout).
+
+    tokens: [b, T] with the inputs in tokens[:, :s]. Head i's target at position t is
+    tokens[:, t + i]; where t + i >= T there is no real target and the position is masked out
+    (never padded with, or wrapped around to, another token). loss_mask [b, T] marks which
+    tokens may serve as targets.
+    """
+    b, total = tokens.shape
+    targets = tokens.new_zeros(n, b, seq_length)
+    masks = torch.zeros(n, b, seq_length, dtype=torch.float32, device=tokens.device)
+    valid = torch.ones_like(tokens, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+    for i in range(1, n + 1):
+        width = max(0, min(seq_length, total - i))
+        targets[i - 1, :, :width] = tokens[:, i : i + width]
+        masks[i - 1, :, :width] = valid[:, i : i + width]
+    return targets.transpose(1, 2).contiguous(), masks.transpose(1, 2).contiguous()
+
+
+def vocab_parallel_correct(logits: Tensor, target: Tensor) -> Tensor:
+    """1.0 where the argmax over the full (vocab-parallel) vocabulary equals the target."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    local_max, local_idx = logits.float().max(dim=-1)
+    shard = logits.shape[-1]
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    global_idx = local_idx + rank * shard
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    if world > 1:
+        maxes = [torch.empty_like(local_max) for _ in range(world)]
+        idxs = [torch.empty_like(global_idx) for _ in range(world)]
+        torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
+        torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
+        best = torch.stack(maxes).argmax(dim=0, keepdim=True)
+        global_idx = torch.stack(idxs).gather(0, best).squeeze(0)
+    return (global_idx == target).float()
+
+
+class _SequentialHeads(torch.autograd.Function):
+    """Runs every head's forward+loss+backward inside forward; hands the accumulated gradient
+    of the trunk output to autograd in backward.
+
+    `scale` is the factor the caller (the pipeline schedule, or DeepSpeed's gradient
+    accumulation) will apply to the returned loss before back-propagating it; the heads'
+    own backward uses it so their parameter gradients match the trunk's. backward() checks
+    that the incoming gradient is exactly that factor.
+    """
+
+    @staticmethod
+    def forward(ctx, trunk_out: Tensor, run: Callable, scale: float):
+        h = trunk_out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            total, head_losses = run(h, scale)
+        ctx.scale = scale
+        ctx.save_for_backward(h.grad if h.grad is not None else torch.zeros_like(h))
+        ctx.mark_non_differentiable(head_losses)
+        return total, head_losses
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_head_losses: Tensor):
+        (grad_h,) = ctx.saved_tensors
+        expected = torch.full_like(grad_total, ctx.scale)
+        if not torch.allclose(grad_total, expected, rtol=1e-5, atol=0.0):
+            raise RuntimeError(
+                f"sequential heads: the loss was scaled by {grad_total.item():.6g} but the heads "
+                f"back-propagated with {ctx.scale:.6g}; pass the schedule's loss scale to the model"
+            )
+        return grad_h, None, None
+
+
+class MTPHeads(MegatronModule):
+    """n head layers and the shared final norm; the unembedding is passed in (it may be tied
+    to the input embedding, which the owning LanguageModule manages)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        spec: ModuleSpec,
+        n: int,
+        first_layer_number: int,
+        loss_weights: list[float],
+        sequential: bool = True,
+    ):
+        super().__init__(config=config)
+        self.n = n
+        self.loss_weights = list(loss_weights)
+        self.sequential = sequential
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=first_layer_number + i)
+            for i in range(n)
+        )
+        self.final_norm = WrappedTorchNorm(
+            config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
+
+    def hidden(self, i: int, trunk_out: Tensor, attention_mask: Tensor, rope: Tensor) -> Tensor:
+        """Head i's (0-based) normed hidden states, [s, b, h]."""
+        x, _ = self.layers[i](trunk_out, attention_mask=attention_mask, rotary_pos_emb=rope)
+        return self.final_norm(x)
+
+    def forward(
+        self,
+        trunk_out: Tensor,
+        unembed: Callable[[Tensor], Tensor],
+        targets: Tensor,
+        masks: Tensor,
+        attention_mask: Tensor,
+        rope: Tensor,
+        loss_scale: float = 1.0,
+    ) -> HeadOutput:
+        """trunk_out [s, b, h]; targets/masks [n, s, b] from head_targets()."""
+        denom = masks.sum(dim=(1, 2))
+
+        def head_loss(i: int, h: Tensor, with_accuracy: bool = False):
+            logits = unembed(self.hidden(i, h, attention_mask, rope))
+            ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets[i])
+            loss = (ce * masks[i]).sum() / denom[i].clamp(min=1.0)
+            if not with_accuracy:
+                return loss, None
+            correct = vocab_parallel_correct(logits, targets[i])
+            return loss, (correct * masks[i]).sum() / denom[i].clamp(min=1.0)
+
+        if not torch.is_grad_enabled():
+            results = [head_loss(i, trunk_out, with_accuracy=True) for i in range(self.n)]
+            losses = torch.stack([r[0] for r in results])
+            total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
+            acc = torch.stack([r[1] for r in results])
+            return HeadOutput(total, losses, acc, denom)
+
+        if not self.sequential:
+            losses = [head_loss(i, trunk_out)[0] for i in range(self.n)]
+            total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
+            return HeadOutput(total, torch.stack([x.detach() for x in losses]), None, denom)
+
+        def run(h: Tensor, scale: float):
+            losses = []
+            for i, w in enumerate(self.loss_weights):
+                loss, _ = head_loss(i, h)
+                # Free this head's logits before the next head allocates its own.
+                torch.autograd.backward(loss * (w * scale))
+                losses.append(loss.detach())
+            losses = torch.stack(losses)
+            weights = torch.tensor(self.loss_weights, dtype=losses.dtype, device=losses.device)
+            return (losses * weights).sum(), losses
+
+        total, losses = _SequentialHeads.apply(trunk_out, run, loss_scale)
+        return HeadOutput(total, losses, None, denom)

@@ -1,0 +1,153 @@
+"""MTPModel: one pipeline stage of the multi-token-prediction transformer.
+
+First stage: the token embedding. Every stage: its share of the trunk's layers. Last stage:
+the n heads, the shared final norm and the shared vocab-parallel unembedding (logits are never
+gathered over the vocabulary). Activations are sequence-first, [s, b, h], as in megatron-core.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from mtp_dist.config import ModelConfig
+from mtp_dist.model.heads import HeadOutput, MTPHeads, head_targets
+from mtp_dist.model.spec import layer_spec, transformer_config
+
+
+class MTPModel(LanguageModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        model_cfg: ModelConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__(config=config)
+        self.model_cfg = model_cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = model_cfg.tie_embeddings
+        self.seq_length = model_cfg.seq_length
+        self.n_future_tokens = model_cfg.n_future_tokens
+        self.vocab_size = model_cfg.padded_vocab_size
+        spec = layer_spec()
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=self.vocab_size,
+                max_sequence_length=self.seq_length,
+                position_embedding_type="rope",
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=model_cfg.rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
+        self.trunk = TransformerBlock(
+            config=config, spec=spec, pre_process=pre_process, post_process=False
+        )
+        if post_process:
+            layers_per_stage = config.num_layers // config.pipeline_model_parallel_size
+            self.heads = MTPHeads(
+                config,
+                spec,
+                n=model_cfg.n_future_tokens,
+                first_layer_number=layers_per_stage + 1,
+                loss_weights=model_cfg.loss_weights,
+                sequential=model_cfg.head_backward == "sequential",
+            )
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                self.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+            )
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list):
+            assert len(input_tensor) == 1, "MTPModel takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.trunk.set_input_tensor(input_tensor)
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Vocab-parallel logits [s, b, V/tp] of normed hidden states x [s, b, h]."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(x, weight=weight)
+        return logits
+
+    def _positions(self, s: int, device) -> tuple[Tensor, Tensor]:
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1)
+        return mask.view(1, 1, s, s), self.rotary_pos_emb(s)
+
+    def trunk_forward(self, input_ids: Tensor | None) -> Tensor:
+        """This stage's trunk output [s, b, h] (input_ids [b, s] on the first stage; other
+        stages take the tensor set by set_input_tensor)."""
+        x = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
+        s = input_ids.shape[1] if input_ids is not None else self.trunk.input_tensor.shape[0]
+        device = input_ids.device if input_ids is not None else self.trunk.input_tensor.device
+        attention_mask, rope = self._positions(s, device)
+        return self.trunk(hidden_states=x, attention_mask=attention_mask, rotary_pos_emb=rope)
+
+    def forward(
+        self, tokens: Tensor, loss_mask: Tensor | None = None, loss_scale: float = 1.0
+    ) -> Tensor | HeadOutput:
+        """tokens [b, T]: inputs are tokens[:, :seq_length]; with T = seq_length + n every
+        head has a real target at every position. Returns the hidden states on all but the
+        last stage, else the heads' HeadOutput. loss_scale: see heads._SequentialHeads."""
+        s = min(self.seq_length, tokens.shape[1] - 1)
+        h = self.trunk_forward(tokens[:, :s] if self.pre_process else None)
+        if not self.post_process:
+            return h
+        targets, masks = head_targets(tokens, loss_mask, s, self.n_future_tokens)
+        attention_mask, rope = self._positions(s, h.device)
+        return self.heads(h, self.unembed, targets, masks, attention_mask, rope, loss_scale)
+
+    def head_logits(self, tokens: Tensor, heads: list[int] | None = None) -> list[Tensor]:
+        """Vocab-parallel logits [s, b, V/tp] of the chosen heads (0-based) for inference, on a
+        single pipeline stage."""
+        assert self.pre_process and self.post_process, "head_logits needs the whole model"
+        h = self.trunk_forward(tokens)
+        attention_mask, rope = self._positions(tokens.shape[1], tokens.device)
+        chosen = range(self.n_future_tokens) if heads is None else heads
+        return [self.unembed(self.heads.hidden(i, h, attention_mask, rope)) for i in chosen]
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    tensor: int = 1,
+    pipeline: int = 1,
+    pp_rank: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    recompute: bool = False,
+) -> MTPModel:
+    """This stage's model on `device` (weights uninitialised: call weights.init_weights or load
+    a checkpoint). device="meta" builds shapes only, e.g. for a planner's dry run."""
+    device = torch.device(device)
+    config = transformer_config(
+        model_cfg, tensor, pipeline, dtype, cpu=device.type != "cuda", recompute=recompute
+    )
+    with torch.device(device):
+        model = MTPModel(
+            config, model_cfg, pre_process=pp_rank == 0, post_process=pp_rank == pipeline - 1
+        )
+    return model

@@ -1,0 +1,67 @@
+"""The Llama-style megatron-core layer: RMSNorm, SwiGLU, rotary positions, no biases.
+
+One TransformerConfig and one layer spec serve the trunk and the heads, so a head is exactly a
+trunk layer placed after the split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mtp_dist.config import ModelConfig
+
+
+def transformer_config(
+    model: ModelConfig,
+    tensor: int = 1,
+    pipeline: int = 1,
+    dtype: torch.dtype = torch.float32,
+    cpu: bool = True,
+    recompute: bool = False,
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for the trunk (num_layers = trunk layers)."""
+    on_gpu = not cpu
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_size,
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=cpu,
+        perform_initialization=True,  # sets the TP attributes; init_weights() then re-inits
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_comm=False,
+        deallocate_pipeline_outputs=on_gpu,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def layer_spec() -> ModuleSpec:
+    """The transformer layer of both trunk and heads (megatron-core's local modules; on GPU the
+    same structure with Transformer Engine modules is a one-line change of spec)."""
+    return get_gpt_layer_local_spec(normalization="RMSNorm")

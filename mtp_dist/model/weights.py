@@ -1,0 +1,180 @@
+"""Full (unsharded) tensors <-> this rank's shards, by global parameter name.
+
+A global name is the parameter's name in the single-process model: trunk layers are numbered
+over all pipeline stages, and a tied unembedding is the embedding. The same mapping serves
+layout-independent initialisation (`init_weights`: the same seed gives the same full weights at
+any TP/PP layout), the consolidated export/import, and the equivalence tests (gathering
+gradients). The SwiGLU fc1 weight is [gate; up] in full, and each TP rank holds [gate_r; up_r].
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+from mtp_dist.model.model import MTPModel
+
+_TRUNK_LAYER = re.compile(r"^trunk\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    global_name: str
+    full_shape: tuple[int, ...]
+    partition_dim: int | None
+    """None: replicated over tensor-parallel ranks."""
+    gated: bool
+    """SwiGLU fc1: each shard is [gate_r; up_r]."""
+
+
+def layer_offset(model: MTPModel) -> int:
+    pp = model.config.pipeline_model_parallel_size
+    return parallel_state.get_pipeline_model_parallel_rank() * (model.config.num_layers // pp)
+
+
+def global_name(model: MTPModel, name: str) -> str:
+    if model.share_embeddings_and_output_weights and name == "output_layer.weight":
+        return "embedding.word_embeddings.weight"
+    m = _TRUNK_LAYER.match(name)
+    if m:
+        return f"trunk.layers.{int(m.group(1)) + layer_offset(model)}.{name[m.end() :]}"
+    return name
+
+
+def layouts(model: MTPModel) -> dict[str, ParamLayout]:
+    """Local parameter name -> its layout."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in model.named_parameters():
+        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        shape = list(p.shape)
+        if dim is not None:
+            shape[dim] *= tp
+        gated = name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit
+        out[name] = ParamLayout(global_name(model, name), tuple(shape), dim, gated)
+    return out
+
+
+def shard(full: Tensor, layout: ParamLayout, rank: int, world: int) -> Tensor:
+    """This TP rank's piece of a full tensor."""
+    if layout.partition_dim is None:
+        return full
+    if layout.gated:
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(world, 0)[rank], up.chunk(world, 0)[rank]], dim=0)
+    return full.chunk(world, dim=layout.partition_dim)[rank]
+
+
+def unshard(pieces: list[Tensor], layout: ParamLayout) -> Tensor:
+    """The full tensor from every TP rank's piece (in rank order)."""
+    if layout.partition_dim is None:
+        return pieces[0]
+    if layout.gated:
+        halves = [p.chunk(2, dim=0) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(pieces, dim=layout.partition_dim)
+
+
+def _init_std(model: MTPModel, name: str) -> float | None:
+    """None for norm weights (ones); megatron's scaled init for the output projections."""
+    if "layernorm" in name or "norm" in name.split(".")[-2]:
+        return None
+    std = model.config.init_method_std
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        total_layers = model.config.num_layers + model.n_future_tokens
+        std = std / (2.0 * total_layers) ** 0.5
+    return std
+
+
+@torch.no_grad()
+def init_weights(model: MTPModel, seed: int) -> None:
+    """Initialise every parameter from a full tensor drawn from a generator keyed by (seed,
+    global name), then keep this rank's shard: identical full weights at any layout."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for name, layout in layouts(model).items():
+        p = model.get_parameter(name)
+        std = _init_std(model, layout.global_name)
+        if std is None:
+            p.fill_(1.0)
+            continue
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed * 1_000_003 + zlib.crc32(layout.global_name.encode()))
+        full = torch.empty(layout.full_shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        p.copy_(shard(full, layout, tp_rank, tp).to(p.dtype))
+
+
+@torch.no_grad()
+def load_full(model: MTPModel, state: dict[str, Tensor], strict: bool = True) -> None:
+    """Copy full tensors (global names) into this rank's shards."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    lay = layouts(model)
+    missing = [n for n, lo in lay.items() if lo.global_name not in state]
+    if strict and missing:
+        raise KeyError(f"the state lacks {lay[missing[0]].global_name} (and {len(missing)-1} more)")
+    for name, layout in lay.items():
+        if layout.global_name not in state:
+            continue
+        full = state[layout.global_name]
+        if tuple(full.shape) != layout.full_shape:
+            raise ValueError(
+                f"{layout.global_name}: shape {tuple(full.shape)} in the state, "
+                f"{layout.full_shape} in the model; the model config differs from the checkpoint's"
+            )
+        p = model.get_parameter(name)
+        p.copy_(shard(full, layout, tp_rank, tp).to(device=p.device, dtype=p.dtype))
+
+
+def gather_full(model: MTPModel, local: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """Full tensors (global names, on CPU) from this rank's tensors keyed by local name (e.g.
+    parameters or their gradients). Collective over the TP and PP groups of this data-parallel
+    replica; returns the result on the replica's first pipeline stage, TP rank 0; else None."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    lay = layouts(model)
+    mine = {}
+    for name in sorted(local):
+        t = local[name].detach().float().contiguous()
+        if tp > 1:
+            pieces = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(pieces, t, group=tp_group)
+        else:
+            pieces = [t]
+        mine[lay[name].global_name] = unshard(pieces, lay[name]).cpu()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    is_root = parallel_state.get_tensor_model_parallel_rank() == 0
+    if pp > 1:
+        first = parallel_state.get_pipeline_model_parallel_first_rank()
+        group = parallel_state.get_pipeline_model_parallel_group()
+        gathered = [None] * pp if dist.get_rank() == first else None
+        dist.gather_object(mine, gathered, dst=first, group=group)
+        if dist.get_rank() != first:
+            return None
+        merged = {}
+        for part in gathered:
+            for k, v in part.items():
+                merged.setdefault(k, v)
+        mine = merged
+    return mine if is_root else None
+
+
+def full_state(model: MTPModel) -> dict[str, Tensor] | None:
+    return gather_full(model, dict(model.named_parameters()))
+
+
+def full_grads(model: MTPModel) -> dict[str, Tensor] | None:
+    """Gradients as full tensors; reads megatron DDP's main_grad when present."""
+    grads = {}
+    for name, p in model.named_parameters():
+        g = getattr(p, "main_grad", None)
+        if g is None:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+        grads[name] = g
+    return gather_full(model, grads)
