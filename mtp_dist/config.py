@@ -111,7 +111,7 @@ class DataConfig:
     synthetic: bool = False
     """Megatron-core's mock dataset instead of shards: for smoke tests and benchmarks."""
     tokenizer: str | None = None
-    """The tokenizer the shards were made with (a sentencepiece .model, or `bytes`)."""
+    """The tokenizer the shards were made with (a sentencepiece .model, or `byte`)."""
     cache_dir: str | None = None
 
 
@@ -282,8 +282,8 @@ def check_tokenizer_vocab(tokenizer: str, vocab_size: int) -> None:
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, recursing into dataclasses; ints widen to
-    floats, nothing else is coerced."""
+    """Check `value` against the annotation `tp`, recursing into dataclasses; ints and numeric
+    strings widen to floats, nothing else is coerced."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -314,6 +314,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
             raise ConfigError(f"{key} must be {tp.__name__}, got a boolean")

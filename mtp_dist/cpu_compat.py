@@ -120,4 +120,3 @@ def apply() -> None:
     for module in (schedules, clip_grads, optimizer, distrib_optimizer):
         module.torch = _CpuCudaNamespace(torch)
     _APPLIED = True
-

@@ -124,8 +124,7 @@ class MTPHeads(MegatronModule):
         self.loss_weights = list(loss_weights)
         self.sequential = sequential
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=first_layer_number + i)
-            for i in range(n)
+            build_module(spec, config=config, layer_number=first_layer_number + i) for i in range(n)
         )
         self.final_norm = WrappedTorchNorm(
             config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon

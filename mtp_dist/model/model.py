@@ -38,6 +38,7 @@ class MTPModel(LanguageModule):
         self.post_process = post_process
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = model_cfg.tie_embeddings
+        tied = model_cfg.tie_embeddings
         self.seq_length = model_cfg.seq_length
         self.n_future_tokens = model_cfg.n_future_tokens
         self.vocab_size = model_cfg.padded_vocab_size
@@ -77,7 +78,8 @@ class MTPModel(LanguageModule):
                 bias=False,
                 skip_bias_add=False,
                 gather_output=False,
-                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+                skip_weight_param_allocation=pre_process
+                and self.share_embeddings_and_output_weights,
             )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
@@ -90,7 +92,11 @@ class MTPModel(LanguageModule):
 
     def unembed(self, x: Tensor) -> Tensor:
         """Vocab-parallel logits [s, b, V/tp] of normed hidden states x [s, b, h]."""
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else None
+        )
         logits, _ = self.output_layer(x, weight=weight)
         return logits
 

@@ -118,7 +118,9 @@ def load_full(model: MTPModel, state: dict[str, Tensor], strict: bool = True) ->
     lay = layouts(model)
     missing = [n for n, lo in lay.items() if lo.global_name not in state]
     if strict and missing:
-        raise KeyError(f"the state lacks {lay[missing[0]].global_name} (and {len(missing)-1} more)")
+        raise KeyError(
+            f"the state lacks {lay[missing[0]].global_name} (and {len(missing) - 1} more)"
+        )
     for name, layout in lay.items():
         if layout.global_name not in state:
             continue

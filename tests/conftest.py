@@ -1,0 +1,52 @@
+"""Shared fixtures: a torchrun launcher for multi-process workers, and a one-process
+megatron-core setup for in-process unit tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, script: str | Path, *args: str, timeout: int = 600, env=None):
+    """Run `script` under torchrun on CPU/gloo; raise with its output if it fails."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        str(script),
+        *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def megatron_1proc():
+    """torch.distributed (1 rank, gloo) and megatron-core's groups for in-process tests."""
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    from mtp_dist import distributed
+
+    return distributed.init(1, 1, seed=1)

@@ -1,0 +1,125 @@
+"""The typed config: strict YAML, overrides, and one clear error per inconsistency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtp_dist import config as C
+from mtp_dist.config import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    cfg = C.load(path, ["data.tokenizer=null"])
+    assert cfg.model.n_future_tokens >= 1
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = C.load(
+        None,
+        [
+            "model.n_future_tokens=4",
+            "train.lr=1e-4",
+            "data.synthetic=true",
+            "model.head_loss_weights=[1, 0.5, 0.5, 0.5]",
+        ],
+    )
+    assert cfg.model.n_future_tokens == 4
+    assert cfg.train.lr == 1e-4
+    assert cfg.model.head_loss_weights == [1.0, 0.5, 0.5, 0.5]
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = C.load(None, ["model.n_future_tokens=2", "data.synthetic=true"])
+    cfg.dump(tmp_path / "c.yaml")
+    assert C.load(tmp_path / "c.yaml") == cfg
+
+
+def err(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        C.load(None, ["data.synthetic=true", *overrides])
+    return str(e.value)
+
+
+def test_unknown_key_names_it():
+    assert "unknown key model.n_heads" in err("model.n_heads=4")
+
+
+def test_unknown_section_names_it():
+    assert "unknown key trainer" in err("trainer.steps=4")
+
+
+def test_wrong_type_names_key():
+    assert "train.steps must be int" in err("train.steps=ten")
+
+
+def test_bool_is_not_an_int():
+    assert "model.num_layers must be int, got a boolean" in err("model.num_layers=true")
+
+
+def test_bad_choice_names_key():
+    assert "model.head_backward='both' is not one of" in err("model.head_backward=both")
+
+
+def test_n_below_one():
+    assert "model.n_future_tokens must be >= 1" in err("model.n_future_tokens=0")
+
+
+def test_layers_not_divisible_by_pipeline():
+    assert "model.num_layers=4 is not divisible by parallel.pipeline=3" in err(
+        "model.num_layers=4", "parallel.pipeline=3"
+    )
+
+
+def test_world_size_not_divisible_by_tp_pp():
+    cfg = C.load(None, ["data.synthetic=true", "parallel.tensor=2", "parallel.pipeline=2"])
+    with pytest.raises(ConfigError, match="does not divide the world size 6"):
+        cfg.data_parallel_size(6)
+    assert cfg.data_parallel_size(8) == 2
+
+
+def test_global_batch_not_divisible_by_dp():
+    cfg = C.load(
+        None, ["data.synthetic=true", "train.micro_batch_size=2", "train.global_batch_size=6"]
+    )
+    with pytest.raises(ConfigError, match="train.global_batch_size=6"):
+        cfg.data_parallel_size(2)
+
+
+def test_tensor_parallel_must_divide_heads():
+    assert "parallel.tensor=3" in err("parallel.tensor=3")
+
+
+def test_head_weights_length():
+    assert "model.head_loss_weights has 1 entries" in err(
+        "model.n_future_tokens=2", "model.head_loss_weights=[1.0]"
+    )
+
+
+def test_vocab_size_must_match_tokenizer(tmp_path):
+    with pytest.raises(ConfigError, match="model.vocab_size=300 does not match the tokenizer"):
+        C.load(None, ["data.paths=[x]", "data.tokenizer=byte", "model.vocab_size=300"])
+
+
+def test_missing_data_paths():
+    with pytest.raises(ConfigError, match="data.paths is empty"):
+        C.load(None, [])
+
+
+def test_deepspeed_zero3_with_pipeline_rejected():
+    assert "DeepSpeed supports pipelines with ZeRO-0/1 only" in err(
+        "engine=deepspeed", "deepspeed.zero_stage=3", "parallel.pipeline=2"
+    )
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        C.load("/nonexistent.yaml")
+
+
+def test_malformed_override():
+    assert "must look like key=value" in err("train.steps")

@@ -1,0 +1,47 @@
+"""The megatron-core CPU shims still match upstream, and are still needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtp_dist import cpu_compat
+
+
+def test_upstream_still_matches_what_the_shims_replace():
+    cpu_compat.check_upstream()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for machines without a GPU")
+def test_megatron_rng_tracker_needs_the_shim_on_cpu():
+    """Without the shim megatron-core's RNG seeding fails on CPU; if this starts passing
+    upstream, the shim can go."""
+    code = (
+        "from megatron.core.tensor_parallel import random as r\n"
+        "r.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "CUDA" in proc.stderr or "cuda" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for machines without a GPU")
+def test_shimmed_tracker_forks_cpu_rng(megatron_1proc):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    before = torch.get_rng_state()
+    with get_cuda_rng_tracker().fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before), "fork must restore the default RNG"
+    with get_cuda_rng_tracker().fork():
+        b = torch.rand(3)
+    assert not torch.equal(a, b), "the forked stream advances"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the shims refuse one")
+def test_apply_refuses_on_gpu():
+    with pytest.raises(RuntimeError):
+        cpu_compat.apply()

@@ -1,0 +1,116 @@
+"""Head targets, masking and the loss, against hand-computed references (one process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtp_dist.config import ModelConfig
+from mtp_dist.model.heads import head_targets
+from mtp_dist.model.model import build_model
+from mtp_dist.model.weights import init_weights
+
+
+def test_head_targets_shift_and_mask_tail():
+    tokens = torch.tensor([[10, 11, 12, 13, 14]])  # T = 5, s = 4: only one extra token
+    targets, masks = head_targets(tokens, None, seq_length=4, n=3)
+    assert targets.shape == (3, 4, 1)
+    assert targets[:, :, 0].tolist() == [[11, 12, 13, 14], [12, 13, 14, 0], [13, 14, 0, 0]]
+    # Head i has no real target in its last i-1 positions.
+    assert masks[:, :, 0].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]]
+
+
+def test_head_targets_full_window_has_no_mask():
+    tokens = torch.arange(7).view(1, 7)  # s + n tokens
+    _, masks = head_targets(tokens, None, seq_length=4, n=3)
+    assert masks.sum().item() == 12
+
+
+def test_loss_mask_applies_to_target_positions():
+    tokens = torch.arange(6).view(1, 6)
+    loss_mask = torch.tensor([[1, 1, 0, 1, 1, 1]])  # token 2 is not a valid target
+    _, masks = head_targets(tokens, loss_mask, seq_length=4, n=2)
+    assert masks[0, :, 0].tolist() == [1, 0, 1, 1]  # head 1 at t=1 would predict token 2
+    assert masks[1, :, 0].tolist() == [0, 1, 1, 1]  # head 2 at t=0 would predict token 2
+
+
+@pytest.fixture
+def tiny_model(megatron_1proc):
+    cfg = ModelConfig(
+        n_future_tokens=3,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        vocab_size=50,
+        vocab_multiple=16,
+        seq_length=6,
+    )
+    model = build_model(cfg)
+    init_weights(model, seed=3)
+    return cfg, model
+
+
+def test_head_losses_match_hand_computed_reference(tiny_model):
+    """The last i-1 positions of head i carry no loss: compare with cross-entropy computed
+    by hand from the full logits over the positions that have a real target."""
+    cfg, model = tiny_model
+    tokens = torch.randint(
+        0, cfg.vocab_size, (2, cfg.seq_length + 1), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        out = model(tokens)
+        logits = model.head_logits(tokens[:, : cfg.seq_length])
+    s = cfg.seq_length
+    for i in range(1, cfg.n_future_tokens + 1):
+        valid = s + 1 - i  # positions t with t + i < T
+        lg = logits[i - 1][:valid].transpose(0, 1).reshape(-1, logits[i - 1].shape[-1])
+        target = tokens[:, i : i + valid].reshape(-1)
+        ref = F.cross_entropy(lg, target)
+        assert out.head_losses[i - 1].item() == pytest.approx(ref.item(), rel=1e-6)
+        assert out.head_tokens[i - 1].item() == 2 * valid
+
+
+def test_sequential_heads_refuse_a_wrong_loss_scale(tiny_model):
+    cfg, model = tiny_model
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + cfg.n_future_tokens))
+    out = model(tokens, loss_scale=0.5)
+    with pytest.raises(RuntimeError, match="loss was scaled by 1 but the heads"):
+        out.loss.backward()
+
+
+def test_sequential_frees_logits_between_heads(tiny_model):
+    """Sequential mode keeps no head graph alive after forward: the returned loss's graph
+    reaches only the trunk."""
+    cfg, model = tiny_model
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + cfg.n_future_tokens))
+    out = model(tokens)
+    head_params = {id(p) for p in model.heads.parameters()} | {id(model.output_layer.weight)}
+    # Head parameters already hold their gradients when forward returns.
+    assert all(p.grad is not None for p in model.heads.parameters())
+    seen, stack = set(), [out.loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        assert var is None or id(var) not in head_params, "a head parameter is in the graph"
+        stack.extend(f for f, _ in fn.next_functions)
+
+
+def test_meta_device_build_has_shapes_and_no_storage(megatron_1proc):
+    cfg = ModelConfig(
+        n_future_tokens=4,
+        num_layers=8,
+        hidden_size=1024,
+        num_attention_heads=16,
+        vocab_size=32000,
+        seq_length=4096,
+    )
+    model = build_model(cfg, device="meta")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    per_layer = 4 * 1024 * 1024 + 3 * 1024 * cfg.ffn_size + 2 * 1024
+    expected = 12 * per_layer + 2 * cfg.padded_vocab_size * 1024 + 1024
+    assert n_params == expected
