@@ -86,4 +86,6 @@ def test_heads_have_distinct_losses(results):
     r = results("ref_n4_sequential")
     assert len(set(round(x, 6) for x in r["head_losses"])) == 4
     weights = [1.0, 0.5, 0.25, 2.0]
-    assert r["loss"] == pytest.approx(sum(w * x for w, x in zip(weights, r["head_losses"])))
+    assert r["loss"] == pytest.approx(
+        sum(w * x for w, x in zip(weights, r["head_losses"], strict=True))
+    )

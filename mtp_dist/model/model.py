@@ -78,8 +78,7 @@ class MTPModel(LanguageModule):
                 bias=False,
                 skip_bias_add=False,
                 gather_output=False,
-                skip_weight_param_allocation=pre_process
-                and self.share_embeddings_and_output_weights,
+                skip_weight_param_allocation=pre_process and tied,
             )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
