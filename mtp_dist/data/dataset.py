@@ -88,10 +88,12 @@ def resolve_shards(
     for k, path in enumerate(paths):
         sidecars, where = _sidecars_of(path)
         for sc in sidecars:
-            identity = _check_tokenizer(sc["tokenizer"], where, vocab_size, tokenizer_hash, identity)
+            identity = _check_tokenizer(
+                sc["tokenizer"], where, vocab_size, tokenizer_hash, identity
+            )
         total = sum(sc["tokens"] for sc in sidecars)
         for sc in sidecars:
-            prefixes.append(mf.shard_prefix(os.path.dirname(mf.sidecar_path(where, "x")), sc["shard"]))
+            prefixes.append(mf.shard_prefix(where, sc["shard"]))
             share = sc["tokens"] / total
             blend.append(share * (weights[k] if weights is not None else total))
     return prefixes, blend, identity
@@ -157,7 +159,7 @@ def _builder_classes():
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )
-        from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     class MTPGPTDataset(_FullWindow, GPTDataset):
         pass
@@ -178,7 +180,7 @@ def _builder_classes():
                 cls, is_built_on_rank, synchronize_ranks, *args
             )
 
-    return MTPGPTDataset, MTPMockGPTDataset, Builder
+    return MTPGPTDataset, MTPMockGPTDataset, Builder, GPTDatasetConfig
 
 
 def _copy_without_cache(config):
@@ -210,13 +212,12 @@ def build_datasets(
     first (in cache_dir, default <first data dir>/index-cache, which must be shared by all
     ranks) and the others then load them.
     """
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
     if n_future_tokens < 1 or seq_length < 1:
-        raise ValueError(f"need seq_length >= 1 and n_future_tokens >= 1, got {seq_length}, "
-                         f"{n_future_tokens}")
+        raise ValueError(
+            f"need seq_length >= 1 and n_future_tokens >= 1, got {seq_length}, {n_future_tokens}"
+        )
     window = seq_length + n_future_tokens
-    gpt_cls, mock_cls, builder_cls = _builder_classes()
+    gpt_cls, mock_cls, builder_cls, GPTDatasetConfig = _builder_classes()
     if synthetic:
         tokenizer = _TokenizerIdentity(vocab_size, eod=vocab_size - 1, pad=-1, identity_hash="")
         blend, cls = None, mock_cls
