@@ -90,6 +90,9 @@ def merge_manifest(out_dir: str, expected_shards: list[str] | None = None) -> di
     whether the directory is complete; when None, the previous manifest's list is kept.
     """
     with _locked(out_dir):
+        # Under the lock no other merge is writing, so any temp manifest is a killed merge's.
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), MANIFEST + ".tmp.*")):
+            os.remove(stale)
         previous = load_manifest(out_dir, required=False)
         if expected_shards is None and previous is not None:
             expected_shards = previous.get("expected_shards")

@@ -8,6 +8,7 @@ either no sidecar (the shard is redone from scratch on rerun) or a complete shar
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import warnings
 from collections.abc import Callable
@@ -85,7 +86,10 @@ def tokenize_shard(
     """
     prefix = mf.shard_prefix(job.out_dir, job.name)
     partial = {ext: f"{prefix}.{ext}.partial" for ext in ("bin", "idx")}
-    for path in [*partial.values(), prefix + ".bin", prefix + ".idx"]:
+    # Leftovers of a killed attempt at this shard: partial data, renamed but unrecorded files,
+    # a half-written sidecar temp file.
+    stale = [*partial.values(), prefix + ".bin", prefix + ".idx"]
+    for path in stale + glob.glob(glob.escape(mf.sidecar_path(job.out_dir, job.name)) + ".tmp.*"):
         if os.path.exists(path):
             os.remove(path)
     stats = ReadStats()

@@ -34,6 +34,8 @@ def decoded(out_dir, tokenizer=None) -> list[str]:
     tok = load_tokenizer(tokenizer or spm_model())
     docs = []
     for shard in load_manifest(str(out_dir))["shards"]:
+        if shard["status"] != "complete":
+            continue
         for ids in read_shard(os.path.join(out_dir, shard["shard"])):
             assert ids[-1] == tok.eod_id and tok.eod_id not in ids[:-1]
             docs.append(tok.decode(ids[:-1].tolist()))
