@@ -43,6 +43,10 @@ def _cpu_current_device():
     return "cpu"
 
 
+def _cpu_synchronize(device=None):
+    return None
+
+
 class _CpuCudaNamespace:
     """Stands in for `torch` inside modules that write `device="cuda"`: every tensor factory
     called with a CUDA device is redirected to the CPU."""
@@ -70,13 +74,59 @@ def _on_cpu(fn):
     return wrapper
 
 
+def _with_cuda_type_names(fn):
+    """Run fn while `Tensor.type()` (no arguments) names CPU tensors as their CUDA twins:
+    the distributed optimizer sorts parameters by comparing against "torch.cuda.*Tensor"."""
+    real_type = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        name = real_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(name, str) and name.startswith("torch."):
+            if not name.startswith("torch.cuda."):
+                return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = cuda_named_type
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = real_type
+
+    return wrapper
+
+
+def _skip_torch_adam_step(set_states):
+    """Without Apex/TE the optimizer is torch's Adam, whose per-parameter state has a "step"
+    entry that the fully-reshardable loader restores separately but still tries to copy from
+    the checkpoint's tensors (KeyError: 'step'). Hide it during the copy."""
+
+    def wrapper(self, model_param, tensors):
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None)
+        try:
+            return set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return wrapper
+
+
 def _targets():
     """(module, attribute, what the upstream source must contain) for every patched place."""
+    from megatron.core import utils
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random
 
     return [
+        (utils, "torch", 'device="cuda"'),
+        (clip_grads, "clip_grad_by_total_norm_fp32", "torch.cuda.FloatTensor"),
         (random, "_get_cuda_rng_state", "torch.cuda"),
         (random, "_set_cuda_rng_state", "_cuda_setRNGState"),
         (random.CudaRNGStatesTracker, "add", "torch.cuda.get_rng_state()"),
@@ -84,6 +134,16 @@ def _targets():
         (clip_grads, "torch", "cuda"),
         (optimizer, "torch", "cuda"),
         (distrib_optimizer, "torch", "cuda"),
+        (
+            distrib_optimizer.DistributedOptimizer,
+            "_build_model_and_main_param_groups",
+            "model_param.type() == 'torch.cuda.FloatTensor'",
+        ),
+        (
+            distrib_optimizer.DistributedOptimizer,
+            "_set_main_param_and_optimizer_states",
+            'dst_tensors = {"param": main_param, **optim_state}',
+        ),
     ]
 
 
@@ -108,6 +168,7 @@ def apply() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("cpu_compat.apply() is for machines without a GPU")
     check_upstream()
+    from megatron.core import utils
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random
@@ -117,6 +178,18 @@ def apply() -> None:
     random.CudaRNGStatesTracker.add = _cpu_tracker_add
     # ~30 places use torch.cuda.current_device() as a device argument.
     torch.cuda.current_device = _cpu_current_device
-    for module in (schedules, clip_grads, optimizer, distrib_optimizer):
+    # dist_checkpointing synchronises the device before writing; nothing to wait for on CPU.
+    torch.cuda.synchronize = _cpu_synchronize
+    for module in (schedules, clip_grads, optimizer, distrib_optimizer, utils):
         module.torch = _CpuCudaNamespace(torch)
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    optimizer.clip_grad_by_total_norm_fp32 = clip
+    opt = distrib_optimizer.DistributedOptimizer
+    opt._build_model_and_main_param_groups = staticmethod(
+        _with_cuda_type_names(opt._build_model_and_main_param_groups)
+    )
+    opt._set_main_param_and_optimizer_states = _skip_torch_adam_step(
+        opt._set_main_param_and_optimizer_states
+    )
     _APPLIED = True
