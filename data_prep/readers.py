@@ -314,10 +314,40 @@ def _decompressing(raw, path: str):
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if name.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
+    return raw
+
+
+class _ZstdStream(io.RawIOBase):
+    """Decompresses zstd frames one after another, and raises EOFError on a truncated frame
+    (zstandard's stream_reader silently ends there, which would lose documents unnoticed)."""
+
+    def __init__(self, raw) -> None:
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-    return raw
+        self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
+        self.dobj, self.pending, self.in_frame = self.new(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("zstd data ended before the end of its frame")
+                return 0
+            while chunk:
+                self.in_frame = True
+                self.pending += self.dobj.decompress(chunk)
+                chunk = b""
+                if self.dobj.eof:  # a frame ended; what follows starts a new one
+                    chunk, self.dobj, self.in_frame = self.dobj.unused_data, self.new(), False
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
 
 
 def _blocks(stream) -> Iterator[bytes]:

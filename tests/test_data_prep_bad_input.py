@@ -137,3 +137,18 @@ def _lines():
     from data_prep.readers import ReadOptions
 
     return ReadOptions(text_mode="line")
+
+
+def test_truncated_zstd_is_an_error_not_silent_data_loss(tmp_path):
+    import zstandard
+
+    from data_prep.readers import BadInputFile
+
+    rows = b"".join(json.dumps({"text": d}).encode() + b"\n" for d in stdlib_docs(20))
+    data = zstandard.ZstdCompressor().compress(rows)
+    (tmp_path / "t.jsonl.zst").write_bytes(data[: len(data) // 2])
+    try:
+        tokenize([tmp_path / "t.jsonl.zst"], tmp_path / "out")
+        raise AssertionError("no error")
+    except BadInputFile as err:
+        assert "t.jsonl.zst" in str(err) and "truncated" in str(err)
