@@ -24,7 +24,6 @@ from mtp_dist.model.model import MTPModel
 from mtp_dist.pipeline import StepResult, run_schedule
 
 
-
 def checkpoint_metadata(on_gpu: bool) -> dict:
     """fully_reshardable: the optimizer state is saved per parameter in model space, so a
     checkpoint loads at another TP/PP/DP layout. The memory-efficient variant gathers over

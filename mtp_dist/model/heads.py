@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import Tensor
 
 
@@ -129,6 +130,25 @@ class MTPHeads(MegatronModule):
         self.final_norm = WrappedTorchNorm(
             config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """dist_checkpointing view: each head layer sharded over TP like a trunk layer (the
+        default would treat the ModuleList's tensors as replicated)."""
+        state = {}
+        for i, layer in enumerate(self.layers):
+            state.update(
+                layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata)
+            )
+        state.update(
+            sharded_state_dict_default(
+                self.final_norm,
+                f"{prefix}final_norm.",
+                sharded_offsets,
+                metadata,
+                tp_group=parallel_state.get_tensor_model_parallel_group(),
+            )
+        )
+        return state
 
     def hidden(self, i: int, trunk_out: Tensor, attention_mask: Tensor, rope: Tensor) -> Tensor:
         """Head i's (0-based) normed hidden states, [s, b, h]."""
