@@ -35,8 +35,10 @@ def checkpoint_metadata(on_gpu: bool) -> dict:
 
 
 def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
+    """Linear warm-up then cosine decay to lr * min_lr_ratio. Advanced by one so that step k
+    (1-based) runs at the schedule's value for k: the first step does not run at lr 0."""
     t = cfg.train
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=t.lr,
@@ -49,6 +51,8 @@ def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
         wd_incr_steps=max(t.steps, 1),
         wd_incr_style="constant",
     )
+    scheduler.step(increment=1)
+    return scheduler
 
 
 def _unshare_adam_steps(optimizer) -> None:
