@@ -193,3 +193,30 @@ def apply() -> None:
         opt._set_main_param_and_optimizer_states
     )
     _APPLIED = True
+
+
+def apply_deepspeed() -> None:
+    """Prepare DeepSpeed for a CPU-only run: pick its CPU accelerator and skip the shared-memory
+    comm op that its CPU backend JIT-compiles at init (50-75 s cold; only
+    inference_all_reduce uses it, training never does). Call before deepspeed.initialize."""
+    import importlib
+    import os
+
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.apply_deepspeed() is for machines without a GPU")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Not `import deepspeed.comm.torch as ...`: deepspeed.comm's `torch` attribute is torch.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    if getattr(ds_torch.build_shm_op, "skipped_on_cpu", False):
+        return
+    if "ShareMemCommBuilder" not in inspect.getsource(ds_torch.build_shm_op):
+        raise RuntimeError(
+            "cpu_compat: deepspeed.comm.torch.build_shm_op changed; review apply_deepspeed()"
+        )
+
+    def no_shm_op():
+        return None
+
+    no_shm_op.skipped_on_cpu = True
+    ds_torch.build_shm_op = no_shm_op

@@ -1,0 +1,357 @@
+"""DeepSpeed engine: ZeRO-1/2/3 data parallelism over megatron-core's tensor-parallel layers.
+
+Without pipeline parallelism DeepSpeed drives the step itself: one engine forward/backward per
+microbatch, `engine.step()` applies the update at the gradient-accumulation boundary. Its
+backward divides the loss by the accumulation steps, so the sequential heads get
+loss_scale = 1/gas. With pipeline parallelism (ZeRO-0/1 only) megatron-core's schedule runs
+the microbatches through the DeepSpeed engine with accumulation handled by the schedule (DeepSpeed
+sees one "microbatch" of global/dp samples), then the gradients are reduced and stepped once.
+
+Checkpoints are DeepSpeed's own (bit-exact resume at the same layout); `to_universal` converts one
+into a universal checkpoint that loads at another data-parallel size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+from mtp_dist.config import Config
+from mtp_dist.distributed import ParallelDims
+from mtp_dist.engines.base import TrainStepResult
+from mtp_dist.model.model import MTPModel
+from mtp_dist.pipeline import StepResult, run_schedule
+
+# (key in the DeepSpeed JSON, key in train.*) that must agree.
+_BATCH_KEYS = (
+    ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+    ("train_batch_size", "train.global_batch_size"),
+    ("gradient_accumulation_steps", "train.global_batch_size / (micro_batch_size * dp)"),
+)
+
+
+class WarmupCosine:
+    """Learning-rate factor (for LambdaLR) of megatron-core's schedule: linear warm-up from 0
+    over `warmup` steps, then cosine decay to `min_ratio` at `decay` steps, constant after.
+    A class rather than a closure so LambdaLR's state_dict can save it."""
+
+    def __init__(self, warmup: int, decay: int, min_ratio: float):
+        self.warmup, self.decay, self.min_ratio = warmup, decay, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if self.warmup > 0 and step <= self.warmup:
+            return step / self.warmup
+        if step > self.decay:
+            return self.min_ratio
+        ratio = (step - self.warmup) / max(1, self.decay - self.warmup)
+        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
+        return self.min_ratio + coeff * (1.0 - self.min_ratio)
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed asks for, from megatron-core's parallel_state.
+
+    model-parallel = tensor x pipeline (the gradient norm is summed over it, and checkpoint
+    files are named by its rank); tensor-parallel = the shards that
+    `p.tensor_model_parallel` marks (replicated parameters count once in the norm)."""
+
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(
+        parallel_state.get_tensor_model_parallel_world_size
+    )
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(
+        parallel_state.get_pipeline_model_parallel_rank
+    )
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size
+    )
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms' gains (and any biases) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_ds_config(cfg: Config, dp: int, on_gpu: bool) -> dict:
+    """DeepSpeed's config dict: cfg.deepspeed.config (if given) completed from cfg.train; a
+    contradiction between the two is a ValueError naming both keys."""
+    t = cfg.train
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
+    ds: dict = {}
+    path = cfg.deepspeed.config
+    if path is not None:
+        try:
+            with open(path) as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"deepspeed.config={path!r} cannot be read as JSON: {e}") from e
+        wanted = (t.micro_batch_size, t.global_batch_size, gas)
+        for (ds_key, cfg_key), value in zip(_BATCH_KEYS, wanted, strict=True):
+            if ds_key in ds and ds[ds_key] != value:
+                raise ValueError(
+                    f"deepspeed.config {path}: {ds_key}={ds[ds_key]} contradicts {cfg_key}="
+                    f"{value}; remove {ds_key} from the JSON or change {cfg_key}"
+                )
+        stage = ds.get("zero_optimization", {}).get("stage")
+        if stage is not None and stage != cfg.deepspeed.zero_stage:
+            raise ValueError(
+                f"deepspeed.config {path}: zero_optimization.stage={stage} contradicts "
+                f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them equal"
+            )
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError(
+            f"deepspeed.config {path}: fp16 is not supported (the sequential heads would need "
+            "the dynamic loss scale up front); use bf16"
+        )
+    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and on_gpu)
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = gas
+    ds["train_batch_size"] = t.global_batch_size
+    ds.setdefault("gradient_clipping", t.grad_clip)
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    ds.setdefault("bf16", {}).setdefault("enabled", bf16)
+    # torch's AdamW as the client optimizer is "untested" in DeepSpeed's eyes.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    if on_gpu and "optimizer" not in ds:
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8},
+        }
+    return ds
+
+
+def _apply_recompute(model: MTPModel) -> None:
+    """Non-reentrant torch checkpointing of every trunk layer (instead of megatron-core's
+    reentrant recompute, which DeepSpeed's ZeRO-3 hooks do not expect)."""
+    model.config.recompute_granularity = None
+    model.config.recompute_method = None
+    model.config.recompute_num_layers = None
+    for layer in model.trunk.layers:
+        layer.forward = partial(
+            torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False
+        )
+
+
+class _ScheduleView:
+    """What megatron-core's pipeline schedule expects of a model (config, model_type,
+    set_input_tensor), calling through the DeepSpeed engine. The engine itself will not do: its
+    own `config` attribute would shadow the model's."""
+
+    def __init__(self, engine, model: MTPModel):
+        self.engine = engine
+        self.config = model.config
+        self.model_type = model.model_type
+        self.set_input_tensor = model.set_input_tensor
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def parameters(self):
+        return self.engine.parameters()
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: Config, dims: ParallelDims, model: MTPModel):
+        on_gpu = dims.device.type == "cuda"
+        if not on_gpu:
+            from mtp_dist import cpu_compat
+
+            cpu_compat.apply_deepspeed()
+        import deepspeed
+
+        self.cfg = cfg
+        self.dims = dims
+        self.model = model
+        t = cfg.train
+        if dims.pp > 1 and cfg.deepspeed.zero_stage > 1:
+            raise ValueError(
+                f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} with parallel.pipeline="
+                f"{dims.pp}: DeepSpeed supports pipelines with ZeRO-0/1 only"
+            )
+        if dims.pp > 1 and cfg.model.tie_embeddings:
+            raise ValueError(
+                "model.tie_embeddings with parallel.pipeline>1 is not supported by engine="
+                "deepspeed; untie the embeddings or use engine=megatron"
+            )
+        ds_config = build_ds_config(cfg, dims.dp, on_gpu)
+        self.gas = ds_config["gradient_accumulation_steps"]
+        if dims.pp > 1:
+            # The schedule accumulates; DeepSpeed sees the rank's whole share as one microbatch.
+            ds_config["train_micro_batch_size_per_gpu"] = t.global_batch_size // dims.dp
+            ds_config["gradient_accumulation_steps"] = 1
+        if t.recompute:
+            _apply_recompute(model)
+        model.config.grad_scale_func = None
+        groups = param_groups(model, t.weight_decay)
+        scheduler = partial(
+            torch.optim.lr_scheduler.LambdaLR,
+            lr_lambda=WarmupCosine(t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.min_lr_ratio),
+        )
+        if "optimizer" in ds_config:
+            optimizer, params = None, groups
+        else:
+            optimizer = torch.optim.AdamW(
+                groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, weight_decay=t.weight_decay
+            )
+            params = None
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=params,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            mpu=MegatronMPU(),
+            dist_init_required=False,
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.ds.optimizer.param_groups[0]["lr"]
+
+    def _step_result(self, outputs: list) -> StepResult:
+        loss = torch.stack([o.loss.detach().float() for o in outputs]).mean().item()
+        heads = torch.stack([o.head_losses.float() for o in outputs]).mean(0).tolist()
+        acc = None
+        if outputs[0].head_accuracy is not None:
+            acc = torch.stack([o.head_accuracy.float() for o in outputs]).mean(0).tolist()
+        return StepResult(loss, heads, acc)
+
+    def _forward(self, batch: dict[str, Tensor], loss_scale: float = 1.0):
+        tokens = batch["tokens"].to(self.dims.device)
+        mask = batch.get("loss_mask")
+        if mask is not None:
+            mask = mask.to(self.dims.device)
+        return self.ds(tokens, loss_mask=mask, loss_scale=loss_scale)
+
+    def train_step(self, microbatches: list[dict[str, Tensor]]) -> TrainStepResult:
+        self.ds.train()
+        lr = self.lr
+        if self.dims.pp > 1:
+            result = run_schedule(
+                _ScheduleView(self.ds, self.model), microbatches, self.cfg.model.seq_length
+            )
+            self.ds.allreduce_gradients()
+            self.ds.step()
+        else:
+            if len(microbatches) != self.gas:
+                raise ValueError(
+                    f"got {len(microbatches)} microbatches, DeepSpeed accumulates {self.gas}"
+                )
+            outputs = []
+            for batch in microbatches:
+                out = self._forward(batch, loss_scale=1.0 / self.gas)
+                self.ds.backward(out.loss)
+                self.ds.step()
+                outputs.append(out)
+            result = self._step_result(outputs)
+        skipped = not self.ds.was_step_applied()
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if not math.isfinite(norm):
+            skipped = True
+        return TrainStepResult(result, norm, skipped, lr)
+
+    def eval_step(self, microbatches: list[dict[str, Tensor]]) -> StepResult:
+        self.ds.eval()
+        try:
+            if self.dims.pp > 1:
+                view = _ScheduleView(self.ds, self.model)
+                return run_schedule(
+                    view, microbatches, self.cfg.model.seq_length, forward_only=True
+                )
+            with torch.no_grad():
+                return self._step_result([self._forward(b) for b in microbatches])
+        finally:
+            self.ds.train()
+
+    def save(self, directory: str) -> None:
+        directory = os.path.abspath(directory)
+        self.ds.save_checkpoint(
+            os.path.dirname(directory), tag=os.path.basename(directory), save_latest=False
+        )
+
+    def load(self, directory: str, load_optimizer: bool = True) -> None:
+        directory = os.path.abspath(directory)
+        if is_universal(directory):
+            self.ds._config.load_universal_checkpoint = True
+        path, _ = self.ds.load_checkpoint(
+            os.path.dirname(directory),
+            tag=os.path.basename(directory),
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+            load_module_only=not load_optimizer,
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+
+
+def is_universal(directory: str) -> bool:
+    """A universal checkpoint keeps one folder per parameter under zero/."""
+    return os.path.isdir(os.path.join(directory, "zero"))
+
+
+def to_universal(checkpoint_dir: str, out_dir: str, workers: int = 1) -> None:
+    """Convert a DeepSpeed checkpoint directory (one save) into a universal checkpoint that
+    loads at another data-parallel size. Stage 1/2 checkpoints lack some state the format
+    needs; inject_missing_state adds it (ignored for stage 3)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=checkpoint_dir,
+        output_folder=out_dir,
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m mtp_dist.engines.deepspeed", description="DeepSpeed checkpoint tools"
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("to-universal", help="convert a checkpoint to a universal checkpoint")
+    conv.add_argument("checkpoint_dir", help="one saved checkpoint (the directory save() wrote)")
+    conv.add_argument("out_dir", help="where the universal checkpoint goes")
+    conv.add_argument("--workers", type=int, default=1, help="extract/merge processes")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.checkpoint_dir):
+        ap.error(f"{args.checkpoint_dir} is not a directory")
+    to_universal(args.checkpoint_dir, args.out_dir, args.workers)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,120 @@
+"""Worker run under torchrun by tests/test_deepspeed.py.
+
+Each case trains the tiny MTP model (configs/tiny.yaml, n=4) with the DeepSpeed engine at one
+layout and ZeRO stage on the same deterministic global batches, optionally saving after a step
+or starting from a saved checkpoint, and rank 0 writes the data-parallel mean loss, per-head
+losses, grad norm, lr and skip flag of every step to OUT/<case name>.json. Many cases per launch
+keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore")
+
+from mtp_dist import config as C  # noqa: E402
+from mtp_dist import distributed  # noqa: E402
+from mtp_dist.engines.deepspeed import DeepSpeedEngine  # noqa: E402
+from mtp_dist.model.model import build_model  # noqa: E402
+from mtp_dist.model.weights import full_state, init_weights  # noqa: E402
+
+SEED = 3
+
+
+def global_batch(cfg: C.Config, step: int) -> torch.Tensor:
+    m, t = cfg.model, cfg.train
+    gen = torch.Generator().manual_seed(1000 + step)
+    shape = (t.global_batch_size, m.seq_length + m.n_future_tokens)
+    return torch.randint(0, m.vocab_size, shape, generator=gen)
+
+
+def my_microbatches(cfg: C.Config, dims, step: int) -> list[dict]:
+    tokens = global_batch(cfg, step)
+    per = cfg.train.global_batch_size // dims.dp
+    mine = tokens[dims.dp_rank * per : (dims.dp_rank + 1) * per]
+    return [{"tokens": x} for x in mine.split(cfg.train.micro_batch_size)]
+
+
+def dp_mean(dims, values: list[float]) -> list[float]:
+    """Mean over data-parallel ranks of the last stage's values, on every rank."""
+    stats = torch.zeros(len(values), dtype=torch.float64)
+    if dims.is_last_stage and dims.tp_rank == 0:
+        stats = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(stats)
+    return (stats / dims.dp).tolist()
+
+
+def nan_grad_hook(grad: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(grad, float("nan"))
+
+
+def run_case(case: dict, out_dir: str) -> None:
+    overrides = [
+        "engine=deepspeed",
+        f"parallel.tensor={case.get('tp', 1)}",
+        f"parallel.pipeline={case.get('pp', 1)}",
+        f"deepspeed.zero_stage={case['stage']}",
+        f"train.steps={case.get('steps', 4)}",
+        f"train.recompute={str(case.get('recompute', False)).lower()}",
+    ]
+    cfg = C.load("configs/tiny.yaml", overrides + case.get("overrides", []))
+    p = cfg.parallel
+    dims = distributed.init(p.tensor, p.pipeline, seed=SEED)
+    cfg.data_parallel_size(dims.world_size)
+    model = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank)
+    init_weights(model, SEED)
+    engine = DeepSpeedEngine(cfg, dims, model)
+    start = 0
+    if case.get("load"):
+        engine.load(case["load"])
+        start = case["start"]
+    rows = []
+    for step in range(start, cfg.train.steps):
+        hook = None
+        if step == case.get("nan_at") and dims.rank == 0:
+            hook = next(model.parameters()).register_hook(nan_grad_hook)
+        before = full_state(model) if step == case.get("nan_at") else None
+        r = engine.train_step(my_microbatches(cfg, dims, step))
+        if hook is not None:
+            hook.remove()
+        vals = dp_mean(dims, [r.result.loss, *r.result.head_losses])
+        row = {"step": step, "loss": vals[0], "heads": vals[1:], "grad_norm": r.grad_norm}
+        row.update(lr=r.lr, skipped=r.skipped)
+        if before is not None:
+            after = full_state(model)
+            if dims.rank == 0:
+                row["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        rows.append(row)
+        if step + 1 == case.get("save_after"):
+            engine.save(case["save"])
+    if case.get("eval"):
+        ev = engine.eval_step(my_microbatches(cfg, dims, 99))
+        vals = dp_mean(dims, [ev.loss, *ev.head_losses, *(ev.head_accuracy or [])])
+        rows.append({"eval": vals})
+    if dims.rank == 0:
+        with open(os.path.join(out_dir, case["name"] + ".json"), "w") as f:
+            json.dump(rows, f)
+    dist.barrier()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", required=True, help="JSON list of cases")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    for case in json.loads(args.cases):
+        if case.get("save"):
+            os.makedirs(case["save"], exist_ok=True)
+        run_case(case, args.out)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
