@@ -1,14 +1,16 @@
 """DeepSpeed engine: ZeRO-1/2/3 data parallelism over megatron-core's tensor-parallel layers.
 
-Without pipeline parallelism DeepSpeed drives the step itself: one engine forward/backward per
-microbatch, `engine.step()` applies the update at the gradient-accumulation boundary. Its
-backward divides the loss by the accumulation steps, so the sequential heads get
-loss_scale = 1/gas. With pipeline parallelism (ZeRO-0/1 only) megatron-core's schedule runs
-the microbatches through the DeepSpeed engine with accumulation handled by the schedule (DeepSpeed
-sees one "microbatch" of global/dp samples), then the gradients are reduced and stepped once.
+DeepSpeed is configured with one microbatch of global/dp samples and no accumulation of its
+own: the engine runs this rank's microbatches inside `coalesce_grad_reduction()` (gradients
+stay local, one reduction at the end) and steps once. The sequential heads run several
+backward passes per microbatch (inside forward), which ZeRO-2/3's per-parameter reduce hooks
+reject ("already reduced") unless reduction is deferred like this. Each microbatch's loss is
+divided by their number and the heads get that factor as loss_scale. With pipeline
+parallelism (ZeRO-0/1) megatron-core's schedule drives the microbatches through the DeepSpeed
+engine in the same block.
 
-Checkpoints are DeepSpeed's own (bit-exact resume at the same layout); `to_universal` converts one
-into a universal checkpoint that loads at another data-parallel size.
+Checkpoints are DeepSpeed's own (bit-exact resume at the same layout); `to_universal` converts
+one into a universal checkpoint that loads at another data-parallel size.
 """
 
 from __future__ import annotations
@@ -204,11 +206,10 @@ class DeepSpeedEngine:
                 "deepspeed; untie the embeddings or use engine=megatron"
             )
         ds_config = build_ds_config(cfg, dims.dp, on_gpu)
-        self.gas = ds_config["gradient_accumulation_steps"]
-        if dims.pp > 1:
-            # The schedule accumulates; DeepSpeed sees the rank's whole share as one microbatch.
-            ds_config["train_micro_batch_size_per_gpu"] = t.global_batch_size // dims.dp
-            ds_config["gradient_accumulation_steps"] = 1
+        self.num_microbatches = ds_config["gradient_accumulation_steps"]
+        # The engine accumulates; DeepSpeed sees the rank's whole share as one microbatch.
+        ds_config["train_micro_batch_size_per_gpu"] = t.global_batch_size // dims.dp
+        ds_config["gradient_accumulation_steps"] = 1
         if t.recompute:
             _apply_recompute(model)
         model.config.grad_scale_func = None
@@ -253,33 +254,40 @@ class DeepSpeedEngine:
             mask = mask.to(self.dims.device)
         return self.ds(tokens, loss_mask=mask, loss_scale=loss_scale)
 
+    def _deferred_reduction(self):
+        """Gradients stay local until the block ends, then one reduction (ZeRO-0: no_sync,
+        and the caller reduces)."""
+        if self.cfg.deepspeed.zero_stage == 0:
+            return self.ds.no_sync()
+        return self.ds.coalesce_grad_reduction()
+
     def train_step(self, microbatches: list[dict[str, Tensor]]) -> TrainStepResult:
+        if len(microbatches) != self.num_microbatches:
+            raise ValueError(
+                f"got {len(microbatches)} microbatches; train.global_batch_size / "
+                f"(micro_batch_size * dp) = {self.num_microbatches}"
+            )
         self.ds.train()
         lr = self.lr
-        if self.dims.pp > 1:
-            result = run_schedule(
-                _ScheduleView(self.ds, self.model), microbatches, self.cfg.model.seq_length
-            )
+        scale = 1.0 / len(microbatches)
+        with self._deferred_reduction():
+            if self.dims.pp > 1:
+                view = _ScheduleView(self.ds, self.model)
+                result = run_schedule(view, microbatches, self.cfg.model.seq_length)
+            else:
+                outputs = []
+                for batch in microbatches:
+                    out = self._forward(batch, loss_scale=scale)
+                    self.ds.backward(out.loss * scale)
+                    outputs.append(out)
+                result = self._step_result(outputs)
+        if self.cfg.deepspeed.zero_stage == 0:
             self.ds.allreduce_gradients()
-            self.ds.step()
-        else:
-            if len(microbatches) != self.gas:
-                raise ValueError(
-                    f"got {len(microbatches)} microbatches, DeepSpeed accumulates {self.gas}"
-                )
-            outputs = []
-            for batch in microbatches:
-                out = self._forward(batch, loss_scale=1.0 / self.gas)
-                self.ds.backward(out.loss)
-                self.ds.step()
-                outputs.append(out)
-            result = self._step_result(outputs)
+        self.ds.step()
         skipped = not self.ds.was_step_applied()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        if not math.isfinite(norm):
-            skipped = True
-        return TrainStepResult(result, norm, skipped, lr)
+        return TrainStepResult(result, norm, skipped or not math.isfinite(norm), lr)
 
     def eval_step(self, microbatches: list[dict[str, Tensor]]) -> StepResult:
         self.ds.eval()

@@ -161,6 +161,7 @@ class MegatronEngine:
             with torch.no_grad():
                 self.optimizer.load_state_dict(state["optimizer"])
             _unshare_adam_steps(self.optimizer)
+            self.scheduler.num_steps = 0  # load_state_dict adds the saved count to it
             self.scheduler.load_state_dict(state["scheduler"])
         # The distributed optimizer keeps fp32 main params for bf16 models: refresh them.
         if hasattr(self.optimizer, "reload_model_params"):

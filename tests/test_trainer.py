@@ -1,0 +1,220 @@
+"""The trainer end to end (megatron engine, CPU/gloo, synthetic data): exact resume after a
+kill -9, resharding TP2xPP2 <-> TP1xPP1, SIGTERM, a kill during a checkpoint write, and the
+errors that must come before any compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+STEPS = 8
+BASE = [
+    "data.synthetic=true",
+    f"train.steps={STEPS}",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.warmup_steps=2",
+    "checkpoint.interval=2",
+    "checkpoint.keep=10",
+    "logging.wandb=false",
+]
+RESHARD_RTOL = 1e-5
+
+
+def train_cmd(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
+    args = ["--config", "configs/tiny.yaml", f"run.dir={run_dir}", *BASE, *overrides]
+    if nproc == 1:
+        return [sys.executable, "-m", "mtp_dist.train", *args]
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", "-m", "mtp_dist.train", *args,
+    ]  # fmt: skip
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def train(nproc: int, run_dir: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        train_cmd(nproc, run_dir, *overrides), cwd=ROOT, env=env(), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; the last record of a step wins (a resumed run repeats steps)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        assert proc.poll() is None, "the run ended before the event the test waits for"
+        time.sleep(0.005)
+    raise TimeoutError
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref")
+    train(1, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tp2pp2(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tp2pp2")
+    train(4, run, "parallel.tensor=2", "parallel.pipeline=2")
+    return run
+
+
+def test_reference_run_checkpoints_and_learns(reference):
+    ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
+    assert ckpts == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
+    assert (reference / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    record = json.loads((reference / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("step", "loss", "head_losses", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        assert key in record
+    assert len(record["head_losses"]) == 4
+    assert (reference / "config.yaml").is_file()
+
+
+def test_tp2pp2_matches_single_process(reference, tp2pp2):
+    ref, got = losses(reference), losses(tp2pp2)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+
+
+def _kill_and_resume(nproc: int, run: Path, reference_losses: dict, *layout: str) -> None:
+    proc = subprocess.Popen(
+        train_cmd(nproc, run, *layout), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: logged_steps(run) >= 5, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the launcher and every rank
+        proc.wait()
+    assert 5 <= logged_steps(run) < STEPS, "the kill must land between checkpoints"
+    train(nproc, run, *layout)  # train.resume=auto: from the last checkpoint
+    got = losses(run)
+    for step in range(1, STEPS + 1):
+        assert got[step] == reference_losses[step], f"step {step} differs after resume"
+
+
+def test_kill9_then_resume_is_exact_tp1pp1(reference, tmp_path):
+    _kill_and_resume(1, tmp_path / "run", losses(reference))
+
+
+def test_kill9_then_resume_is_exact_tp2pp2(tp2pp2, tmp_path):
+    _kill_and_resume(4, tmp_path / "run", losses(tp2pp2), "parallel.tensor=2", "parallel.pipeline=2")
+
+
+def test_tp2pp2_checkpoint_continues_at_tp1pp1(reference, tp2pp2, tmp_path):
+    start = tp2pp2 / "checkpoints" / "step_00000004"
+    train(1, tmp_path, f"train.resume={start}")
+    got, ref = losses(tmp_path), losses(reference)
+    for step in range(5, STEPS + 1):
+        assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+
+
+def test_tp1pp1_checkpoint_continues_at_tp2pp2(reference, tmp_path):
+    start = reference / "checkpoints" / "step_00000004"
+    train(4, tmp_path, f"train.resume={start}", "parallel.tensor=2", "parallel.pipeline=2")
+    got, ref = losses(tmp_path), losses(reference)
+    for step in range(5, STEPS + 1):
+        assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd(1, run, "train.steps=1000", "checkpoint.interval=0"), cwd=ROOT, env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for(lambda: logged_steps(run) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)  # the grace period
+    assert proc.returncode == 0, err[-2000:]
+    assert "received SIGTERM" in out
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert 2 <= step < 1000 and (run / "checkpoints" / latest / "meta.json").is_file()
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    run = tmp_path / "run"
+    ckdir = run / "checkpoints"
+    bigger = ["model.hidden_size=256", "model.num_attention_heads=8", "checkpoint.interval=1"]
+    proc = subprocess.Popen(
+        train_cmd(1, run, *bigger), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (ckdir / "latest").exists() and any(ckdir.glob(".tmp-step_*")), proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    previous = (ckdir / "latest").read_text().strip()
+    assert (ckdir / previous / "meta.json").is_file()
+    assert not any(p.name.startswith("step_") and not (p / "meta.json").exists()
+                   for p in ckdir.iterdir())
+    # The previous checkpoint loads and training continues from it.
+    proc = train(1, run, *bigger, "train.steps=" + str(int(previous.split("_")[1]) + 1))
+    assert f"resumed from {ckdir / previous}" in proc.stdout
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    proc = train(1, tmp_path, "data.synthetic=false", "data.paths=[/no/such/shards]", expect=2)
+    assert "data.paths entry /no/such/shards does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = train(1, tmp_path, f"checkpoint.dir={blocker}/ckpt", expect=2)
+    assert "is not writable" in proc.stderr
+
+
+def test_checkpoint_of_another_shape_is_refused(reference, tmp_path):
+    start = reference / "checkpoints" / "step_00000004"
+    proc = train(1, tmp_path, f"train.resume={start}", "model.hidden_size=128", expect=2)
+    assert "model.hidden_size=64 but the config says 128" in proc.stderr
+
+
+def test_corrupt_checkpoint_meta_is_refused(reference, tmp_path):
+    bad = tmp_path / "ckpt" / "step_00000004"
+    bad.mkdir(parents=True)
+    (bad / "meta.json").write_text("{not json")
+    proc = train(1, tmp_path, f"train.resume={bad}", expect=2)
+    assert "meta.json is corrupt" in proc.stderr
+
+
+def test_train_help():
+    proc = subprocess.run([sys.executable, "-m", "mtp_dist.train", "--help"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0 and "--config" in proc.stdout
