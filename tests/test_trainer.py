@@ -44,7 +44,9 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def train(nproc: int, run_dir: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
+def train(
+    nproc: int, run_dir: Path, *overrides: str, expect: int = 0
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         train_cmd(nproc, run_dir, *overrides), cwd=ROOT, env=env(), capture_output=True,
         text=True, timeout=600,
@@ -130,7 +132,9 @@ def test_kill9_then_resume_is_exact_tp1pp1(reference, tmp_path):
 
 
 def test_kill9_then_resume_is_exact_tp2pp2(tp2pp2, tmp_path):
-    _kill_and_resume(4, tmp_path / "run", losses(tp2pp2), "parallel.tensor=2", "parallel.pipeline=2")
+    _kill_and_resume(
+        4, tmp_path / "run", losses(tp2pp2), "parallel.tensor=2", "parallel.pipeline=2"
+    )
 
 
 def test_tp2pp2_checkpoint_continues_at_tp1pp1(reference, tp2pp2, tmp_path):
@@ -180,8 +184,9 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
         proc.wait()
     previous = (ckdir / "latest").read_text().strip()
     assert (ckdir / previous / "meta.json").is_file()
-    assert not any(p.name.startswith("step_") and not (p / "meta.json").exists()
-                   for p in ckdir.iterdir())
+    assert not any(
+        p.name.startswith("step_") and not (p / "meta.json").exists() for p in ckdir.iterdir()
+    )
     # The previous checkpoint loads and training continues from it.
     proc = train(1, run, *bigger, "train.steps=" + str(int(previous.split("_")[1]) + 1))
     assert f"resumed from {ckdir / previous}" in proc.stdout
@@ -218,3 +223,23 @@ def test_train_help():
     proc = subprocess.run([sys.executable, "-m", "mtp_dist.train", "--help"], cwd=ROOT,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0 and "--config" in proc.stdout
+
+
+def test_consolidated_export_is_layout_independent(reference, tp2pp2, tmp_path):
+    import torch
+
+    outs = []
+    for name, run in (("ref", reference), ("tp2pp2", tp2pp2)):
+        out = tmp_path / f"{name}.pt"
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtp_dist.export", str(run / "checkpoints" / "step_00000008"),
+             str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(torch.load(out, weights_only=False))
+    a, b = outs
+    assert a["format"] == "mtp-dist-consolidated-v1" and a["step"] == 8
+    assert set(a["state"]) == set(b["state"])
+    assert a["state"]["trunk.layers.1.mlp.linear_fc1.weight"].shape == (2 * 192, 64)
+    for k in a["state"]:
+        torch.testing.assert_close(a["state"][k], b["state"][k], rtol=0, atol=1e-5, msg=k)

@@ -71,9 +71,7 @@ class MegatronMPU:
         parallel_state.get_tensor_model_parallel_world_size
     )
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
-    get_pipeline_model_parallel_rank = staticmethod(
-        parallel_state.get_pipeline_model_parallel_rank
-    )
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(
         parallel_state.get_pipeline_model_parallel_world_size
     )
@@ -216,7 +214,9 @@ class DeepSpeedEngine:
         groups = param_groups(model, t.weight_decay)
         scheduler = partial(
             torch.optim.lr_scheduler.LambdaLR,
-            lr_lambda=WarmupCosine(t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.min_lr_ratio),
+            lr_lambda=WarmupCosine(
+                t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.min_lr_ratio
+            ),
         )
         if "optimizer" in ds_config:
             optimizer, params = None, groups

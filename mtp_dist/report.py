@@ -1,0 +1,76 @@
+"""`python -m mtp_dist.report RUN_DIR`: per-head loss curves (and eval accuracy) to a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl records, keeping the last record of each step (a resumed run repeats)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: give a run directory of mtp_dist.train")
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot(records: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    n = len(records[0]["head_losses"])
+    evals = [r for r in records if "eval_head_accuracy" in r]
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4.5))
+    ax = axes[0] if evals else axes
+    for i in range(n):
+        ax.plot(steps, [r["head_losses"][i] for r in records], label=f"head {i + 1} (t+{i + 1})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title("training loss per head")
+    ax.legend()
+    if evals:
+        es = [r["step"] for r in evals]
+        for i in range(n):
+            axes[1].plot(es, [r["eval_head_accuracy"][i] for r in evals], marker="o",
+                         label=f"head {i + 1}")  # fmt: skip
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("top-1 accuracy")
+        axes[1].set_title("validation accuracy per head")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mtp_dist.report", description=__doc__)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/losses.png)")
+    args = p.parse_args(argv)
+    try:
+        records = load_records(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = plot(records, args.out or args.run_dir / "losses.png")
+    first, last = records[0], records[-1]
+    heads = " ".join(
+        f"{a:.2f}->{b:.2f}" for a, b in zip(first["head_losses"], last["head_losses"], strict=True)
+    )
+    print(f"{len(records)} steps | per-head loss {heads} | plot {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
