@@ -87,7 +87,16 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
             or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=env.get("MASTER_PORT", str(20000 + job % 10000)),
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT", "29500"))
+    # A lone process: any free port, so that concurrent single-process runs do not collide.
+    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(_free_port()))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> ParallelDims:

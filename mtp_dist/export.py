@@ -27,7 +27,6 @@ def export(checkpoint: Path, out: Path) -> Path:
     data["parallel"] = {"tensor": 1, "pipeline": 1}
     data["data"]["tokenizer"] = None
     cfg = config_mod.from_dict(data)
-    os.environ.setdefault("MASTER_PORT", "29599")
     distributed.init(1, 1, seed=cfg.train.seed)
     try:
         model = build_model(cfg.model)

@@ -20,7 +20,8 @@ def test_demo_runs_and_every_head_learns(tmp_path):
         "train.eval_interval=8", "checkpoint.interval=8", "model.seq_length=128",
         "logging.wandb_mode=offline",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_SILENT": "true"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    env.update(PYTHONWARNINGS="ignore", WANDB_SILENT="true")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = work / "run"

@@ -41,7 +41,8 @@ def train_cmd(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    return {**base, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def train(
