@@ -16,6 +16,7 @@ one into a universal checkpoint that loads at another data-parallel size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -193,6 +194,12 @@ class DeepSpeedEngine:
         self.dims = dims
         self.model = model
         t = cfg.train
+        if cfg.deepspeed.zero_stage == 0:
+            raise ValueError(
+                "deepspeed.zero_stage=0 is not supported by engine=deepspeed: the sequential "
+                "heads and the pipeline schedule run backward outside engine.backward(), which "
+                "DeepSpeed allows with ZeRO-1/2/3 only; use deepspeed.zero_stage=1"
+            )
         if dims.pp > 1 and cfg.deepspeed.zero_stage > 1:
             raise ValueError(
                 f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} with parallel.pipeline="
@@ -254,13 +261,6 @@ class DeepSpeedEngine:
             mask = mask.to(self.dims.device)
         return self.ds(tokens, loss_mask=mask, loss_scale=loss_scale)
 
-    def _deferred_reduction(self):
-        """Gradients stay local until the block ends, then one reduction (ZeRO-0: no_sync,
-        and the caller reduces)."""
-        if self.cfg.deepspeed.zero_stage == 0:
-            return self.ds.no_sync()
-        return self.ds.coalesce_grad_reduction()
-
     def train_step(self, microbatches: list[dict[str, Tensor]]) -> TrainStepResult:
         if len(microbatches) != self.num_microbatches:
             raise ValueError(
@@ -270,7 +270,7 @@ class DeepSpeedEngine:
         self.ds.train()
         lr = self.lr
         scale = 1.0 / len(microbatches)
-        with self._deferred_reduction():
+        with self.ds.coalesce_grad_reduction():
             if self.dims.pp > 1:
                 view = _ScheduleView(self.ds, self.model)
                 result = run_schedule(view, microbatches, self.cfg.model.seq_length)
@@ -281,13 +281,21 @@ class DeepSpeedEngine:
                     self.ds.backward(out.loss * scale)
                     outputs.append(out)
                 result = self._step_result(outputs)
-        if self.cfg.deepspeed.zero_stage == 0:
-            self.ds.allreduce_gradients()
         self.ds.step()
         skipped = not self.ds.was_step_applied()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         return TrainStepResult(result, norm, skipped or not math.isfinite(norm), lr)
+
+    def full_parameters(self):
+        """Context in which this rank's parameters hold their (TP-local) values: ZeRO-3
+        partitions them over data-parallel ranks, so weights.full_state(model) must run inside
+        it (collective; read-only)."""
+        if self.cfg.deepspeed.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
     def eval_step(self, microbatches: list[dict[str, Tensor]]) -> StepResult:
         self.ds.eval()

@@ -42,9 +42,9 @@ def my_microbatches(cfg: C.Config, dims, step: int) -> list[dict]:
     return [{"tokens": x} for x in mine.split(cfg.train.micro_batch_size)]
 
 
-def dp_mean(dims, values: list[float]) -> list[float]:
-    """Mean over data-parallel ranks of the last stage's values, on every rank."""
-    stats = torch.zeros(len(values), dtype=torch.float64)
+def dp_mean(dims, values: list[float], size: int) -> list[float]:
+    """Mean over data-parallel ranks of the last stage's `size` values, on every rank."""
+    stats = torch.zeros(size, dtype=torch.float64)
     if dims.is_last_stage and dims.tp_rank == 0:
         stats = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(stats)
@@ -71,6 +71,7 @@ def run_case(case: dict, out_dir: str) -> None:
     model = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank)
     init_weights(model, SEED)
     engine = DeepSpeedEngine(cfg, dims, model)
+    n = cfg.model.n_future_tokens
     start = 0
     if case.get("load"):
         engine.load(case["load"])
@@ -80,15 +81,19 @@ def run_case(case: dict, out_dir: str) -> None:
         hook = None
         if step == case.get("nan_at") and dims.rank == 0:
             hook = next(model.parameters()).register_hook(nan_grad_hook)
-        before = full_state(model) if step == case.get("nan_at") else None
+        before = None
+        if step == case.get("nan_at"):
+            with engine.full_parameters():
+                before = full_state(model)
         r = engine.train_step(my_microbatches(cfg, dims, step))
         if hook is not None:
             hook.remove()
-        vals = dp_mean(dims, [r.result.loss, *r.result.head_losses])
+        vals = dp_mean(dims, [r.result.loss, *r.result.head_losses], 1 + n)
         row = {"step": step, "loss": vals[0], "heads": vals[1:], "grad_norm": r.grad_norm}
         row.update(lr=r.lr, skipped=r.skipped)
         if before is not None:
-            after = full_state(model)
+            with engine.full_parameters():
+                after = full_state(model)
             if dims.rank == 0:
                 row["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
         rows.append(row)
@@ -96,7 +101,7 @@ def run_case(case: dict, out_dir: str) -> None:
             engine.save(case["save"])
     if case.get("eval"):
         ev = engine.eval_step(my_microbatches(cfg, dims, 99))
-        vals = dp_mean(dims, [ev.loss, *ev.head_losses, *(ev.head_accuracy or [])])
+        vals = dp_mean(dims, [ev.loss, *ev.head_losses, *(ev.head_accuracy or [])], 1 + 2 * n)
         rows.append({"eval": vals})
     if dims.rank == 0:
         with open(os.path.join(out_dir, case["name"] + ".json"), "w") as f:
