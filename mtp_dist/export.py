@@ -8,7 +8,6 @@ Runs as one process: megatron-core's dist_checkpointing reshards the model to TP
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path

@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mtp_dist.checkpointing import CheckpointError
     from mtp_dist.data import TokenizerMismatchError
+    from mtp_dist.trainer import TrainingStopped
 
     try:
         cfg = config_mod.load(args.config, args.overrides)
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
     except (config_mod.ConfigError, CheckpointError, TokenizerMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
 
 
 def _tokenizer_hash(cfg) -> str | None:

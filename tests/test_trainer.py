@@ -244,3 +244,15 @@ def test_consolidated_export_is_layout_independent(reference, tp2pp2, tmp_path):
     assert a["state"]["trunk.layers.1.mlp.linear_fc1.weight"].shape == (2 * 192, 64)
     for k in a["state"]:
         torch.testing.assert_close(a["state"][k], b["state"][k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path):
+    """An infinite head weight makes every loss non-finite: each step is skipped (no update),
+    and after train.max_bad_steps in a row the run saves and stops with a clear message."""
+    proc = train(1, tmp_path, "model.head_loss_weights=[.inf, 1, 1, 1]", "train.max_bad_steps=2",
+                 "checkpoint.interval=0", expect=3)  # fmt: skip
+    assert "3 non-finite steps in a row" in proc.stderr and "train.max_bad_steps=2" in proc.stderr
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [True, True, True]
+    assert records[-1]["skipped_steps"] == 3
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"

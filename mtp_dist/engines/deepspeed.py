@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from functools import partial
 
 import torch
@@ -33,6 +34,9 @@ from mtp_dist.distributed import ParallelDims
 from mtp_dist.engines.base import TrainStepResult
 from mtp_dist.model.model import MTPModel
 from mtp_dist.pipeline import StepResult, run_schedule
+
+TAG = "deepspeed"
+"""save(directory) puts DeepSpeed's tag folder directory/TAG, so every file stays inside."""
 
 # (key in the DeepSpeed JSON, key in train.*) that must agree.
 _BATCH_KEYS = (
@@ -311,47 +315,70 @@ class DeepSpeedEngine:
             self.ds.train()
 
     def save(self, directory: str) -> None:
-        directory = os.path.abspath(directory)
-        self.ds.save_checkpoint(
-            os.path.dirname(directory), tag=os.path.basename(directory), save_latest=False
-        )
+        # DeepSpeed writes its recovery scripts next to the tag folder: keep them inside too.
+        self.ds.save_checkpoint(directory, tag=TAG, save_latest=False)
 
     def load(self, directory: str, load_optimizer: bool = True) -> None:
-        directory = os.path.abspath(directory)
-        if is_universal(directory):
-            self.ds._config.load_universal_checkpoint = True
+        if not os.path.isdir(os.path.join(directory, TAG)):
+            raise FileNotFoundError(
+                f"{directory} holds no DeepSpeed checkpoint ({TAG}/ is missing): was it saved "
+                "with engine=deepspeed?"
+            )
+        self.ds._config.load_universal_checkpoint = is_universal(directory)
         path, _ = self.ds.load_checkpoint(
-            os.path.dirname(directory),
-            tag=os.path.basename(directory),
+            directory,
+            tag=TAG,
             load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=load_optimizer,
             load_module_only=not load_optimizer,
         )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {directory}")
 
 
 def is_universal(directory: str) -> bool:
     """A universal checkpoint keeps one folder per parameter under zero/."""
-    return os.path.isdir(os.path.join(directory, "zero"))
+    return os.path.isdir(os.path.join(directory, TAG, "zero"))
+
+
+def _without_empty_extra_state(source: str, staging: str) -> None:
+    """Stage `source` for ds_to_universal: megatron-core's linear layers put `_extra_state:
+    None` into the module state, which the converter tries to save as a tensor. The model-state
+    files are rewritten without those entries; everything else is linked, not copied."""
+    for name in os.listdir(source):
+        src = os.path.join(source, name)
+        if name.startswith("mp_rank_") and name.endswith("_model_states.pt"):
+            state = torch.load(src, map_location="cpu", weights_only=False)
+            module = state.get("module")
+            if module is not None:
+                state["module"] = type(module)((k, v) for k, v in module.items() if v is not None)
+            torch.save(state, os.path.join(staging, name))
+        else:
+            os.symlink(os.path.abspath(src), os.path.join(staging, name))
 
 
 def to_universal(checkpoint_dir: str, out_dir: str, workers: int = 1) -> None:
-    """Convert a DeepSpeed checkpoint directory (one save) into a universal checkpoint that
-    loads at another data-parallel size. Stage 1/2 checkpoints lack some state the format
-    needs; inject_missing_state adds it (ignored for stage 3)."""
+    """Convert the directory one save() wrote into a universal checkpoint (another directory
+    that load() accepts at any data-parallel size). Stage 1/2 checkpoints lack some state the
+    format needs; inject_missing_state adds it (ignored for stage 3)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(
-        input_folder=checkpoint_dir,
-        output_folder=out_dir,
-        num_extract_workers=workers,
-        num_merge_workers=workers,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
-    ds_to_universal.main(args)
+    source = os.path.join(checkpoint_dir, TAG)
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{checkpoint_dir} holds no DeepSpeed checkpoint ({TAG}/)")
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging:
+        _without_empty_extra_state(source, staging)
+        args = argparse.Namespace(
+            input_folder=staging,
+            output_folder=os.path.join(out_dir, TAG),
+            num_extract_workers=workers,
+            num_merge_workers=workers,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        ds_to_universal.main(args)
 
 
 def main(argv: list[str] | None = None) -> None:

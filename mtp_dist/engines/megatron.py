@@ -145,15 +145,31 @@ class MegatronEngine:
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
+    def _ensure_optimizer_state(self) -> None:
+        """torch Adam creates its state lazily, but megatron-core's checkpoint code needs it
+        (before the first step: saving at step 0, or loading into a fresh engine). Create it
+        with a step that changes nothing (lr and weight decay 0, zero gradients), then reset the
+        step counts so that the first real step is step 1."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if opt.optimizer.state:
+                continue
+            saved = [(g["lr"], g["weight_decay"]) for g in opt.optimizer.param_groups]
+            for g in opt.optimizer.param_groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+            opt._init_optimizer_states_with_dummy_values()
+            for g, (lr, wd) in zip(opt.optimizer.param_groups, saved, strict=True):
+                g["lr"], g["weight_decay"] = lr, wd
+            for state in opt.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = torch.zeros_like(state["step"])
+
     def save(self, directory: str) -> None:
+        self._ensure_optimizer_state()
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
     def load(self, directory: str, load_optimizer: bool = True) -> None:
         if load_optimizer:
-            # A fresh torch Adam has no state yet; the load template needs its shapes.
-            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                if not opt.optimizer.state:
-                    opt._init_optimizer_states_with_dummy_values()
+            self._ensure_optimizer_state()
         template = self._sharded_state_dict(is_loading=True, with_optimizer=load_optimizer)
         state = dist_checkpointing.load(template, directory)
         self.model.load_state_dict(state["model"])
