@@ -256,3 +256,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_p
     assert [r["skipped"] for r in records] == [True, True, True]
     assert records[-1]["skipped_steps"] == 3
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_activation_recomputation_gives_the_same_losses(reference, tmp_path):
+    train(1, tmp_path, "train.recompute=true", "train.steps=3")
+    got, ref = losses(tmp_path), losses(reference)
+    for step in (1, 2, 3):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6)
