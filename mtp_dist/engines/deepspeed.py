@@ -324,7 +324,8 @@ class DeepSpeedEngine:
                 f"{directory} holds no DeepSpeed checkpoint ({TAG}/ is missing): was it saved "
                 "with engine=deepspeed?"
             )
-        self.ds._config.load_universal_checkpoint = is_universal(directory)
+        universal = is_universal(directory)
+        self.ds._config.load_universal_checkpoint = universal
         path, _ = self.ds.load_checkpoint(
             directory,
             tag=TAG,
@@ -334,6 +335,22 @@ class DeepSpeedEngine:
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {directory}")
+        if universal and load_optimizer:
+            self._fix_universal_optimizer_state()
+
+    def _fix_universal_optimizer_state(self) -> None:
+        """A universal load (seen with ZeRO-3) gives every param group the first group's
+        weight decay, and may leave one Adam step tensor shared by all groups (incremented
+        once per group per step). Restore the groups' decay and give each its own count."""
+        inner = self.ds.optimizer.optimizer
+        decays = [self.cfg.train.weight_decay, 0.0]
+        if len(inner.param_groups) != len(decays):
+            raise RuntimeError(f"expected {len(decays)} param groups after the universal load")
+        for group, decay in zip(inner.param_groups, decays, strict=True):
+            group["weight_decay"] = decay
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def is_universal(directory: str) -> bool:
