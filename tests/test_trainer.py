@@ -94,6 +94,13 @@ def tp2pp2(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def dp2(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dp2")
+    train(2, run)
+    return run
+
+
 def test_reference_run_checkpoints_and_learns(reference):
     ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
     assert ckpts == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
@@ -128,6 +135,16 @@ def _kill_and_resume(nproc: int, run: Path, reference_losses: dict, *layout: str
         assert got[step] == reference_losses[step], f"step {step} differs after resume"
 
 
+def test_dp2_matches_single_process(reference, dp2):
+    ref, got = losses(reference), losses(dp2)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+
+
+def test_kill9_then_resume_is_exact_dp2(dp2, tmp_path):
+    _kill_and_resume(2, tmp_path / "run", losses(dp2))
+
+
 def test_kill9_then_resume_is_exact_tp1pp1(reference, tmp_path):
     _kill_and_resume(1, tmp_path / "run", losses(reference))
 
@@ -154,17 +171,18 @@ def test_tp1pp1_checkpoint_continues_at_tp2pp2(reference, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_signal_saves_and_exits_zero(tmp_path, sig):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         train_cmd(1, run, "train.steps=1000", "checkpoint.interval=0"), cwd=ROOT, env=env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     wait_for(lambda: logged_steps(run) >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)  # the grace period
     assert proc.returncode == 0, err[-2000:]
-    assert "received SIGTERM" in out
+    assert f"received {signal.Signals(sig).name}" in out
     latest = (run / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("_")[1])
     assert 2 <= step < 1000 and (run / "checkpoints" / latest / "meta.json").is_file()
@@ -263,3 +281,12 @@ def test_activation_recomputation_gives_the_same_losses(reference, tmp_path):
     got, ref = losses(tmp_path), losses(reference)
     for step in (1, 2, 3):
         assert got[step] == pytest.approx(ref[step], rel=1e-6)
+
+
+def test_checkpoint_of_another_tokenizer_is_refused(tmp_path):
+    from mtp_dist.checkpointing import CheckpointError, check_compatible
+
+    meta = {"config": {"model": {"hidden_size": 64}}, "tokenizer_hash": "a" * 64}
+    check_compatible(meta, {"hidden_size": 64}, "a" * 64, tmp_path)
+    with pytest.raises(CheckpointError, match="trained with tokenizer aaaaaaaaaaaa"):
+        check_compatible(meta, {"hidden_size": 64}, "b" * 64, tmp_path)
