@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -61,7 +62,9 @@ def _first_slurm_host(nodelist: str) -> str:
         )
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        # No scontrol here: expand the first entry of e.g. "gpu[003-004,010],cpu01" by hand.
+        m = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist)
+        return m.group(1) + (m.group(2) or "") if m else nodelist
 
 
 def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:

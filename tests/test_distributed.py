@@ -1,0 +1,41 @@
+"""Launcher environments -> rank, world size and rendezvous address."""
+
+from __future__ import annotations
+
+from mtp_dist.distributed import read_launch_env
+
+
+def test_torchrun_and_deepspeed_launcher_env():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7",
+           "MASTER_PORT": "1234"}  # fmt: skip
+    e = read_launch_env(env)
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (
+        3, 8, 1, "node7", "1234")  # fmt: skip
+
+
+def test_slurm_env_without_torchrun():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "123456"}  # fmt: skip
+    e = read_launch_env(env)
+    assert (e.rank, e.world_size, e.local_rank) == (5, 16, 1)
+    assert e.master_addr == "gpu003"
+    assert e.master_port == str(20000 + 123456 % 10000)
+
+
+def test_slurm_nodelist_forms():
+    from mtp_dist.distributed import _first_slurm_host
+
+    assert _first_slurm_host("node1,node2") == "node1"
+    assert _first_slurm_host("gpu[010,012-014]") == "gpu010"
+    assert _first_slurm_host("localhost") == "localhost"
+
+
+def test_torchrun_env_wins_over_slurm():
+    env = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "7", "SLURM_NTASKS": "9"}
+    assert read_launch_env(env).world_size == 2
+
+
+def test_lone_process_gets_a_free_port():
+    e = read_launch_env({})
+    assert (e.rank, e.world_size) == (0, 1)
+    assert int(e.master_port) > 0
