@@ -1,0 +1,287 @@
+"""DeepSpeed engine on CPU/gloo: ZeRO-1/2/3, TP and PP layouts reproduce the single-process run,
+exact resume, universal checkpoints across data-parallel sizes, and clear errors.
+
+Four launches of tests/workers/deepspeed_cases.py (tiny model, n=4, 4 steps of the same global
+batches; step 0 has lr 0, steps 1-3 update) feed every equivalence test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtp_dist import config as C
+from tests.conftest import ROOT, torchrun
+
+WORKER = ROOT / "tests" / "workers" / "deepspeed_cases.py"
+RTOL = 1e-5
+"""Losses/grad norms of other layouts vs the 1-rank run: float32 reduction order only."""
+
+
+def _launch(nproc: int, out: Path, cases: list[dict]) -> None:
+    torchrun(nproc, WORKER, "--out", str(out), "--cases", json.dumps(cases))
+
+
+def _to_universal(src: Path, dst: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mtp_dist.engines.deepspeed", "to-universal", str(src), str(dst)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("ds_out")
+    ck = tmp_path_factory.mktemp("ds_ckpt")
+    saved = {s: ck / f"zero{s}" / "step_2" for s in (1, 2, 3)}
+    two = [
+        {"name": f"zero{s}", "stage": s, "save": str(saved[s]), "save_after": 2} for s in (1, 2, 3)
+    ]
+    two += [
+        {"name": "pp2_zero1", "stage": 1, "pp": 2, "eval": True},
+        {"name": "zero2_nan", "stage": 2, "nan_at": 1},
+        {"name": "zero3_recompute", "stage": 3, "recompute": True},
+        {
+            "name": "zero2_json",
+            "stage": 2,
+            "overrides": ["deepspeed.config=configs/deepspeed/zero2.json"],
+        },
+    ]
+    _launch(2, out, two)
+    _launch(4, out, [{"name": f"tp2dp2_zero{s}", "stage": s, "tp": 2} for s in (1, 2)])
+    _launch(
+        2,
+        out,
+        [{"name": f"resume{s}", "stage": s, "load": str(saved[s]), "start": 2} for s in (1, 2, 3)],
+    )
+    one = [{"name": "ref", "stage": 1, "eval": True}]
+    for s in (1, 3):
+        _to_universal(saved[s], ck / f"universal{s}")
+        one.append(
+            {"name": f"universal{s}", "stage": s, "load": str(ck / f"universal{s}"), "start": 2}
+        )
+    _launch(1, out, one)
+    result = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    result["_ckpt"] = ck
+    return result
+
+
+def _steps(rows: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in rows if "step" in r}
+
+
+def _assert_close(rows: list[dict], ref: list[dict], rtol: float = RTOL) -> None:
+    ref_steps = _steps(ref)
+    got = _steps(rows)
+    assert got, "no steps recorded"
+    for step, r in got.items():
+        e = ref_steps[step]
+        assert r["loss"] == pytest.approx(e["loss"], rel=rtol), step
+        assert r["heads"] == pytest.approx(e["heads"], rel=rtol), step
+        assert r["grad_norm"] == pytest.approx(e["grad_norm"], rel=rtol), step
+        assert r["lr"] == pytest.approx(e["lr"], rel=1e-12), step
+        assert not r["skipped"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_on_two_ranks_matches_one_rank(runs, stage):
+    _assert_close(runs[f"zero{stage}"], runs["ref"])
+    assert len(_steps(runs["ref"])) == 4
+    # The run learns: the last step's loss is below the first's.
+    assert runs["ref"][3]["loss"] < runs["ref"][0]["loss"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_tp2_dp2_matches_tp1(runs, stage):
+    _assert_close(runs[f"tp2dp2_zero{stage}"], runs["ref"])
+
+
+def test_pipeline_zero1_matches_single_stage(runs):
+    _assert_close(runs["pp2_zero1"], runs["ref"])
+    (ev,) = [r["eval"] for r in runs["pp2_zero1"] if "eval" in r]
+    (ref_ev,) = [r["eval"] for r in runs["ref"] if "eval" in r]
+    assert ev == pytest.approx(ref_ev, rel=RTOL)
+    assert len(ev) == 1 + 2 * 4  # loss, 4 head losses, 4 head accuracies
+
+
+def test_recompute_matches(runs):
+    _assert_close(runs["zero3_recompute"], runs["ref"])
+
+
+def test_json_config_matches(runs):
+    _assert_close(runs["zero2_json"], runs["ref"])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_exact_resume(runs, stage):
+    before = _steps(runs[f"zero{stage}"])
+    after = _steps(runs[f"resume{stage}"])
+    assert sorted(after) == [2, 3]
+    for step in (2, 3):
+        for key in ("loss", "heads", "grad_norm", "lr"):
+            assert after[step][key] == before[step][key], (step, key)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_universal_checkpoint_from_two_ranks_on_one(runs, stage):
+    rows = runs[f"universal{stage}"]
+    assert sorted(_steps(rows)) == [2, 3]
+    _assert_close(rows, runs[f"zero{stage}"])
+
+
+def test_checkpoint_stays_inside_its_directory(runs):
+    ck = runs["_ckpt"]
+    for s in (1, 2, 3):
+        assert sorted(os.listdir(ck / f"zero{s}")) == ["step_2"]
+        assert "deepspeed" in os.listdir(ck / f"zero{s}" / "step_2")
+
+
+def test_nonfinite_step_is_skipped(runs):
+    rows = _steps(runs["zero2_nan"])
+    assert rows[1]["skipped"] and rows[1]["unchanged"]
+    assert not rows[2]["skipped"]
+    # The skipped step did not advance the schedule: step 2 uses step 1's lr.
+    assert rows[2]["lr"] == rows[1]["lr"]
+
+
+def _cfg(*overrides: str) -> C.Config:
+    return C.load(ROOT / "configs" / "tiny.yaml", ["engine=deepspeed", *overrides])
+
+
+def _json(tmp_path: Path, body: dict) -> str:
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(body))
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 4},
+            "train_micro_batch_size_per_gpu=4 contradicts train.micro_batch_size=2",
+        ),
+        ({"train_batch_size": 16}, "train_batch_size=16 contradicts train.global_batch_size=8"),
+        ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps=1 contradicts"),
+        (
+            {"zero_optimization": {"stage": 3}},
+            "zero_optimization.stage=3 contradicts deepspeed.zero_stage=1",
+        ),
+        ({"fp16": {"enabled": True}}, "fp16 is not supported"),
+    ],
+)
+def test_contradicting_json_is_an_error(tmp_path, body, message):
+    from mtp_dist.engines.deepspeed import build_ds_config
+
+    cfg = _cfg(f"deepspeed.config={_json(tmp_path, body)}")
+    with pytest.raises(ValueError, match="deepspeed.config") as e:
+        build_ds_config(cfg, dp=2, on_gpu=False)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_json_completed_from_train_config(tmp_path):
+    from mtp_dist.engines.deepspeed import build_ds_config
+
+    path = _json(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5})
+    ds = build_ds_config(_cfg(f"deepspeed.config={path}"), dp=2, on_gpu=False)
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5  # the JSON's own setting wins where train.* is silent
+    assert ds["zero_optimization"]["stage"] == 1 and not ds["bf16"]["enabled"]
+    assert "optimizer" not in ds  # CPU: torch AdamW as the client optimizer
+
+
+def test_gpu_config_uses_bf16_and_deepspeed_adamw():
+    from mtp_dist.engines.deepspeed import build_ds_config
+
+    ds = build_ds_config(_cfg(), dp=1, on_gpu=True)
+    assert ds["bf16"]["enabled"] and ds["optimizer"]["type"] == "AdamW"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ready_made_configs(stage):
+    from mtp_dist.engines.deepspeed import build_ds_config
+
+    path = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
+    cfg = _cfg(f"deepspeed.zero_stage={stage}", f"deepspeed.config={path}")
+    assert build_ds_config(cfg, dp=2, on_gpu=False)["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero23_with_pipeline_is_a_config_error(stage):
+    with pytest.raises(C.ConfigError, match=f"deepspeed.zero_stage={stage} with parallel.pipeline"):
+        _cfg(f"deepspeed.zero_stage={stage}", "parallel.pipeline=2")
+
+
+def test_unsupported_layouts_rejected_before_deepspeed_starts():
+    """The engine's own checks run before deepspeed.initialize (no process group needed)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mtp_dist.engines.deepspeed import DeepSpeedEngine
+
+    dims = SimpleNamespace(device=torch.device("cpu"), pp=1, dp=1)
+    with pytest.raises(ValueError, match="deepspeed.zero_stage=0 is not supported"):
+        DeepSpeedEngine(_cfg("deepspeed.zero_stage=0"), dims, model=None)
+    dims = SimpleNamespace(device=torch.device("cpu"), pp=2, dp=1)
+    tied = _cfg("parallel.pipeline=2", "model.tie_embeddings=true")
+    with pytest.raises(ValueError, match="model.tie_embeddings with parallel.pipeline>1"):
+        DeepSpeedEngine(tied, dims, model=None)
+
+
+def test_warmup_cosine_schedule():
+    from mtp_dist.engines.deepspeed import WarmupCosine
+
+    f = WarmupCosine(warmup=2, decay=10, min_ratio=0.1)
+    assert [f(0), f(1), f(2)] == [0.0, 0.5, 1.0]
+    assert f(6) == pytest.approx(0.55)
+    assert f(10) == pytest.approx(0.1) and f(50) == 0.1
+
+
+def test_apply_deepspeed_skips_shm_build():
+    import importlib
+
+    from mtp_dist import cpu_compat
+
+    cpu_compat.apply_deepspeed()
+    cpu_compat.apply_deepspeed()  # idempotent
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    assert ds_torch.build_shm_op() is None
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_cli_help():
+    for args in ([], ["to-universal"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtp_dist.engines.deepspeed", *args, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "to-universal" in proc.stdout or "checkpoint_dir" in proc.stdout
+
+
+def test_cli_rejects_missing_checkpoint(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtp_dist.engines.deepspeed",
+            "to-universal",
+            str(tmp_path / "x"),
+            str(tmp_path / "y"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "is not a directory" in proc.stderr
