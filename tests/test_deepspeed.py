@@ -285,3 +285,23 @@ def test_cli_rejects_missing_checkpoint(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "is not a directory" in proc.stderr
+
+
+def test_export_weights_agree_across_stages(runs, megatron_1proc):
+    """load_model_weights (the consolidated export's reader) gives the same full weights from
+    the ZeRO-1, -2 and -3 checkpoints of the same run."""
+    import torch
+
+    from mtp_dist.engines.deepspeed import load_model_weights
+    from mtp_dist.model.model import build_model
+    from mtp_dist.model.weights import full_state
+
+    states = []
+    for s in (1, 2, 3):
+        model = build_model(_cfg().model)
+        load_model_weights(model, runs["_ckpt"] / f"zero{s}" / "step_2")
+        states.append(full_state(model))
+    for other in states[1:]:
+        assert sorted(other) == sorted(states[0])
+        for k, v in states[0].items():
+            torch.testing.assert_close(other[k], v, rtol=1e-6, atol=1e-6)

@@ -207,7 +207,8 @@ class DeepSpeedEngine:
         if dims.pp > 1 and cfg.deepspeed.zero_stage > 1:
             raise ValueError(
                 f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} with parallel.pipeline="
-                f"{dims.pp}: DeepSpeed supports pipelines with ZeRO-0/1 only"
+                f"{dims.pp}: DeepSpeed supports pipelines with ZeRO-1 only; "
+                "use deepspeed.zero_stage=1"
             )
         if dims.pp > 1 and cfg.model.tie_embeddings:
             raise ValueError(
@@ -356,6 +357,28 @@ class DeepSpeedEngine:
 def is_universal(directory: str) -> bool:
     """A universal checkpoint keeps one folder per parameter under zero/."""
     return os.path.isdir(os.path.join(directory, TAG, "zero"))
+
+
+def load_model_weights(model: MTPModel, engine_dir: str | os.PathLike) -> None:
+    """Full fp32 weights of a checkpoint save() wrote, into a single-process (TP1 x PP1) model,
+    without a process group beyond the caller's: for the consolidated export. ZeRO-1/2/3.
+    Checkpoints saved with tensor or pipeline parallelism are refused (not converted)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mtp_dist.model.weights import load_full
+
+    source = os.path.join(engine_dir, TAG)
+    files = sorted(f for f in os.listdir(source) if f.endswith("model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{engine_dir} holds no DeepSpeed checkpoint ({TAG}/)")
+    if any("mp_rank_00" not in f for f in files):
+        raise NotImplementedError(
+            f"{engine_dir}: exporting a DeepSpeed checkpoint saved with parallel.tensor or "
+            "parallel.pipeline > 1 is not supported; save it at TP1 x PP1 (any DP size) first"
+        )
+    state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=TAG)
+    with torch.no_grad():
+        load_full(model, {k: v for k, v in state.items() if v is not None})
 
 
 def _without_empty_extra_state(source: str, staging: str) -> None:
