@@ -119,6 +119,10 @@ def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> Pa
 
         cpu_compat.apply()
         device = torch.device("cpu")
+    # Libraries that read the environment (DeepSpeed) see the same layout under srun or alone.
+    os.environ.setdefault("RANK", str(launch.rank))
+    os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", launch.master_port)

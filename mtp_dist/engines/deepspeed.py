@@ -47,14 +47,16 @@ _BATCH_KEYS = (
 
 
 class WarmupCosine:
-    """Learning-rate factor (for LambdaLR) of megatron-core's schedule: linear warm-up from 0
+    """Learning-rate factor (for LambdaLR) of the megatron engine's schedule: linear warm-up
     over `warmup` steps, then cosine decay to `min_ratio` at `decay` steps, constant after.
-    A class rather than a closure so LambdaLR's state_dict can save it."""
+    Optimizer step k (1-based) runs at the schedule's value for k, as in the megatron engine
+    (LambdaLR passes k-1). A class rather than a closure so LambdaLR's state_dict can save it."""
 
     def __init__(self, warmup: int, decay: int, min_ratio: float):
         self.warmup, self.decay, self.min_ratio = warmup, decay, min_ratio
 
     def __call__(self, step: int) -> float:
+        step += 1
         if self.warmup > 0 and step <= self.warmup:
             return step / self.warmup
         if step > self.decay:
