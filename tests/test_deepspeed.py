@@ -238,10 +238,11 @@ def test_unsupported_layouts_rejected_before_deepspeed_starts():
 def test_warmup_cosine_schedule():
     from mtp_dist.engines.deepspeed import WarmupCosine
 
+    # LambdaLR passes k-1 for optimizer step k; step k runs at the schedule's value for k.
     f = WarmupCosine(warmup=2, decay=10, min_ratio=0.1)
-    assert [f(0), f(1), f(2)] == [0.0, 0.5, 1.0]
-    assert f(6) == pytest.approx(0.55)
-    assert f(10) == pytest.approx(0.1) and f(50) == 0.1
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(5) == pytest.approx(0.55)
+    assert f(9) == pytest.approx(0.1) and f(50) == 0.1
 
 
 def test_apply_deepspeed_skips_shm_build():
@@ -304,4 +305,6 @@ def test_export_weights_agree_across_stages(runs, megatron_1proc):
     for other in states[1:]:
         assert sorted(other) == sorted(states[0])
         for k, v in states[0].items():
-            torch.testing.assert_close(other[k], v, rtol=1e-6, atol=1e-6)
+            # Adam divides by sqrt(exp_avg_sq): gradients that differ by rounding between ZeRO
+            # stages move a near-zero-gradient weight by up to ~1e-5 after two steps.
+            torch.testing.assert_close(other[k], v, rtol=0, atol=3e-5)
