@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from functools import partial
@@ -423,19 +424,39 @@ def to_universal(checkpoint_dir: str, out_dir: str, workers: int = 1) -> None:
         ds_to_universal.main(args)
 
 
+def convert_training_checkpoint(step_dir: str, out_dir: str, workers: int = 1) -> None:
+    """A trainer checkpoint (meta.json + engine/) -> the same with a universal engine/, which
+    train.resume accepts at another data-parallel size. Built under a temporary name, then
+    renamed, so an interrupted conversion leaves nothing that looks complete."""
+    out = os.path.abspath(out_dir)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "engine"))
+    to_universal(os.path.join(step_dir, "engine"), os.path.join(tmp, "engine"), workers)
+    shutil.copy(os.path.join(step_dir, "meta.json"), os.path.join(tmp, "meta.json"))
+    os.rename(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m mtp_dist.engines.deepspeed", description="DeepSpeed checkpoint tools"
     )
     sub = ap.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("to-universal", help="convert a checkpoint to a universal checkpoint")
-    conv.add_argument("checkpoint_dir", help="one saved checkpoint (the directory save() wrote)")
+    conv.add_argument(
+        "checkpoint_dir",
+        help="a training checkpoint (step_* with meta.json), or the directory save() wrote",
+    )
     conv.add_argument("out_dir", help="where the universal checkpoint goes")
     conv.add_argument("--workers", type=int, default=1, help="extract/merge processes")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.checkpoint_dir):
         ap.error(f"{args.checkpoint_dir} is not a directory")
-    to_universal(args.checkpoint_dir, args.out_dir, args.workers)
+    if os.path.isfile(os.path.join(args.checkpoint_dir, "meta.json")):
+        convert_training_checkpoint(args.checkpoint_dir, args.out_dir, args.workers)
+    else:
+        to_universal(args.checkpoint_dir, args.out_dir, args.workers)
+    print(f"universal checkpoint: {os.path.abspath(args.out_dir)}")
 
 
 if __name__ == "__main__":
