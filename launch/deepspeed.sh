@@ -16,4 +16,4 @@ else
 fi
 
 # --no_local_rank: mtp_dist.train reads LOCAL_RANK from the environment, not an argument.
-exec deepspeed --num_gpus "$NPROC" --no_local_rank --module mtp_dist.train --config "$CONFIG" engine=deepspeed "$@"
+exec deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank --module mtp_dist.train --config "$CONFIG" engine=deepspeed "$@"

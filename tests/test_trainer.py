@@ -191,7 +191,9 @@ def test_signal_saves_and_exits_zero(tmp_path, sig):
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     run = tmp_path / "run"
     ckdir = run / "checkpoints"
-    bigger = ["model.hidden_size=256", "model.num_attention_heads=8", "checkpoint.interval=1"]
+    # A checkpoint every step of a long run: the poll below catches one being written.
+    bigger = ["model.hidden_size=256", "model.num_attention_heads=8", "checkpoint.interval=1",
+              "train.steps=1000"]  # fmt: skip
     proc = subprocess.Popen(
         train_cmd(1, run, *bigger), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -343,4 +345,19 @@ def test_deepspeed_universal_checkpoint_resumes_on_one_rank(zero2, tmp_path):
     got, ref = losses(run), losses(zero2)
     assert min(got) == 5
     for step in range(5, STEPS + 1):
+        assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+
+
+def test_deepspeed_launcher_script(reference, tmp_path):
+    """launch/deepspeed.sh (the deepspeed launcher, 2 CPU ranks, ZeRO-1) gives the reference
+    losses."""
+    proc = subprocess.run(
+        ["bash", "launch/deepspeed.sh", "2", "configs/tiny.yaml", f"run.dir={tmp_path}", *BASE,
+         "train.steps=3", "deepspeed.zero_stage=1", "checkpoint.interval=0"],
+        cwd=ROOT, env={**env(), "MASTER_PORT": str(free_port())}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got, ref = losses(tmp_path), losses(reference)
+    for step in (1, 2, 3):
         assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
