@@ -116,7 +116,9 @@ def _run_pool(jobs: list[ShardJob], cfg: TokenizeConfig, bar: _Progress) -> list
     with ProcessPoolExecutor(
         min(cfg.workers, len(jobs)), mp_context=ctx, initializer=_worker_init, initargs=(queue,)
     ) as pool:
-        futures = [pool.submit(_worker_run, j, cfg.skip_bad_files) for j in jobs]
+        # Largest shards first: the run ends with small shards, so no worker idles long at the end.
+        by_size = sorted(jobs, key=lambda j: j.shard.size_bytes(), reverse=True)
+        futures = [pool.submit(_worker_run, j, cfg.skip_bad_files) for j in by_size]
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
