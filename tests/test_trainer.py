@@ -246,19 +246,23 @@ def test_train_help():
     assert proc.returncode == 0 and "--config" in proc.stdout
 
 
+def export_step8(run: Path, out: Path) -> dict:
+    """`python -m mtp_dist.export` of the run's last checkpoint, loaded back."""
+    import torch
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtp_dist.export", str(run / "checkpoints" / "step_00000008"),
+         str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(out, weights_only=False)
+
+
 def test_consolidated_export_is_layout_independent(reference, tp2pp2, tmp_path):
     import torch
 
-    outs = []
-    for name, run in (("ref", reference), ("tp2pp2", tp2pp2)):
-        out = tmp_path / f"{name}.pt"
-        proc = subprocess.run(
-            [sys.executable, "-m", "mtp_dist.export", str(run / "checkpoints" / "step_00000008"),
-             str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        outs.append(torch.load(out, weights_only=False))
-    a, b = outs
+    a = export_step8(reference, tmp_path / "ref.pt")
+    b = export_step8(tp2pp2, tmp_path / "tp2pp2.pt")
     assert a["format"] == "mtp-dist-consolidated-v1" and a["step"] == 8
     assert set(a["state"]) == set(b["state"])
     assert a["state"]["trunk.layers.1.mlp.linear_fc1.weight"].shape == (2 * 192, 64)
@@ -318,15 +322,8 @@ def test_kill9_then_resume_is_exact_deepspeed_zero2(zero2, tmp_path):
 def test_deepspeed_checkpoint_exports_like_megatron(reference, zero2, tmp_path):
     import torch
 
-    outs = []
-    for name, run in (("ref", reference), ("zero2", zero2)):
-        out = tmp_path / f"{name}.pt"
-        proc = subprocess.run(
-            [sys.executable, "-m", "mtp_dist.export", str(run / "checkpoints" / "step_00000008"),
-             str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        outs.append(torch.load(out, weights_only=False)["state"])
+    outs = [export_step8(reference, tmp_path / "ref.pt")["state"],
+            export_step8(zero2, tmp_path / "zero2.pt")["state"]]  # fmt: skip
     assert set(outs[0]) == set(outs[1])
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=0, atol=1e-5, msg=k)
