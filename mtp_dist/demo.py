@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mtp_dist.distributed import free_port
+
 
 def _run(cmd: list[str]) -> None:
     print("+ " + " ".join(cmd), flush=True)
@@ -54,20 +56,12 @@ def main(argv=None) -> int:
     train = ["-m", "mtp_dist.train", "--config", args.config, *overrides]
     if args.nproc > 1:
         launcher = [py, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-                    f"--master-port={_free_port()}"]  # fmt: skip
+                    f"--master-port={free_port()}"]  # fmt: skip
         _run([*launcher, *train])
     else:
         _run([py, *train])
     _run([py, "-m", "mtp_dist.report", str(work / "run")])
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -91,10 +91,11 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
             master_port=env.get("MASTER_PORT", str(20000 + job % 10000)),
         )
     # A lone process: any free port, so that concurrent single-process runs do not collide.
-    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(_free_port()))
+    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port()))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now (for a rendezvous we start ourselves)."""
     import socket
 
     with socket.socket() as s:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -251,7 +250,6 @@ class Trainer:
     def _print(self, msg: str) -> None:
         if self.dims.is_main:
             print(msg, flush=True)
-            sys.stdout.flush()
 
 
 def _fmt_time(seconds: float) -> str:

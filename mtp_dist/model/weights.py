@@ -83,7 +83,7 @@ def unshard(pieces: list[Tensor], layout: ParamLayout) -> Tensor:
 
 def _init_std(model: MTPModel, name: str) -> float | None:
     """None for norm weights (ones); megatron's scaled init for the output projections."""
-    if "layernorm" in name or "norm" in name.split(".")[-2]:
+    if "norm" in name.split(".")[-2]:  # input_layernorm, pre_mlp_layernorm, final_norm
         return None
     std = model.config.init_method_std
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
