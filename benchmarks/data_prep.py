@@ -25,12 +25,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep.pipeline import TokenizeConfig, run_tokenize  # noqa: E402
-from data_prep.shards import batched_builder_class  # noqa: E402
 from data_prep.stdlib_corpus import write_stdlib_corpus  # noqa: E402
 from data_prep.tokenizers import (  # noqa: E402
     SentencePieceOptions,
     train_sentencepiece,
 )
+from mtp_dist.compat.megatron_data import batched_builder_class  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:

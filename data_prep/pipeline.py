@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from data_prep import manifest as mf
 from data_prep.readers import BadInputFile, ReadOptions, plan_input_shards
-from data_prep.shards import ShardJob, batched_builder_class, shard_fingerprint, tokenize_shard
+from data_prep.shards import ShardJob, shard_fingerprint, tokenize_shard
 from data_prep.tokenizers import Tokenizer, load_tokenizer
+from mtp_dist.compat.megatron_data import batched_builder_class
 
 
 @dataclass

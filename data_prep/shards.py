@@ -7,10 +7,8 @@ either no sidecar (the shard is redone from scratch on rerun) or a complete shar
 
 from __future__ import annotations
 
-import functools
 import glob
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,35 +17,12 @@ import numpy as np
 from data_prep import manifest as mf
 from data_prep.readers import BadInputFile, DocumentReader, InputShard, ReadOptions, ReadStats
 from data_prep.tokenizers import Tokenizer
+from mtp_dist.compat.megatron_data import batched_builder_class
 
 # Documents are encoded in batches of about this many characters: large enough that
 # sentencepiece's batched encode dominates, small enough to bound memory per worker.
 BATCH_CHARS = 8 << 20
 BATCH_DOCS = 16384
-
-
-@functools.cache
-def batched_builder_class():
-    """megatron-core's IndexedDatasetBuilder plus a method adding many documents at once.
-
-    `add_document` costs a numpy copy and a write per document, which dominates when documents
-    are lines. `add_documents` writes one buffer and extends the same bookkeeping lists that
-    `add_document` extends; `finalize` (the .idx writer) stays megatron-core's.
-    tests/test_data_prep_format.py checks both give identical bytes.
-    """
-    with warnings.catch_warnings():
-        # Importing megatron.core warns that Transformer Engine / Apex are absent: irrelevant here.
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    class BatchedIndexedDatasetBuilder(IndexedDatasetBuilder):
-        def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-            self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-            start = len(self.sequence_lengths)
-            self.sequence_lengths.extend(lengths.tolist())
-            self.document_indices.extend(range(start + 1, start + len(lengths) + 1))
-
-    return BatchedIndexedDatasetBuilder
 
 
 def token_dtype(vocab_size: int):

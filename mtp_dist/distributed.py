@@ -116,10 +116,13 @@ def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> Pa
         torch.cuda.set_device(launch.local_rank)
         device = torch.device("cuda", launch.local_rank)
     else:
-        from mtp_dist import cpu_compat
+        from mtp_dist.compat import cpu
 
-        cpu_compat.apply()
+        cpu.apply()
         device = torch.device("cpu")
+    from mtp_dist.compat import megatron as megatron_fixes
+
+    megatron_fixes.apply()
     # Libraries that read the environment (DeepSpeed) see the same layout under srun or alone.
     os.environ.setdefault("RANK", str(launch.rank))
     os.environ.setdefault("WORLD_SIZE", str(launch.world_size))

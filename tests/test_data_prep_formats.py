@@ -133,7 +133,7 @@ def test_manifest_records_shards_and_tokenizer(tmp_path):
 
 def test_batched_builder_matches_add_document(tmp_path):
     """add_documents relies on IndexedDatasetBuilder internals: same bytes as add_document."""
-    from data_prep.shards import batched_builder_class
+    from mtp_dist.compat.megatron_data import batched_builder_class
 
     cls = batched_builder_class()
     rng = np.random.default_rng(0)

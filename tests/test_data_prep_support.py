@@ -46,7 +46,7 @@ def spm_model(vocab_size: int = 400) -> str:
 
 def read_shard(prefix: str) -> list[np.ndarray]:
     """Every document of a .bin/.idx shard, read with megatron-core's own reader."""
-    from data_prep.shards import batched_builder_class
+    from mtp_dist.compat.megatron_data import batched_builder_class
 
     batched_builder_class()  # quiet import of megatron.core
     from megatron.core.datasets.indexed_dataset import IndexedDataset

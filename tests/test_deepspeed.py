@@ -248,10 +248,10 @@ def test_warmup_cosine_schedule():
 def test_apply_deepspeed_skips_shm_build():
     import importlib
 
-    from mtp_dist import cpu_compat
+    from mtp_dist.compat import cpu
 
-    cpu_compat.apply_deepspeed()
-    cpu_compat.apply_deepspeed()  # idempotent
+    cpu.apply_deepspeed()
+    cpu.apply_deepspeed()  # idempotent
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     assert ds_torch.build_shm_op() is None
     assert os.environ["DS_ACCELERATOR"] == "cpu"

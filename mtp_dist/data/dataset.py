@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_prep import manifest as mf
+from mtp_dist.compat.megatron_data import blended_builder_class
 
 
 class TokenizerMismatchError(ValueError):
@@ -155,10 +156,6 @@ def _check_splits(prefixes: list[str], split_matrix, num_samples) -> None:
 def _builder_classes():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
-        from megatron.core.datasets.blended_dataset import BlendedDataset
-        from megatron.core.datasets.blended_megatron_dataset_builder import (
-            BlendedMegatronDatasetBuilder,
-        )
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     class MTPGPTDataset(_FullWindow, GPTDataset):
@@ -167,28 +164,7 @@ def _builder_classes():
     class MTPMockGPTDataset(_FullWindow, MockGPTDataset):
         pass
 
-    class Builder(BlendedMegatronDatasetBuilder):
-        @staticmethod
-        def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
-            # BlendedDataset calls torch.distributed.get_rank() on a cache miss, which raises
-            # without a process group. Single-process runs build its (cheap, deterministic)
-            # index in memory instead; GPTDataset's index cache is unaffected.
-            if cls is BlendedDataset and not torch.distributed.is_initialized():
-                config = _copy_without_cache(args[-1])
-                return cls(*args[:-1], config)
-            return BlendedMegatronDatasetBuilder.build_generic_dataset(
-                cls, is_built_on_rank, synchronize_ranks, *args
-            )
-
-    return MTPGPTDataset, MTPMockGPTDataset, Builder, GPTDatasetConfig
-
-
-def _copy_without_cache(config):
-    import copy
-
-    config = copy.copy(config)
-    config.path_to_cache = None
-    return config
+    return MTPGPTDataset, MTPMockGPTDataset, blended_builder_class(), GPTDatasetConfig
 
 
 def build_datasets(

@@ -192,9 +192,9 @@ class DeepSpeedEngine:
     def __init__(self, cfg: Config, dims: ParallelDims, model: MTPModel):
         on_gpu = dims.device.type == "cuda"
         if not on_gpu:
-            from mtp_dist import cpu_compat
+            from mtp_dist.compat import cpu
 
-            cpu_compat.apply_deepspeed()
+            cpu.apply_deepspeed()
         import deepspeed
 
         self.cfg = cfg

@@ -1,4 +1,5 @@
-"""The megatron-core CPU shims still match upstream, and are still needed."""
+"""The upstream code that mtp_dist/compat patches or relies on is still there, and the CPU
+shims are still needed."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ import sys
 import pytest
 import torch
 
-from mtp_dist import cpu_compat
+from mtp_dist import compat
+from mtp_dist.compat import cpu
 
 
-def test_upstream_still_matches_what_the_shims_replace():
-    cpu_compat.check_upstream()
+def test_upstream_still_matches_what_every_patch_relies_on():
+    compat.check_all()
+
+
+def test_a_changed_upstream_is_named():
+    entry = compat.Upstream("megatron.core.utils", "this text is not in megatron-core")
+    with pytest.raises(compat.UpstreamChanged, match="megatron.core.utils no longer contains"):
+        entry.check()
+    with pytest.raises(compat.UpstreamChanged, match="is gone"):
+        compat.Upstream("megatron.core.utils:no_such_function", "x").check()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for machines without a GPU")
@@ -44,4 +54,4 @@ def test_shimmed_tracker_forks_cpu_rng(megatron_1proc):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the shims refuse one")
 def test_apply_refuses_on_gpu():
     with pytest.raises(RuntimeError):
-        cpu_compat.apply()
+        cpu.apply()

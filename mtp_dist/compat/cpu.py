@@ -3,16 +3,17 @@
 megatron-core assumes CUDA in a few places (the RNG tracker, `torch.cuda.current_device()` used
 as a device, "cuda" literals in the pipeline schedules and the optimizer). `apply()` patches
 exactly those places; it is called once, by `distributed.init`, and only when no GPU is present.
-Every shim first checks that the upstream code it replaces still looks as expected
-(`check_upstream`), so an upgrade that moves things fails loudly instead of silently
-running unpatched code. tests/test_cpu_compat.py runs that check.
+Every shim first checks that the upstream code it replaces still looks as expected (UPSTREAM),
+so an upgrade that moves things fails loudly instead of silently running unpatched code.
+Fixes of upstream bugs are not shims: they live in the sibling modules and apply on every
+device.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from mtp_dist.compat import Upstream, check
 
 _APPLIED = False
 
@@ -96,68 +97,29 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
-def _skip_torch_adam_step(set_states):
-    """Without Apex/TE the optimizer is torch's Adam, whose per-parameter state has a "step"
-    entry that the fully-reshardable loader restores separately but still tries to copy from
-    the checkpoint's tensors (KeyError: 'step'). Hide it during the copy."""
-
-    def wrapper(self, model_param, tensors):
-        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return set_states(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state[main_param]
-        step = state.pop("step", None)
-        try:
-            return set_states(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    return wrapper
-
-
-def _targets():
-    """(module, attribute, what the upstream source must contain) for every patched place."""
-    from megatron.core import utils
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
-    from megatron.core.pipeline_parallel import schedules
-    from megatron.core.tensor_parallel import random
-
-    return [
-        (utils, "torch", 'device="cuda"'),
-        (clip_grads, "clip_grad_by_total_norm_fp32", "torch.cuda.FloatTensor"),
-        (random, "_get_cuda_rng_state", "torch.cuda"),
-        (random, "_set_cuda_rng_state", "_cuda_setRNGState"),
-        (random.CudaRNGStatesTracker, "add", "torch.cuda.get_rng_state()"),
-        (schedules, "torch", 'device="cuda"'),
-        (clip_grads, "torch", "cuda"),
-        (optimizer, "torch", "cuda"),
-        (distrib_optimizer, "torch", "cuda"),
-        (
-            distrib_optimizer.DistributedOptimizer,
-            "_build_model_and_main_param_groups",
-            "model_param.type() == 'torch.cuda.FloatTensor'",
-        ),
-        (
-            distrib_optimizer.DistributedOptimizer,
-            "_set_main_param_and_optimizer_states",
-            'dst_tensors = {"param": main_param, **optim_state}',
-        ),
-    ]
-
-
-def check_upstream() -> None:
-    """Raise if a place the shims patch no longer looks like what they were written for."""
-    for owner, attr, needle in _targets():
-        target = owner if attr == "torch" else getattr(owner, attr)
-        src = inspect.getsource(target)
-        if needle not in src:
-            where = getattr(owner, "__name__", owner)
-            raise RuntimeError(
-                f"cpu_compat: {where}.{attr} no longer contains {needle!r}; megatron-core "
-                "changed, review mtp_dist/cpu_compat.py"
-            )
+MEGATRON_UPSTREAM = [
+    Upstream("megatron.core.utils", 'device="cuda"'),
+    Upstream("megatron.core.optimizer.clip_grads", "cuda"),
+    Upstream(
+        "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32", "torch.cuda.FloatTensor"
+    ),
+    Upstream("megatron.core.optimizer.optimizer", "cuda"),
+    Upstream("megatron.core.optimizer.distrib_optimizer", "cuda"),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "_build_model_and_main_param_groups",
+        "model_param.type() == 'torch.cuda.FloatTensor'",
+    ),
+    Upstream("megatron.core.tensor_parallel.random:_get_cuda_rng_state", "torch.cuda"),
+    Upstream("megatron.core.tensor_parallel.random:_set_cuda_rng_state", "_cuda_setRNGState"),
+    Upstream(
+        "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.add",
+        "torch.cuda.get_rng_state()",
+    ),
+    Upstream("megatron.core.pipeline_parallel.schedules", 'device="cuda"'),
+]
+DEEPSPEED_UPSTREAM = [Upstream("deepspeed.comm.torch:build_shm_op", "ShareMemCommBuilder")]
+UPSTREAM = MEGATRON_UPSTREAM + DEEPSPEED_UPSTREAM
 
 
 def apply() -> None:
@@ -166,8 +128,8 @@ def apply() -> None:
     if _APPLIED:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("cpu_compat.apply() is for machines without a GPU")
-    check_upstream()
+        raise RuntimeError("compat.cpu.apply() is for machines without a GPU")
+    check(MEGATRON_UPSTREAM)
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
@@ -189,9 +151,6 @@ def apply() -> None:
     opt._build_model_and_main_param_groups = staticmethod(
         _with_cuda_type_names(opt._build_model_and_main_param_groups)
     )
-    opt._set_main_param_and_optimizer_states = _skip_torch_adam_step(
-        opt._set_main_param_and_optimizer_states
-    )
     _APPLIED = True
 
 
@@ -203,17 +162,14 @@ def apply_deepspeed() -> None:
     import os
 
     if torch.cuda.is_available():
-        raise RuntimeError("cpu_compat.apply_deepspeed() is for machines without a GPU")
+        raise RuntimeError("compat.cpu.apply_deepspeed() is for machines without a GPU")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Not `import deepspeed.comm.torch as ...`: deepspeed.comm's `torch` attribute is torch.
     ds_torch = importlib.import_module("deepspeed.comm.torch")
 
     if getattr(ds_torch.build_shm_op, "skipped_on_cpu", False):
         return
-    if "ShareMemCommBuilder" not in inspect.getsource(ds_torch.build_shm_op):
-        raise RuntimeError(
-            "cpu_compat: deepspeed.comm.torch.build_shm_op changed; review apply_deepspeed()"
-        )
+    check(DEEPSPEED_UPSTREAM)
 
     def no_shm_op():
         return None

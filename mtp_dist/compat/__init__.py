@@ -1,0 +1,64 @@
+"""Every place where mtp-dist patches, works around or relies on the private code of its
+dependencies, in one package, each guarded the same way.
+
+- `cpu`: shims that let megatron-core and DeepSpeed run without a GPU; applied by
+  `distributed.init` only when no GPU is present.
+- `megatron`, `megatron_data`, `deepspeed`: fixes of upstream bugs and uses of private
+  upstream API; they apply on every device (a bug is a bug on a GPU too).
+
+Each module lists the upstream source it relies on as `UPSTREAM = [Upstream(...), ...]`, and
+checks its entries before patching, so an upgrade that moves things fails loudly instead of
+running unpatched code. `check_all()` verifies every entry (tests/test_compat.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+MODULES = ("cpu", "megatron", "megatron_data", "deepspeed")
+
+
+class UpstreamChanged(RuntimeError):
+    """Upstream code no longer looks like what a patch here was written for."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A piece of upstream source that a patch relies on: `needle` must occur in the source of
+    `target` ("package.module" or "package.module:Qualified.name")."""
+
+    target: str
+    needle: str
+
+    def resolve(self):
+        module, _, qualname = self.target.partition(":")
+        obj = importlib.import_module(module)
+        for part in filter(None, qualname.split(".")):
+            obj = getattr(obj, part)
+        return obj
+
+    def check(self) -> None:
+        try:
+            source = inspect.getsource(self.resolve())
+        except (ImportError, AttributeError, OSError, TypeError) as e:
+            raise UpstreamChanged(
+                f"compat: {self.target} is gone ({e}); review mtp_dist/compat"
+            ) from e
+        if self.needle not in source:
+            raise UpstreamChanged(
+                f"compat: {self.target} no longer contains {self.needle!r}; the upstream code "
+                "changed: review the patch in mtp_dist/compat that relies on it"
+            )
+
+
+def check(entries: list[Upstream]) -> None:
+    for entry in entries:
+        entry.check()
+
+
+def check_all() -> None:
+    """Verify every upstream entry of every compat module."""
+    for name in MODULES:
+        check(importlib.import_module(f"{__name__}.{name}").UPSTREAM)

@@ -1,0 +1,112 @@
+"""Fixes of megatron-core bugs, and uses of its private API, for every device.
+
+- torch Adam's "step" on a fully-reshardable load of the distributed optimizer: the loader
+  restores "step" separately but still copies it from the checkpoint's tensors (KeyError
+  'step'). Without Apex/Transformer Engine the optimizer is torch's Adam on a GPU too.
+- The optimizer state must exist before a save or load (torch Adam creates it lazily at the
+  first step); megatron-core's own dummy-state initialiser is private.
+- The scheduler's load_state_dict steps forward by the saved count from its current count
+  instead of setting it.
+- One expected warning of the memory-efficient fully-reshardable checkpoint format.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mtp_dist.compat import Upstream, check
+
+UPSTREAM = [
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "_set_main_param_and_optimizer_states",
+        'dst_tensors = {"param": main_param, **optim_state}',
+    ),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "_init_optimizer_states_with_dummy_values",
+        "def _init_optimizer_states_with_dummy_values(self)",
+    ),
+    Upstream(
+        "megatron.core.optimizer_param_scheduler:OptimizerParamScheduler.load_state_dict",
+        "self.step(increment=num_steps)",
+    ),
+    Upstream("megatron.core.dist_checkpointing.validation", "common state dict differs"),
+]
+
+_APPLIED = False
+
+
+def apply() -> None:
+    """Patch the distributed optimizer's state loading (idempotent; every device)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    check(UPSTREAM)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as Opt
+
+    Opt._set_main_param_and_optimizer_states = _keep_torch_adam_step(
+        Opt._set_main_param_and_optimizer_states
+    )
+    logging.getLogger("megatron.core.dist_checkpointing.validation").addFilter(
+        _ExpectedCommonStateDiff()
+    )
+    _APPLIED = True
+
+
+def _keep_torch_adam_step(set_states):
+    """Hide torch Adam's per-parameter "step" while the loader copies the other state tensors;
+    the loader restores the step itself. A no-op for optimizers without a per-parameter step."""
+
+    def wrapper(self, model_param, tensors):
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None)
+        try:
+            return set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return wrapper
+
+
+class _ExpectedCommonStateDiff(logging.Filter):
+    """With the memory-efficient fully-reshardable format only DP rank 0 returns the
+    optimizer's param_state, so dist_checkpointing warns on every save that the ranks' common
+    state differs by exactly that key. Drop that one expected message; keep all others."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        expected = "common state dict differs" in msg and "[('optimizer', 'param_state')]" in msg
+        return not (expected and "Mismatched keys: []" in msg)
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """Create torch Adam's lazily made state (needed to save before the first step, or to load
+    into a fresh engine) with a step that changes nothing (lr and weight decay 0, zero
+    gradients), then reset the step counts so that the first real step is step 1."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if opt.optimizer.state:
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in opt.optimizer.param_groups]
+        for g in opt.optimizer.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, (lr, wd) in zip(opt.optimizer.param_groups, saved, strict=True):
+            g["lr"], g["weight_decay"] = lr, wd
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = torch.zeros_like(state["step"])
+
+
+def load_scheduler_state(scheduler, state: dict) -> None:
+    """OptimizerParamScheduler.load_state_dict adds the saved step count to the current one;
+    start from zero so that the loaded count is the count."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(state)
