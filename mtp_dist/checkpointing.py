@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtp_dist.files import atomic_path, atomic_write
+
 META = "meta.json"
 LATEST = "latest"
 CONSOLIDATED_FORMAT = "mtp-dist-consolidated-v1"
@@ -38,15 +40,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names it and the fix."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -61,8 +54,8 @@ class CheckpointManager:
         """Fail before any compute if checkpoints could not be written."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".probe{os.getpid()}"
-            probe.write_text("ok")
+            probe = self.root / f".probe.{os.getpid()}"  # per process: all ranks probe
+            atomic_write(probe, "ok")
             probe.unlink()
         except OSError as e:
             raise CheckpointError(
@@ -99,11 +92,11 @@ class CheckpointManager:
         _barrier()
         final = self.root / f"step_{step:08d}"
         if is_main:
-            atomic_write_text(tmp / META, json.dumps(meta, indent=1))
+            atomic_write(tmp / META, json.dumps(meta, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            atomic_write_text(self.root / LATEST, final.name + "\n")
+            atomic_write(self.root / LATEST, final.name + "\n")
             self._prune(final)
         _barrier()
         return final
@@ -187,9 +180,8 @@ def export_consolidated(model, path: Path, config: dict, step: int) -> Path | No
         _barrier()
         return None
     payload = {"format": CONSOLIDATED_FORMAT, "step": step, "config": config, "state": state}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     _barrier()
     return path
 

@@ -1,7 +1,9 @@
 """The typed configuration: one dataclass tree, loaded strictly from YAML plus dotted overrides.
 
 An unknown key, a wrong type or an inconsistent combination raises `ConfigError` with a message
-that names the key and says how to fix it. Nothing here imports torch.distributed.
+that names the key and says how to fix it. Validation is pure: no I/O (the tokenizer, the data
+and the engine's own requirements are checked by train.py before any compute), and nothing
+here imports torch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from mtp_dist.files import atomic_write
 
 
 class ConfigError(ValueError):
@@ -139,6 +143,7 @@ class LoggingConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
+    """ZeRO stage 1, 2 or 3 (checked by the engine: mtp_dist/engines/deepspeed)."""
     config: str | None = None
     """Optional DeepSpeed JSON; its batch sizes must agree with train.*."""
 
@@ -159,7 +164,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    engine: Literal["megatron", "deepspeed"] = "megatron"
+    engine: str = "megatron"
+    """A name in mtp_dist.engines.ENGINES: megatron or deepspeed."""
 
     def __post_init__(self):
         validate(self)
@@ -168,25 +174,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel size for a world size; an error if the layout does not divide it."""
-        mp = self.parallel.tensor * self.parallel.pipeline
-        if world_size % mp:
-            raise ConfigError(
-                f"parallel.tensor * parallel.pipeline = {mp} does not divide the world size "
-                f"{world_size}: change parallel.tensor/parallel.pipeline or the number of processes"
-            )
-        dp = world_size // mp
-        t = self.train
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}: "
-                "change one of them"
-            )
-        return dp
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def validate(c: Config) -> None:
@@ -254,30 +242,6 @@ def validate(c: Config) -> None:
         need(
             len(c.data.weights) == len(c.data.paths),
             "data.weights needs one weight per entry of data.paths",
-        )
-    need(c.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
-    if c.engine == "deepspeed":
-        need(
-            p.pipeline == 1 or c.deepspeed.zero_stage <= 1,
-            f"deepspeed.zero_stage={c.deepspeed.zero_stage} with parallel.pipeline={p.pipeline}: "
-            "DeepSpeed supports pipelines with ZeRO-0/1 only; use deepspeed.zero_stage=1 or "
-            "parallel.pipeline=1",
-        )
-    if c.data.tokenizer is not None and not c.data.synthetic:
-        check_tokenizer_vocab(c.data.tokenizer, m.vocab_size)
-
-
-def check_tokenizer_vocab(tokenizer: str, vocab_size: int) -> None:
-    from data_prep.tokenizers import load_tokenizer
-
-    try:
-        tok = load_tokenizer(tokenizer)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"data.tokenizer={tokenizer!r} cannot be loaded: {e}") from e
-    if tok.vocab_size != vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={vocab_size} does not match the tokenizer {tokenizer!r} "
-            f"(vocabulary {tok.vocab_size}): set model.vocab_size={tok.vocab_size}"
         )
 
 

@@ -106,7 +106,8 @@ def free_port() -> int:
 def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> ParallelDims:
     """Initialise torch.distributed and megatron-core's groups; seed; return the layout.
 
-    Sizes are validated by the caller (Config.data_parallel_size) before any compute.
+    Sizes are validated before any compute by run_plan.resolve (megatron-core checks them
+    again when it creates the groups).
     """
     from megatron.core import parallel_state
 
@@ -135,11 +136,6 @@ def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> Pa
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timedelta(minutes=timeout_minutes),
-        )
-    if launch.world_size % (tensor * pipeline):
-        raise ValueError(
-            f"parallel.tensor * parallel.pipeline = {tensor * pipeline} does not divide the "
-            f"world size {launch.world_size}"
         )
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

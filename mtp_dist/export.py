@@ -9,34 +9,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 
 def export(checkpoint: Path, out: Path) -> Path:
-    from megatron.core import dist_checkpointing
-
     from mtp_dist import checkpointing as ckpt
     from mtp_dist import config as config_mod
     from mtp_dist import distributed
+    from mtp_dist.engines import engine_class
     from mtp_dist.model.model import build_model
 
     meta = ckpt.read_meta(checkpoint)
     data = meta["config"]
     data["parallel"] = {"tensor": 1, "pipeline": 1}
-    data["data"]["tokenizer"] = None
     cfg = config_mod.from_dict(data)
+    engine = engine_class(meta.get("engine", "megatron"))
     distributed.init(1, 1, seed=cfg.train.seed)
     try:
         model = build_model(cfg.model)
-        engine_dir = checkpoint / "engine"
-        if meta.get("engine", "megatron") == "megatron":
-            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(engine_dir))
-            model.load_state_dict(state["model"])
-        else:
-            from mtp_dist.engines.deepspeed import load_model_weights
-
-            load_model_weights(model, engine_dir)
+        engine.load_full_weights(checkpoint / "engine", model)
         return ckpt.export_consolidated(model, out, cfg.to_dict(), meta["step"])
     finally:
         distributed.destroy()
@@ -47,12 +38,14 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", type=Path, help="a step_* checkpoint directory")
     p.add_argument("out", type=Path, help="output .pt file")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
     from mtp_dist.checkpointing import CheckpointError
+    from mtp_dist.compat import ignore_known_warnings
+    from mtp_dist.config import ConfigError
 
+    ignore_known_warnings()
     try:
         path = export(args.checkpoint, args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {path}")

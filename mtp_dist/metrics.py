@@ -1,16 +1,21 @@
-"""Metric sinks (console, metrics.jsonl, wandb, tensorboard) and the FLOPs/MFU estimate."""
+"""Metric sinks (console, metrics.jsonl, wandb, tensorboard), the console line, and the
+FLOPs/MFU estimate."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-import sys
 from pathlib import Path
 
 import psutil
 import torch
 
 from mtp_dist.config import Config, ModelConfig
+from mtp_dist.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def flops_per_token(m: ModelConfig) -> float:
@@ -44,11 +49,19 @@ def memory_gib() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-class Metrics:
-    """Writes on the main rank only; every sink is optional and none is required."""
+WANDB_ID = "wandb-id"
+"""The run directory remembers its wandb run, so that a resumed run logs into the same one."""
 
-    def __init__(self, cfg: Config, run_dir: Path, is_main: bool, resume_id: str | None = None):
+
+class Metrics:
+    """Every step's record to the console (every logging.interval steps), metrics.jsonl, wandb
+    and tensorboard. Writes on the main rank only; every sink but the file is optional, and a
+    missing or broken one never stops training."""
+
+    def __init__(self, cfg: Config, run_dir: Path, is_main: bool, world_size: int):
+        self.cfg = cfg
         self.is_main = is_main
+        self.peak_flops_total = (cfg.logging.peak_flops or default_peak_flops()) * world_size
         self.jsonl = None
         self.wandb = None
         self.tb = None
@@ -57,47 +70,32 @@ class Metrics:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
-            try:
-                import wandb
-
-                os.environ.setdefault("WANDB_SILENT", "true")
-                self.wandb = wandb.init(
-                    project=cfg.logging.wandb_project,
-                    name=cfg.run.name,
-                    dir=str(run_dir),
-                    mode=cfg.logging.wandb_mode,
-                    config=cfg.to_dict(),
-                    id=resume_id,
-                    resume="allow",
-                )
-            except Exception as e:  # a missing or broken wandb never stops training
-                print(f"wandb disabled: {e}", file=sys.stderr)
+            self.wandb = _start_wandb(cfg, run_dir)
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError as e:
-                print(f"tensorboard disabled: {e}", file=sys.stderr)
-
-    @property
-    def wandb_id(self) -> str | None:
-        return self.wandb.id if self.wandb is not None else None
+                log.warning(f"tensorboard disabled: {e}")
 
     def log(self, record: dict) -> None:
         if not self.is_main:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        step = record["step"]
+        if step % self.cfg.logging.interval == 0 or step == self.cfg.train.steps:
+            log.info(console_line(record, self.cfg.train.steps))
         flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         for key in ("head_losses", "head_accuracy", "eval_head_losses", "eval_head_accuracy"):
             for i, v in enumerate(record.get(key) or []):
                 flat[f"{key}/{i + 1}"] = v
         if self.wandb is not None:
-            self.wandb.log(flat, step=record["step"])
+            self.wandb.log(flat, step=step)
         if self.tb is not None:
             for k, v in flat.items():
-                self.tb.add_scalar(k, v, record["step"])
+                self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.jsonl is not None:
@@ -106,3 +104,49 @@ class Metrics:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def _start_wandb(cfg: Config, run_dir: Path):
+    id_file = run_dir / WANDB_ID
+    try:
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(
+            project=cfg.logging.wandb_project,
+            name=cfg.run.name,
+            dir=str(run_dir),
+            mode=cfg.logging.wandb_mode,
+            config=cfg.to_dict(),
+            id=id_file.read_text().strip() if id_file.is_file() else None,
+            resume="allow",
+        )
+        atomic_write(id_file, run.id + "\n")
+        return run
+    except Exception as e:  # a missing or broken wandb never stops training
+        log.warning(f"wandb disabled: {e}")
+        return None
+
+
+def console_line(r: dict, total_steps: int) -> str:
+    heads = " ".join(f"{x:.3f}" for x in r["head_losses"])
+    line = (
+        f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | heads {heads} | "
+        f"lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | "
+        f"mfu {100 * r['mfu']:.2f}% | mem {r['memory_gib']:.2f} GiB | "
+        f"eta {format_duration(r['eta_s'])}"
+    )
+    if r["skipped"]:
+        line += " | SKIPPED (non-finite)"
+    if "eval_loss" in r:
+        acc = " ".join(f"{x:.3f}" for x in r["eval_head_accuracy"])
+        line += f"\n  eval loss {r['eval_loss']:.4f} | head top-1 acc {acc}"
+    return line
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,16 +1,16 @@
 """`python -m mtp_dist.train --config FILE [dotted.key=value ...]`
 
 Runs as one process or under torchrun / the deepspeed launcher / srun. Every problem that can be
-seen before compute (config, world size, data, checkpoint directory, checkpoint shape) is a
-one-line error and exit status 2.
+seen before compute (config, world size, engine requirements, tokenizer, data, checkpoint
+directory, checkpoint shape) is a one-line error and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from mtp_dist import config as config_mod
@@ -28,12 +28,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mtp_dist.checkpointing import CheckpointError
+    from mtp_dist.compat import ignore_known_warnings
     from mtp_dist.data import TokenizerMismatchError
     from mtp_dist.trainer import TrainingStopped
 
+    ignore_known_warnings()
     try:
         cfg = config_mod.load(args.config, args.overrides)
         return run(cfg)
@@ -45,92 +46,96 @@ def main(argv=None) -> int:
         return 3
 
 
-def _tokenizer_hash(cfg) -> str | None:
-    if cfg.data.synthetic or cfg.data.tokenizer is None:
-        return None
-    from data_prep.tokenizers import load_tokenizer
-
-    return load_tokenizer(cfg.data.tokenizer).identity_hash
-
-
-def run(cfg) -> int:
-    import torch
-
-    from mtp_dist import distributed
-    from mtp_dist.checkpointing import CheckpointManager
-    from mtp_dist.data import build_datasets
-    from mtp_dist.engines import build_engine
-    from mtp_dist.metrics import Metrics
-    from mtp_dist.model.model import build_model
-    from mtp_dist.model.weights import init_weights
-    from mtp_dist.trainer import Trainer
-
-    launch = distributed.read_launch_env()
-    cfg.data_parallel_size(launch.world_size)  # layout errors before any process group
+def _check_data_paths(cfg) -> None:
     for path in [] if cfg.data.synthetic else cfg.data.paths:
         if not Path(path).exists():
             raise config_mod.ConfigError(
                 f"data.paths entry {path} does not exist: run `python -m data_prep tokenize` "
                 "first or fix the path"
             )
+
+
+def _log_to_stdout(is_main: bool) -> None:
+    """mtp_dist's own messages (checkpoints, resume, the step line) on the main rank's stdout;
+    libraries keep Python's default (warnings and errors only)."""
+    logger = logging.getLogger("mtp_dist")
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def run(cfg) -> int:
+    import torch
+
+    from mtp_dist import distributed, engines, run_plan
+    from mtp_dist.checkpointing import CheckpointManager
+    from mtp_dist.data import build_datasets, configured_tokenizer_hash
+    from mtp_dist.metrics import Metrics
+    from mtp_dist.model.model import build_model
+    from mtp_dist.model.weights import init_weights
+    from mtp_dist.trainer import Trainer
+
+    launch = distributed.read_launch_env()
+    plan = run_plan.resolve(cfg, launch.world_size, on_gpu=torch.cuda.is_available())
+    engines.check_config(cfg, plan)
+    _check_data_paths(cfg)
+    tok_hash = (
+        None
+        if cfg.data.synthetic
+        else configured_tokenizer_hash(cfg.data.tokenizer, cfg.model.vocab_size)
+    )
     run_dir = Path(cfg.run.dir)
     manager = CheckpointManager(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep)
     manager.check_writable()
-    tok_hash = _tokenizer_hash(cfg)
 
     dims = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
+    _log_to_stdout(dims.is_main)
     try:
         if dims.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.dump(run_dir / "config.yaml")
-        on_gpu = dims.device.type == "cuda"
-        dtype = (
-            torch.bfloat16
-            if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and on_gpu)
-            else torch.float32
-        )
         model = build_model(
             cfg.model,
             dims.tp,
             dims.pp,
             dims.pp_rank,
-            dtype=dtype,
+            dtype=plan.torch_dtype,
             device=dims.device,
             recompute=cfg.train.recompute,
         )
         init_weights(model, cfg.train.seed)
-        engine = build_engine(cfg, dims, model)
-        t = cfg.train
-        evals = (t.steps // t.eval_interval + 1) * t.eval_steps if t.eval_interval else 0
+        engine = engines.build_engine(cfg, plan, dims, model)
         train_ds, valid_ds, _ = build_datasets(
             cfg.data.paths,
             cfg.data.weights,
             cfg.data.split,
             cfg.model.seq_length,
             cfg.model.n_future_tokens,
-            t.seed,
-            (t.steps * t.global_batch_size, evals * t.global_batch_size, 0),
+            cfg.train.seed,
+            (plan.train_samples, plan.eval_samples, 0),
             cfg.model.vocab_size,
             tok_hash,
             synthetic=cfg.data.synthetic,
             cache_dir=cfg.data.cache_dir,
         )
-        trainer = Trainer(cfg, dims, engine, (train_ds, valid_ds), manager, tok_hash)
-        resume = trainer.resume_path()
-        if resume is not None:
-            trainer.resume(resume)
-        metrics = Metrics(cfg, run_dir, dims.is_main, resume_id=trainer.wandb_id)
-        trainer.wandb_id = metrics.wandb_id
+        metrics = Metrics(cfg, run_dir, dims.is_main, dims.world_size)
         try:
-            code = trainer.run(metrics)
+            trainer = Trainer(
+                cfg, plan, dims, engine, (train_ds, valid_ds), manager, metrics, tok_hash
+            )
+            resume = trainer.resume_path()
+            if resume is not None:
+                trainer.resume(resume)
+            code = trainer.run()
         finally:
             metrics.close()
-        if dims.is_main:
-            print(
-                f"run directory {run_dir.resolve()} | checkpoints {manager.root.resolve()} | "
-                f"metrics {(run_dir / 'metrics.jsonl').resolve()}",
-                flush=True,
-            )
+        logging.getLogger("mtp_dist.train").info(
+            f"run directory {run_dir.resolve()} | checkpoints {manager.root.resolve()} | "
+            f"metrics {(run_dir / 'metrics.jsonl').resolve()}"
+        )
         return code
     finally:
         distributed.destroy()

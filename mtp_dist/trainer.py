@@ -1,13 +1,15 @@
 """The trainer: run -> train_step -> engine.train_step (the schedule's forward/backward, then the
 optimizer), with evaluation, checkpoints (interval, end, SIGTERM/SIGUSR1), resume, and metrics.
 
-It talks to the engine only through engines/base.py.
+It talks to the engine only through engines/base.py. Its own state (step, data position,
+skipped steps) is `state_dict()`, saved in every checkpoint's meta.json and restored by
+`load_state_dict()`; the engine saves and loads the rest.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
+import logging
 import signal
 import time
 from pathlib import Path
@@ -18,7 +20,10 @@ import torch.distributed as dist
 from mtp_dist import checkpointing as ckpt
 from mtp_dist.config import Config
 from mtp_dist.distributed import ParallelDims
-from mtp_dist.metrics import Metrics, default_peak_flops, flops_per_token, memory_gib
+from mtp_dist.metrics import Metrics, flops_per_token, memory_gib
+from mtp_dist.run_plan import RunPlan
+
+log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
@@ -26,27 +31,45 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, engine, data, manager, tokenizer_hash):
+    def __init__(
+        self,
+        cfg: Config,
+        plan: RunPlan,
+        dims: ParallelDims,
+        engine,
+        data,
+        manager: ckpt.CheckpointManager,
+        metrics: Metrics,
+        tokenizer_hash: str | None,
+    ):
         self.cfg = cfg
+        self.plan = plan
         self.dims = dims
         self.engine = engine
         self.train_data, self.valid_data = data
-        self.manager: ckpt.CheckpointManager = manager
+        self.manager = manager
+        self.metrics = metrics
         self.tokenizer_hash = tokenizer_hash
-        self.run_dir = Path(cfg.run.dir)
         self.step = 0
         self.consumed_samples = 0
-        self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
         self.stop_signal: int | None = None
-        self.wandb_id: str | None = None
-        self.num_microbatches = cfg.train.global_batch_size // (
-            cfg.train.micro_batch_size * dims.dp
-        )
         self.flops_per_token = flops_per_token(cfg.model)
-        self.peak_flops = cfg.logging.peak_flops or default_peak_flops()
 
-    # ---- signals -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the trainer itself needs to continue a run."""
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.consumed_samples = state["consumed_samples"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signum
 
@@ -60,40 +83,34 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    # ---- data ----------------------------------------------------------------------------
     def _batches(self, dataset, consumed: int):
         from mtp_dist.data import microbatches
 
-        t = self.cfg.train
         it = microbatches(
             dataset,
-            t.micro_batch_size,
-            t.global_batch_size,
+            self.plan.micro_batch_size,
+            self.plan.global_batch_size,
             self.dims.dp_rank,
             self.dims.dp,
             consumed,
         )
         while True:
-            yield list(itertools.islice(it, self.num_microbatches))
+            yield list(itertools.islice(it, self.plan.num_microbatches))
 
-    # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> Path:
         tmp = self.manager.begin(self.step, self.dims.is_main)
         self.engine.save(str(tmp / "engine"))
         ckpt.save_rng(tmp, self.dims.rank)
         meta = {
-            "step": self.step,
-            "consumed_samples": self.consumed_samples,
-            "skipped_steps": self.skipped_steps,
+            **self.state_dict(),
             "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
             "world_size": self.dims.world_size,
             "engine": self.cfg.engine,
             "tokenizer_hash": self.tokenizer_hash,
-            "wandb_id": self.wandb_id,
             "config": self.cfg.to_dict(),
         }
         final = self.manager.commit(tmp, self.step, meta, self.dims.is_main)
-        self._print(f"saved checkpoint {final}")
+        log.info(f"saved checkpoint {final}")
         return final
 
     def resume(self, path: Path) -> None:
@@ -107,14 +124,11 @@ class Trainer:
             self.engine.load(str(path / "engine"))
         except (RuntimeError, KeyError, ValueError, OSError) as e:
             raise ckpt.CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
-        self.step = meta["step"]
-        self.consumed_samples = meta["consumed_samples"]
-        self.skipped_steps = meta.get("skipped_steps", 0)
-        self.wandb_id = meta.get("wandb_id")
+        self.load_state_dict(meta)
         same_world = meta.get("world_size") == self.dims.world_size
         if not (same_world and ckpt.load_rng(path, self.dims.rank)):
-            self._print("note: RNG streams not restored (checkpoint saved at another layout)")
-        self._print(f"resumed from {path} at step {self.step}")
+            log.info("note: RNG streams not restored (checkpoint saved at another layout)")
+        log.info(f"resumed from {path} at step {self.step}")
 
     def resume_path(self) -> Path | None:
         r = self.cfg.train.resume
@@ -130,7 +144,6 @@ class Trainer:
             )
         return path
 
-    # ---- steps ---------------------------------------------------------------------------
     def _reduce_losses(self, loss: float, heads: list[float], extra: list[float] | None = None):
         """The DP mean of the last stage's losses, on every rank."""
         n = self.cfg.model.n_future_tokens
@@ -149,10 +162,9 @@ class Trainer:
     def train_step(self, microbatches) -> dict:
         t0 = time.perf_counter()
         out = self.engine.train_step(microbatches)
-        loss, heads, _ = self._reduce_losses(out.result.loss, out.result.head_losses)
+        loss, heads, _ = self._reduce_losses(out.loss, out.head_losses)
         elapsed = time.perf_counter() - t0
-        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
-        tokens_per_s = tokens / elapsed
+        tokens_per_s = self.plan.tokens_per_step / elapsed
         return {
             "step": self.step + 1,
             "loss": loss,
@@ -161,10 +173,10 @@ class Trainer:
             "grad_norm": out.grad_norm,
             "skipped": out.skipped,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),
+            "mfu": self.flops_per_token * tokens_per_s / self.metrics.peak_flops_total,
             "memory_gib": memory_gib(),
             "step_time_s": elapsed,
-            "consumed_samples": self.consumed_samples + self.cfg.train.global_batch_size,
+            "consumed_samples": self.consumed_samples + self.plan.global_batch_size,
         }
 
     def evaluate(self) -> dict:
@@ -185,8 +197,7 @@ class Trainer:
             "eval_head_accuracy": mean(accs),
         }
 
-    # ---- the loop ------------------------------------------------------------------------
-    def run(self, metrics: Metrics) -> int:
+    def run(self) -> int:
         self._install_signal_handlers()
         t = self.cfg.train
         batches = self._batches(self.train_data, self.consumed_samples)
@@ -195,7 +206,7 @@ class Trainer:
         while self.step < t.steps:
             record = self.train_step(next(batches))
             self.step += 1
-            self.consumed_samples += t.global_batch_size
+            self.consumed_samples += self.plan.global_batch_size
             if record["skipped"]:
                 self.skipped_steps += 1
                 self.bad_steps_in_a_row += 1
@@ -205,11 +216,8 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0:
                 record.update(self.evaluate())
             done = self.step - start_step
-            eta = (time.perf_counter() - start_time) / done * (t.steps - self.step)
-            record["eta_s"] = eta
-            metrics.log(record)
-            if self.step % self.cfg.logging.interval == 0 or self.step == t.steps:
-                self._print(self._console_line(record))
+            record["eta_s"] = (time.perf_counter() - start_time) / done * (t.steps - self.step)
+            self.metrics.log(record)
             if self.bad_steps_in_a_row > t.max_bad_steps:
                 self.save()
                 raise TrainingStopped(
@@ -224,37 +232,10 @@ class Trainer:
                 saved_at = self.step
             if self._should_stop():
                 name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
-                self._print(f"received {name} on some rank: saving and exiting")
+                log.info(f"received {name} on some rank: saving and exiting")
                 if saved_at != self.step:
                     self.save()
                 return 0
         if saved_at != self.step:
             self.save()
         return 0
-
-    def _console_line(self, r: dict) -> str:
-        heads = " ".join(f"{x:.3f}" for x in r["head_losses"])
-        line = (
-            f"step {r['step']:>6}/{self.cfg.train.steps} | loss {r['loss']:.4f} | heads {heads} | "
-            f"lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | "
-            f"mfu {100 * r['mfu']:.2f}% | mem {r['memory_gib']:.2f} GiB | "
-            f"eta {_fmt_time(r['eta_s'])}"
-        )
-        if r["skipped"]:
-            line += " | SKIPPED (non-finite)"
-        if "eval_loss" in r:
-            acc = " ".join(f"{x:.3f}" for x in r["eval_head_accuracy"])
-            line += f"\n  eval loss {r['eval_loss']:.4f} | head top-1 acc {acc}"
-        return line
-
-    def _print(self, msg: str) -> None:
-        if self.dims.is_main:
-            print(msg, flush=True)
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -8,6 +8,7 @@ import pytest
 
 from mtp_dist import config as C
 from mtp_dist.config import ConfigError
+from mtp_dist.run_plan import resolve
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("**/*.yaml"))
 
@@ -78,8 +79,8 @@ def test_layers_not_divisible_by_pipeline():
 def test_world_size_not_divisible_by_tp_pp():
     cfg = C.load(None, ["data.synthetic=true", "parallel.tensor=2", "parallel.pipeline=2"])
     with pytest.raises(ConfigError, match="does not divide the world size 6"):
-        cfg.data_parallel_size(6)
-    assert cfg.data_parallel_size(8) == 2
+        resolve(cfg, 6, on_gpu=False)
+    assert resolve(cfg, 8, on_gpu=False).dp == 2
 
 
 def test_global_batch_not_divisible_by_dp():
@@ -87,7 +88,30 @@ def test_global_batch_not_divisible_by_dp():
         None, ["data.synthetic=true", "train.micro_batch_size=2", "train.global_batch_size=6"]
     )
     with pytest.raises(ConfigError, match="train.global_batch_size=6"):
-        cfg.data_parallel_size(2)
+        resolve(cfg, 2, on_gpu=False)
+
+
+def test_plan_derives_every_quantity_once():
+    cfg = C.load(
+        None,
+        [
+            "data.synthetic=true",
+            "parallel.tensor=2",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=16",
+            "train.steps=10",
+            "train.eval_interval=5",
+            "train.eval_steps=2",
+            "model.seq_length=128",
+        ],
+    )
+    plan = resolve(cfg, 8, on_gpu=False)
+    assert (plan.dp, plan.num_microbatches, plan.dtype) == (4, 2, "fp32")
+    assert plan.train_samples == 160 and plan.eval_samples == 3 * 2 * 16
+    assert plan.tokens_per_step == 16 * 128
+    assert resolve(cfg, 8, on_gpu=True).dtype == "bf16"
+    fp32 = C.load(None, ["data.synthetic=true", "train.dtype=fp32"])
+    assert resolve(fp32, 1, on_gpu=True).dtype == "fp32"
 
 
 def test_tensor_parallel_must_divide_heads():
@@ -100,9 +124,19 @@ def test_head_weights_length():
     )
 
 
-def test_vocab_size_must_match_tokenizer(tmp_path):
+def test_vocab_size_must_match_tokenizer():
+    from mtp_dist.data import configured_tokenizer_hash
+
+    cfg = C.load(None, ["data.paths=[x]", "data.tokenizer=byte", "model.vocab_size=300"])
     with pytest.raises(ConfigError, match="model.vocab_size=300 does not match the tokenizer"):
-        C.load(None, ["data.paths=[x]", "data.tokenizer=byte", "model.vocab_size=300"])
+        configured_tokenizer_hash(cfg.data.tokenizer, cfg.model.vocab_size)
+    assert configured_tokenizer_hash("byte", 259)
+
+
+def test_config_validation_does_no_io():
+    """A tokenizer that does not exist is the data check's business, not the config's."""
+    cfg = C.load(None, ["data.paths=[x]", "data.tokenizer=/no/such.model"])
+    assert cfg.data.tokenizer == "/no/such.model"
 
 
 def test_missing_data_paths():
@@ -110,9 +144,30 @@ def test_missing_data_paths():
         C.load(None, [])
 
 
+def engine_err(*overrides: str) -> str:
+    from mtp_dist import engines
+
+    cfg = C.load(None, ["data.synthetic=true", *overrides])
+    with pytest.raises(ConfigError) as e:
+        engines.check_config(cfg, resolve(cfg, 2, on_gpu=False))
+    return str(e.value)
+
+
 def test_deepspeed_zero3_with_pipeline_rejected():
-    assert "DeepSpeed supports pipelines with ZeRO-0/1 only" in err(
+    assert "DeepSpeed supports pipelines with ZeRO-1 only" in engine_err(
         "engine=deepspeed", "deepspeed.zero_stage=3", "parallel.pipeline=2"
+    )
+
+
+def test_deepspeed_zero0_is_a_config_error():
+    assert "deepspeed.zero_stage=0 is not supported" in engine_err(
+        "engine=deepspeed", "deepspeed.zero_stage=0"
+    )
+
+
+def test_unknown_engine_names_the_choices():
+    assert "engine='fsdp' is not an engine: use one of megatron, deepspeed" in engine_err(
+        "engine=fsdp"
     )
 
 

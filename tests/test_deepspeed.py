@@ -153,6 +153,12 @@ def _cfg(*overrides: str) -> C.Config:
     return C.load(ROOT / "configs" / "tiny.yaml", ["engine=deepspeed", *overrides])
 
 
+def _plan(cfg: C.Config, world_size: int):
+    from mtp_dist.run_plan import resolve
+
+    return resolve(cfg, world_size, on_gpu=False)
+
+
 def _json(tmp_path: Path, body: dict) -> str:
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(body))
@@ -176,20 +182,21 @@ def _json(tmp_path: Path, body: dict) -> str:
     ],
 )
 def test_contradicting_json_is_an_error(tmp_path, body, message):
-    from mtp_dist.engines.deepspeed import build_ds_config
+    from mtp_dist.engines.deepspeed.engine import build_ds_config
 
     cfg = _cfg(f"deepspeed.config={_json(tmp_path, body)}")
     with pytest.raises(ValueError, match="deepspeed.config") as e:
-        build_ds_config(cfg, dp=2, on_gpu=False)
+        build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_json_completed_from_train_config(tmp_path):
-    from mtp_dist.engines.deepspeed import build_ds_config
+    from mtp_dist.engines.deepspeed.engine import build_ds_config
 
     path = _json(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5})
-    ds = build_ds_config(_cfg(f"deepspeed.config={path}"), dp=2, on_gpu=False)
+    cfg = _cfg(f"deepspeed.config={path}")
+    ds = build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5  # the JSON's own setting wins where train.* is silent
     assert ds["zero_optimization"]["stage"] == 1 and not ds["bf16"]["enabled"]
@@ -197,46 +204,55 @@ def test_json_completed_from_train_config(tmp_path):
 
 
 def test_gpu_config_uses_bf16_and_deepspeed_adamw():
-    from mtp_dist.engines.deepspeed import build_ds_config
+    from mtp_dist.engines.deepspeed.engine import build_ds_config
 
-    ds = build_ds_config(_cfg(), dp=1, on_gpu=True)
+    ds = build_ds_config(_cfg(), _plan(_cfg(), 1), on_gpu=True)
     assert ds["bf16"]["enabled"] and ds["optimizer"]["type"] == "AdamW"
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_ready_made_configs(stage):
-    from mtp_dist.engines.deepspeed import build_ds_config
+    from mtp_dist.engines.deepspeed.engine import build_ds_config
 
     path = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
     cfg = _cfg(f"deepspeed.zero_stage={stage}", f"deepspeed.config={path}")
-    assert build_ds_config(cfg, dp=2, on_gpu=False)["zero_optimization"]["stage"] == stage
+    assert build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)["zero_optimization"]["stage"] == stage
+
+
+def _check(cfg: C.Config) -> None:
+    from mtp_dist.engines import check_config
+
+    check_config(cfg, _plan(cfg, 2))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero23_with_pipeline_is_a_config_error(stage):
     with pytest.raises(C.ConfigError, match=f"deepspeed.zero_stage={stage} with parallel.pipeline"):
-        _cfg(f"deepspeed.zero_stage={stage}", "parallel.pipeline=2")
+        _check(_cfg(f"deepspeed.zero_stage={stage}", "parallel.pipeline=2"))
 
 
-def test_unsupported_layouts_rejected_before_deepspeed_starts():
-    """The engine's own checks run before deepspeed.initialize (no process group needed)."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from mtp_dist.engines.deepspeed import DeepSpeedEngine
-
-    dims = SimpleNamespace(device=torch.device("cpu"), pp=1, dp=1)
-    with pytest.raises(ValueError, match="deepspeed.zero_stage=0 is not supported"):
-        DeepSpeedEngine(_cfg("deepspeed.zero_stage=0"), dims, model=None)
-    dims = SimpleNamespace(device=torch.device("cpu"), pp=2, dp=1)
+def test_unsupported_layouts_are_config_errors():
+    """The engine's own checks run at config time (no process group, no model)."""
+    with pytest.raises(C.ConfigError, match="deepspeed.zero_stage=0 is not supported"):
+        _check(_cfg("deepspeed.zero_stage=0"))
     tied = _cfg("parallel.pipeline=2", "model.tie_embeddings=true")
-    with pytest.raises(ValueError, match="model.tie_embeddings with parallel.pipeline>1"):
-        DeepSpeedEngine(tied, dims, model=None)
+    with pytest.raises(C.ConfigError, match="model.tie_embeddings with parallel.pipeline>1"):
+        _check(tied)
+
+
+def test_zero_stage_0_exits_2_from_the_command_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml",
+         "data.synthetic=true", "engine=deepspeed", "deepspeed.zero_stage=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: deepspeed.zero_stage=0 is not supported")
+    assert "Traceback" not in proc.stderr
 
 
 def test_warmup_cosine_schedule():
-    from mtp_dist.engines.deepspeed import WarmupCosine
+    from mtp_dist.engines.optim import WarmupCosine
 
     # LambdaLR passes k-1 for optimizer step k; step k runs at the schedule's value for k.
     f = WarmupCosine(warmup=2, decay=10, min_ratio=0.1)
@@ -293,7 +309,7 @@ def test_export_weights_agree_across_stages(runs, megatron_1proc):
     the ZeRO-1, -2 and -3 checkpoints of the same run."""
     import torch
 
-    from mtp_dist.engines.deepspeed import load_model_weights
+    from mtp_dist.engines.deepspeed.checkpoint import load_model_weights
     from mtp_dist.model.model import build_model
     from mtp_dist.model.weights import full_state
 

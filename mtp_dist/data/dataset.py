@@ -23,10 +23,30 @@ from torch.utils.data import Dataset
 
 from data_prep import manifest as mf
 from mtp_dist.compat.megatron_data import blended_builder_class
+from mtp_dist.config import ConfigError
 
 
 class TokenizerMismatchError(ValueError):
     """Shards made with another tokenizer than the configured one."""
+
+
+def configured_tokenizer_hash(tokenizer: str | None, vocab_size: int) -> str | None:
+    """Load data.tokenizer (once): check model.vocab_size against it and return its identity
+    hash (None without a configured tokenizer)."""
+    if tokenizer is None:
+        return None
+    from data_prep.tokenizers import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tokenizer)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"data.tokenizer={tokenizer!r} cannot be loaded: {e}") from e
+    if tok.vocab_size != vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} does not match the tokenizer {tokenizer!r} "
+            f"(vocabulary {tok.vocab_size}): set model.vocab_size={tok.vocab_size}"
+        )
+    return tok.identity_hash
 
 
 class _TokenizerIdentity:

@@ -1,16 +1,36 @@
-"""Training engines: megatron-core (DDP + distributed optimizer) and DeepSpeed (ZeRO)."""
+"""Training engines, found by name in one table; nothing outside this package branches on an
+engine's name. Each engine class provides the contract of engines/base.py: check_config, build,
+train/eval steps, save/load and load_full_weights (for the export).
+
+Adding an engine is one module here and one row below (and, if it needs options, its section
+in config.py).
+"""
 
 from __future__ import annotations
 
+import importlib
 
-def build_engine(cfg, dims, model):
-    """The engine named by cfg.engine, wrapping this stage's model."""
-    if cfg.engine == "megatron":
-        from mtp_dist.engines.megatron import MegatronEngine
+from mtp_dist.config import Config, ConfigError
 
-        return MegatronEngine(cfg, dims, model)
-    if cfg.engine == "deepspeed":
-        from mtp_dist.engines.deepspeed import DeepSpeedEngine
+ENGINES = {
+    "megatron": "mtp_dist.engines.megatron:MegatronEngine",
+    "deepspeed": "mtp_dist.engines.deepspeed.engine:DeepSpeedEngine",
+}
 
-        return DeepSpeedEngine(cfg, dims, model)
-    raise ValueError(f"engine={cfg.engine!r}: use megatron or deepspeed")
+
+def engine_class(name: str):
+    """The engine class registered as `name` (imported on first use: engines are heavy)."""
+    if name not in ENGINES:
+        raise ConfigError(f"engine={name!r} is not an engine: use one of {', '.join(ENGINES)}")
+    module, _, cls = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_config(cfg: Config, plan) -> None:
+    """The engine's own requirements on the config (ConfigError), before any compute."""
+    engine_class(cfg.engine).check_config(cfg, plan)
+
+
+def build_engine(cfg: Config, plan, dims, model):
+    """The configured engine, wrapping this stage's model."""
+    return engine_class(cfg.engine)(cfg, plan, dims, model)

@@ -1,30 +1,49 @@
-"""The small interface the trainer needs from an engine; nothing else knows which one runs."""
+"""The interface the trainer, train.py and export.py need from an engine; nothing else knows
+which engine runs. An engine owns its whole story: config checks, build, train/eval steps,
+save/load, and reading full weights for the export."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
 
+from mtp_dist.config import Config
+from mtp_dist.distributed import ParallelDims
 from mtp_dist.model.model import MTPModel
-from mtp_dist.pipeline import StepResult
+from mtp_dist.run_plan import RunPlan
+from mtp_dist.schedule import StepResult
 
 
 @dataclass
 class TrainStepResult:
-    result: StepResult
-    """Losses of this step (the last stage's view; NaN elsewhere until the trainer reduces)."""
+    loss: float
+    """Mean over microbatches of the weighted head-loss sum (the last stage's view; NaN
+    elsewhere until the trainer reduces)."""
+    head_losses: list[float]
     grad_norm: float
     """Global gradient norm before clipping (NaN if unknown on this rank)."""
     skipped: bool
     """True when the loss or gradients were not finite: no update was applied."""
     lr: float
 
+    @classmethod
+    def of(cls, result: StepResult, grad_norm: float, skipped: bool, lr: float):
+        return cls(result.loss, result.head_losses, grad_norm, skipped, lr)
+
 
 class Engine(Protocol):
     model: MTPModel
     """This pipeline stage's unwrapped model."""
+
+    @classmethod
+    def check_config(cls, cfg: Config, plan: RunPlan) -> None:
+        """Raise ConfigError for a configuration this engine cannot run, before any process
+        group or model exists."""
+
+    def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel): ...
 
     def train_step(self, microbatches: list[dict[str, Tensor]]) -> TrainStepResult:
         """Forward/backward of this rank's microbatches of one global batch, then the
@@ -39,3 +58,8 @@ class Engine(Protocol):
 
     def load(self, directory: str, load_optimizer: bool = True) -> None:
         """Restore what save() wrote, possibly at another TP/PP/DP layout (collective)."""
+
+    @staticmethod
+    def load_full_weights(directory: str | os.PathLike, model: MTPModel) -> None:
+        """The weights save() wrote into `directory`, loaded into a single-process (TP1 x PP1)
+        model: for the consolidated export."""

@@ -4,8 +4,8 @@ and DP)."""
 
 from __future__ import annotations
 
-import logging
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -16,29 +16,15 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from mtp_dist.compat import megatron as fixes
 from mtp_dist.config import Config
 from mtp_dist.distributed import ParallelDims
 from mtp_dist.engines.base import TrainStepResult
+from mtp_dist.engines.optim import megatron_scheduler, unshare_adam_steps
 from mtp_dist.model.model import MTPModel
-from mtp_dist.pipeline import StepResult, run_schedule
-
-
-class _ExpectedCommonStateDiff(logging.Filter):
-    """With the memory-efficient fully-reshardable format only DP rank 0 returns the
-    optimizer's param_state, so dist_checkpointing warns on every save that the ranks' common
-    state differs by exactly that key. Drop that one expected message; keep all others."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        expected = "common state dict differs" in msg and "[('optimizer', 'param_state')]" in msg
-        return not (expected and "Mismatched keys: []" in msg)
-
-
-logging.getLogger("megatron.core.dist_checkpointing.validation").addFilter(
-    _ExpectedCommonStateDiff()
-)
+from mtp_dist.run_plan import RunPlan
+from mtp_dist.schedule import StepResult, run_schedule
 
 
 def checkpoint_metadata(on_gpu: bool) -> dict:
@@ -51,44 +37,16 @@ def checkpoint_metadata(on_gpu: bool) -> dict:
     }
 
 
-def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
-    """Linear warm-up then cosine decay to lr * min_lr_ratio. Advanced by one so that step k
-    (1-based) runs at the schedule's value for k: the first step does not run at lr 0."""
-    t = cfg.train
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.lr * t.min_lr_ratio,
-        lr_warmup_steps=t.warmup_steps,
-        lr_decay_steps=max(t.steps, t.warmup_steps + 1),
-        lr_decay_style="cosine",
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=max(t.steps, 1),
-        wd_incr_style="constant",
-    )
-    scheduler.step(increment=1)
-    return scheduler
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core restores torch Adam's per-parameter "step" as one tensor shared by every
-    parameter; Adam increments it in place once per parameter, which breaks the bias
-    correction after a resume. Give each parameter its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
 class MegatronEngine:
-    def __init__(self, cfg: Config, dims: ParallelDims, model: MTPModel):
+    @classmethod
+    def check_config(cls, cfg: Config, plan: RunPlan) -> None:
+        """Everything megatron-core needs is checked by the config and the plan."""
+
+    def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel):
         self.cfg = cfg
         self.dims = dims
         self.model = model
         tcfg = model.config
-        bf16 = tcfg.bf16
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -106,12 +64,12 @@ class MegatronEngine:
             adam_beta2=t.beta2,
             adam_eps=1e-8,
             clip_grad=t.grad_clip,
-            bf16=bf16,
+            bf16=plan.dtype == "bf16",
             params_dtype=tcfg.params_dtype,
             use_distributed_optimizer=True,
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scheduler = megatron_scheduler(self.optimizer, t)
         tcfg.no_sync_func = self.ddp.no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
         tcfg.grad_scale_func = None
@@ -136,13 +94,13 @@ class MegatronEngine:
         result = run_schedule(self.ddp, microbatches, self.cfg.model.seq_length)
         lr = self.lr
         if not self._grads_finite():
-            return TrainStepResult(result, float("nan"), True, lr)
+            return TrainStepResult.of(result, float("nan"), True, lr)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
-            return TrainStepResult(result, float("nan"), True, lr)
+            return TrainStepResult.of(result, float("nan"), True, lr)
         self.scheduler.step(increment=1)
         norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return TrainStepResult(result, norm, not math.isfinite(norm), lr)
+        return TrainStepResult.of(result, norm, not math.isfinite(norm), lr)
 
     def eval_step(self, microbatches) -> StepResult:
         self.ddp.eval()
@@ -162,40 +120,28 @@ class MegatronEngine:
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
-    def _ensure_optimizer_state(self) -> None:
-        """torch Adam creates its state lazily, but megatron-core's checkpoint code needs it
-        (before the first step: saving at step 0, or loading into a fresh engine). Create it
-        with a step that changes nothing (lr and weight decay 0, zero gradients), then reset the
-        step counts so that the first real step is step 1."""
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            if opt.optimizer.state:
-                continue
-            saved = [(g["lr"], g["weight_decay"]) for g in opt.optimizer.param_groups]
-            for g in opt.optimizer.param_groups:
-                g["lr"], g["weight_decay"] = 0.0, 0.0
-            opt._init_optimizer_states_with_dummy_values()
-            for g, (lr, wd) in zip(opt.optimizer.param_groups, saved, strict=True):
-                g["lr"], g["weight_decay"] = lr, wd
-            for state in opt.optimizer.state.values():
-                if torch.is_tensor(state.get("step")):
-                    state["step"] = torch.zeros_like(state["step"])
-
     def save(self, directory: str) -> None:
-        self._ensure_optimizer_state()
+        fixes.ensure_optimizer_state(self.optimizer)
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
     def load(self, directory: str, load_optimizer: bool = True) -> None:
         if load_optimizer:
-            self._ensure_optimizer_state()
+            fixes.ensure_optimizer_state(self.optimizer)
         template = self._sharded_state_dict(is_loading=True, with_optimizer=load_optimizer)
         state = dist_checkpointing.load(template, directory)
         self.model.load_state_dict(state["model"])
         if load_optimizer:
             with torch.no_grad():
                 self.optimizer.load_state_dict(state["optimizer"])
-            _unshare_adam_steps(self.optimizer)
-            self.scheduler.num_steps = 0  # load_state_dict adds the saved count to it
-            self.scheduler.load_state_dict(state["scheduler"])
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                unshare_adam_steps(opt.optimizer)
+            fixes.load_scheduler_state(self.scheduler, state["scheduler"])
         # The distributed optimizer keeps fp32 main params for bf16 models: refresh them.
         if hasattr(self.optimizer, "reload_model_params"):
             self.optimizer.reload_model_params()
+
+    @staticmethod
+    def load_full_weights(directory: str | os.PathLike, model: MTPModel) -> None:
+        """dist_checkpointing reshards the saved model to this process's (TP1 x PP1) model."""
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+        model.load_state_dict(state["model"])

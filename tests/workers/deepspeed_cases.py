@@ -21,9 +21,10 @@ warnings.filterwarnings("ignore")
 
 from mtp_dist import config as C  # noqa: E402
 from mtp_dist import distributed  # noqa: E402
-from mtp_dist.engines.deepspeed import DeepSpeedEngine  # noqa: E402
+from mtp_dist.engines.deepspeed.engine import DeepSpeedEngine  # noqa: E402
 from mtp_dist.model.model import build_model  # noqa: E402
 from mtp_dist.model.weights import full_state, init_weights  # noqa: E402
+from mtp_dist.run_plan import resolve  # noqa: E402
 
 SEED = 3
 
@@ -67,10 +68,10 @@ def run_case(case: dict, out_dir: str) -> None:
     cfg = C.load("configs/tiny.yaml", overrides + case.get("overrides", []))
     p = cfg.parallel
     dims = distributed.init(p.tensor, p.pipeline, seed=SEED)
-    cfg.data_parallel_size(dims.world_size)
+    plan = resolve(cfg, dims.world_size, on_gpu=False)
     model = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank)
     init_weights(model, SEED)
-    engine = DeepSpeedEngine(cfg, dims, model)
+    engine = DeepSpeedEngine(cfg, plan, dims, model)
     n = cfg.model.n_future_tokens
     start = 0
     if case.get("load"):
@@ -88,7 +89,7 @@ def run_case(case: dict, out_dir: str) -> None:
         r = engine.train_step(my_microbatches(cfg, dims, step))
         if hook is not None:
             hook.remove()
-        vals = dp_mean(dims, [r.result.loss, *r.result.head_losses], 1 + n)
+        vals = dp_mean(dims, [r.loss, *r.head_losses], 1 + n)
         row = {"step": step, "loss": vals[0], "heads": vals[1:], "grad_norm": r.grad_norm}
         row.update(lr=r.lr, skipped=r.skipped)
         if before is not None:

@@ -24,7 +24,7 @@ from mtp_dist import distributed  # noqa: E402
 from mtp_dist.config import ModelConfig  # noqa: E402
 from mtp_dist.model.model import build_model  # noqa: E402
 from mtp_dist.model.weights import full_grads, full_state, init_weights  # noqa: E402
-from mtp_dist.pipeline import run_schedule  # noqa: E402
+from mtp_dist.schedule import run_schedule  # noqa: E402
 
 SEED = 7
 GLOBAL_BATCH = 8

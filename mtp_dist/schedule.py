@@ -1,4 +1,4 @@
-"""One global batch through megatron-core's pipeline schedules.
+"""One global batch through megatron-core's pipeline schedules, and what a step reports.
 
 `forward_step` follows megatron-core's contract, (data_iterator, model) -> (output, loss_func),
 so the stock schedules (no pipelining, 1F1B) drive the MTP model unchanged. The schedule
@@ -29,6 +29,29 @@ class StepResult:
     head_losses: list[float]
     head_accuracy: list[float] | None = None
 
+    @classmethod
+    def mean(cls, stats: list[dict[str, Tensor]]) -> StepResult:
+        """The mean over microbatches of `microbatch_stats` (the last stage's view)."""
+        loss = torch.stack([s["loss"].float() for s in stats]).mean().item()
+        heads = torch.stack([s["head_losses"].float() for s in stats]).mean(0).tolist()
+        acc = None
+        if "head_accuracy" in stats[0]:
+            acc = torch.stack([s["head_accuracy"].float() for s in stats]).mean(0).tolist()
+        return cls(loss, heads, acc)
+
+
+def microbatch_stats(output: HeadOutput) -> dict[str, Tensor]:
+    """What a step reports of one microbatch (detached copies)."""
+    stats = {"loss": output.loss.detach().clone(), "head_losses": output.head_losses}
+    if output.head_accuracy is not None:
+        stats["head_accuracy"] = output.head_accuracy
+    return stats
+
+
+def batch_to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A microbatch's tensors on the model's device."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
 
 def schedule_loss_scale(config, num_microbatches: int) -> float:
     """The factor megatron-core's schedule applies to the loss returned by loss_func."""
@@ -39,22 +62,13 @@ def schedule_loss_scale(config, num_microbatches: int) -> float:
 
 
 def _loss_func(output: HeadOutput):
-    stats = {"head_losses": output.head_losses}
-    if output.head_accuracy is not None:
-        stats["head_accuracy"] = output.head_accuracy
-    # The schedule divides the first value in place; report a copy.
-    stats["loss"] = output.loss.detach().clone()
-    return output.loss, stats
+    # The schedule divides the first value in place; the stats hold a copy.
+    return output.loss, microbatch_stats(output)
 
 
 def forward_step(data_iterator: Iterator[dict[str, Tensor]], model, loss_scale: float):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    loss_mask = batch.get("loss_mask")
-    if loss_mask is not None:
-        loss_mask = loss_mask.to(device, non_blocking=True)
-    output = model(tokens, loss_mask=loss_mask, loss_scale=loss_scale)
+    batch = batch_to(next(data_iterator), next(model.parameters()).device)
+    output = model(batch["tokens"], loss_mask=batch.get("loss_mask"), loss_scale=loss_scale)
     return output, _loss_func
 
 
@@ -72,7 +86,7 @@ def run_schedule(
     fb = get_forward_backward_func()
     grad_mode = torch.no_grad() if forward_only else torch.enable_grad()
     with grad_mode:
-        results = fb(
+        stats = fb(
             forward_step_func=partial(forward_step, loss_scale=scale),
             data_iterator=iter(microbatches),
             model=[model],
@@ -83,9 +97,4 @@ def run_schedule(
         )
     if not parallel_state.is_pipeline_last_stage():
         return StepResult(float("nan"), [])
-    loss = torch.stack([r["loss"] for r in results]).mean().item()
-    heads = torch.stack([r["head_losses"] for r in results]).mean(0).tolist()
-    acc = None
-    if results and "head_accuracy" in results[0]:
-        acc = torch.stack([r["head_accuracy"] for r in results]).mean(0).tolist()
-    return StepResult(loss, heads, acc)
+    return StepResult.mean(stats)

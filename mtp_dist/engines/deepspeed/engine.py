@@ -1,0 +1,299 @@
+"""DeepSpeed engine: ZeRO-1/2/3 data parallelism over megatron-core's tensor-parallel layers.
+
+DeepSpeed is configured with one microbatch of global/dp samples and no accumulation of its
+own: the engine runs this rank's microbatches inside `coalesce_grad_reduction()` (gradients
+stay local, one reduction at the end) and steps once. The sequential heads run several
+backward passes per microbatch (inside forward), which ZeRO-2/3's per-parameter reduce hooks
+reject ("already reduced") unless reduction is deferred like this. Each microbatch's loss is
+divided by their number and the heads get that factor as loss_scale. With pipeline
+parallelism (ZeRO-1) megatron-core's schedule drives the microbatches through the DeepSpeed
+engine in the same block.
+
+Checkpoints are DeepSpeed's own (bit-exact resume at the same layout); see checkpoint.py for
+universal checkpoints (another data-parallel size) and the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+from mtp_dist.compat import deepspeed as fixes
+from mtp_dist.config import Config, ConfigError
+from mtp_dist.distributed import ParallelDims
+from mtp_dist.engines.base import TrainStepResult
+from mtp_dist.engines.deepspeed import checkpoint
+from mtp_dist.engines.optim import WarmupCosine, param_groups, unshare_adam_steps
+from mtp_dist.model.model import MTPModel
+from mtp_dist.run_plan import RunPlan
+from mtp_dist.schedule import StepResult, batch_to, microbatch_stats, run_schedule
+
+# (key in the DeepSpeed JSON, key in train.*) that must agree.
+_BATCH_KEYS = (
+    ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+    ("train_batch_size", "train.global_batch_size"),
+    ("gradient_accumulation_steps", "train.global_batch_size / (micro_batch_size * dp)"),
+)
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed asks for, from megatron-core's parallel_state.
+
+    model-parallel = tensor x pipeline (the gradient norm is summed over it, and checkpoint
+    files are named by its rank); tensor-parallel = the shards that
+    `p.tensor_model_parallel` marks (replicated parameters count once in the norm)."""
+
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(
+        parallel_state.get_tensor_model_parallel_world_size
+    )
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size
+    )
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())
+
+
+def build_ds_config(cfg: Config, plan: RunPlan, on_gpu: bool) -> dict:
+    """DeepSpeed's config dict: cfg.deepspeed.config (if given) completed from cfg.train; a
+    contradiction between the two is a ConfigError naming both keys."""
+    t = cfg.train
+    ds: dict = {}
+    path = cfg.deepspeed.config
+    if path is not None:
+        try:
+            with open(path) as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"deepspeed.config={path!r} cannot be read as JSON: {e}") from e
+        wanted = (t.micro_batch_size, t.global_batch_size, plan.num_microbatches)
+        for (ds_key, cfg_key), value in zip(_BATCH_KEYS, wanted, strict=True):
+            if ds_key in ds and ds[ds_key] != value:
+                raise ConfigError(
+                    f"deepspeed.config {path}: {ds_key}={ds[ds_key]} contradicts {cfg_key}="
+                    f"{value}; remove {ds_key} from the JSON or change {cfg_key}"
+                )
+        stage = ds.get("zero_optimization", {}).get("stage")
+        if stage is not None and stage != cfg.deepspeed.zero_stage:
+            raise ConfigError(
+                f"deepspeed.config {path}: zero_optimization.stage={stage} contradicts "
+                f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them equal"
+            )
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(
+            f"deepspeed.config {path}: fp16 is not supported (the sequential heads would need "
+            "the dynamic loss scale up front); use bf16"
+        )
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = plan.num_microbatches
+    ds["train_batch_size"] = t.global_batch_size
+    ds.setdefault("gradient_clipping", t.grad_clip)
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    ds.setdefault("bf16", {}).setdefault("enabled", plan.dtype == "bf16")
+    # torch's AdamW as the client optimizer is "untested" in DeepSpeed's eyes.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    if on_gpu and "optimizer" not in ds:
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8},
+        }
+    return ds
+
+
+class _ScheduleView:
+    """What megatron-core's pipeline schedule expects of a model (config, model_type,
+    set_input_tensor), calling through the DeepSpeed engine. The engine itself will not do: its
+    own `config` attribute would shadow the model's."""
+
+    def __init__(self, engine, model: MTPModel):
+        self.engine = engine
+        self.config = model.config
+        self.model_type = model.model_type
+        self.set_input_tensor = model.set_input_tensor
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def parameters(self):
+        return self.engine.parameters()
+
+
+class DeepSpeedEngine:
+    @classmethod
+    def check_config(cls, cfg: Config, plan: RunPlan) -> None:
+        stage, pp = cfg.deepspeed.zero_stage, cfg.parallel.pipeline
+        if stage not in (1, 2, 3):
+            raise ConfigError(
+                f"deepspeed.zero_stage={stage} is not supported by engine=deepspeed: use 1, 2 "
+                "or 3 (ZeRO-0 is refused because the sequential heads and the pipeline "
+                "schedule run backward outside engine.backward(), which DeepSpeed allows with "
+                "ZeRO-1/2/3 only)"
+            )
+        if pp > 1 and stage > 1:
+            raise ConfigError(
+                f"deepspeed.zero_stage={stage} with parallel.pipeline={pp}: DeepSpeed supports "
+                "pipelines with ZeRO-1 only; use deepspeed.zero_stage=1 or parallel.pipeline=1"
+            )
+        if pp > 1 and cfg.model.tie_embeddings:
+            raise ConfigError(
+                "model.tie_embeddings with parallel.pipeline>1 is not supported by engine="
+                "deepspeed; untie the embeddings or use engine=megatron"
+            )
+        build_ds_config(cfg, plan, on_gpu=False)
+
+    def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel):
+        on_gpu = dims.device.type == "cuda"
+        if not on_gpu:
+            from mtp_dist.compat import cpu
+
+            cpu.apply_deepspeed()
+        import deepspeed
+
+        self.cfg = cfg
+        self.dims = dims
+        self.model = model
+        self.num_microbatches = plan.num_microbatches
+        t = cfg.train
+        ds_config = build_ds_config(cfg, plan, on_gpu)
+        # The engine accumulates; DeepSpeed sees the rank's whole share as one microbatch.
+        ds_config["train_micro_batch_size_per_gpu"] = t.global_batch_size // dims.dp
+        ds_config["gradient_accumulation_steps"] = 1
+        if t.recompute:
+            fixes.checkpoint_layers(model.trunk)
+        model.config.grad_scale_func = None
+        groups = param_groups(model, t.weight_decay)
+        scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupCosine.of(t))
+        if "optimizer" in ds_config:
+            optimizer, params = None, groups
+        else:
+            optimizer = torch.optim.AdamW(
+                groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, weight_decay=t.weight_decay
+            )
+            params = None
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=params,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            mpu=MegatronMPU(),
+            dist_init_required=False,
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.ds.optimizer.param_groups[0]["lr"]
+
+    def _forward(self, batch: dict[str, Tensor], loss_scale: float = 1.0):
+        batch = batch_to(batch, self.dims.device)
+        return self.ds(batch["tokens"], loss_mask=batch.get("loss_mask"), loss_scale=loss_scale)
+
+    def _run(self, microbatches: list[dict[str, Tensor]], forward_only: bool) -> StepResult:
+        """All microbatches of this rank through the engine: megatron-core's schedule with a
+        pipeline, else one forward (and backward) per microbatch."""
+        if self.dims.pp > 1:
+            view = _ScheduleView(self.ds, self.model)
+            return run_schedule(view, microbatches, self.cfg.model.seq_length, forward_only)
+        if forward_only:
+            with torch.no_grad():
+                return StepResult.mean([microbatch_stats(self._forward(b)) for b in microbatches])
+        scale = 1.0 / len(microbatches)
+        stats = []
+        for batch in microbatches:
+            out = self._forward(batch, loss_scale=scale)
+            self.ds.backward(out.loss * scale)
+            stats.append(microbatch_stats(out))
+        return StepResult.mean(stats)
+
+    def train_step(self, microbatches: list[dict[str, Tensor]]) -> TrainStepResult:
+        if len(microbatches) != self.num_microbatches:
+            raise ValueError(
+                f"got {len(microbatches)} microbatches; the plan has {self.num_microbatches}"
+            )
+        self.ds.train()
+        lr = self.lr
+        with self.ds.coalesce_grad_reduction():
+            result = self._run(microbatches, forward_only=False)
+        self.ds.step()
+        skipped = not self.ds.was_step_applied()
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return TrainStepResult.of(result, norm, skipped or not math.isfinite(norm), lr)
+
+    def eval_step(self, microbatches: list[dict[str, Tensor]]) -> StepResult:
+        self.ds.eval()
+        try:
+            return self._run(microbatches, forward_only=True)
+        finally:
+            self.ds.train()
+
+    def full_parameters(self):
+        """Context in which this rank's parameters hold their (TP-local) values: ZeRO-3
+        partitions them over data-parallel ranks, so weights.full_state(model) must run inside
+        it (collective; read-only)."""
+        if self.cfg.deepspeed.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+
+    def save(self, directory: str) -> None:
+        # DeepSpeed writes its recovery scripts next to the tag folder: keep them inside too.
+        self.ds.save_checkpoint(directory, tag=checkpoint.TAG, save_latest=False)
+
+    def load(self, directory: str, load_optimizer: bool = True) -> None:
+        if not os.path.isdir(os.path.join(directory, checkpoint.TAG)):
+            raise FileNotFoundError(
+                f"{directory} holds no DeepSpeed checkpoint ({checkpoint.TAG}/ is missing): was "
+                "it saved with engine=deepspeed?"
+            )
+        universal = checkpoint.is_universal(directory)
+        fixes.set_universal_load(self.ds, universal)
+        path, _ = self.ds.load_checkpoint(
+            directory,
+            tag=checkpoint.TAG,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+            load_module_only=not load_optimizer,
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {directory}")
+        if universal and load_optimizer:
+            self._fix_universal_optimizer_state()
+
+    def _fix_universal_optimizer_state(self) -> None:
+        """A universal load (seen with ZeRO-3) gives every param group the first group's
+        weight decay, and may leave one Adam step tensor shared by all groups (incremented
+        once per group per step). Restore the groups' decay and give each its own count."""
+        inner = self.ds.optimizer.optimizer
+        decays = [g["weight_decay"] for g in param_groups(self.model, self.cfg.train.weight_decay)]
+        if len(inner.param_groups) != len(decays):
+            raise RuntimeError(f"expected {len(decays)} param groups after the universal load")
+        for group, decay in zip(inner.param_groups, decays, strict=True):
+            group["weight_decay"] = decay
+        unshare_adam_steps(inner)
+
+    @staticmethod
+    def load_full_weights(directory: str | os.PathLike, model: MTPModel) -> None:
+        checkpoint.load_model_weights(model, directory)
