@@ -23,24 +23,14 @@ import gc
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
-
-warnings.filterwarnings("ignore")
 
 CASES = {"n1": (1, "joint"), "n4_joint": (4, "joint"), "n4_seq": (4, "sequential")}
 MiB = 2**20
 RESULT = Path(__file__).resolve().parent / "results" / "head_memory.json"
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _vm_kib(field: str) -> int:
@@ -81,13 +71,16 @@ class _CudaPeak:
 
 def run_case(case: str, args) -> dict:
     """Build the model, take a warm-up step, then measure one step; returns one table row."""
-    os.environ.setdefault("MASTER_PORT", _free_port())
     import torch
 
     from mtp_dist import distributed
+    from mtp_dist.compat import ignore_known_warnings
     from mtp_dist.config import ModelConfig
     from mtp_dist.model.model import build_model
     from mtp_dist.model.weights import init_weights
+
+    ignore_known_warnings()
+    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
 
     n, mode = CASES[case]
     dims = distributed.init(1, 1, seed=1)

@@ -1,41 +1,13 @@
-"""Shared fixtures: a torchrun launcher for multi-process workers, and a one-process
-megatron-core setup for in-process unit tests."""
+"""Shared fixtures (helpers live in tests/support.py): a one-process megatron-core setup for
+in-process unit tests."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from mtp_dist.distributed import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def torchrun(nproc: int, script: str | Path, *args: str, timeout: int = 600, env=None):
-    """Run `script` under torchrun on CPU/gloo; raise with its output if it fails."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        str(script),
-        *args,
-    ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
 
 
 @pytest.fixture(scope="session")

@@ -55,3 +55,16 @@ def test_shimmed_tracker_forks_cpu_rng(megatron_1proc):
 def test_apply_refuses_on_gpu():
     with pytest.raises(RuntimeError):
         cpu.apply()
+
+
+def test_pytest_ignores_exactly_the_known_warnings():
+    """pyproject's filterwarnings and compat.KNOWN_WARNINGS name the same warnings: no blanket
+    ignore that would hide upstream drift."""
+    import tomllib
+
+    from tests.support import ROOT
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = config["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    known = [f"ignore:{msg}:{cat.__name__}" for cat, msg in compat.KNOWN_WARNINGS]
+    assert sorted(listed) == sorted(known)

@@ -66,6 +66,7 @@ def _kill_when(proc: subprocess.Popen, out: Path, ready, timeout: float = 120) -
     pytest.fail("kill point never reached")
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_byte_identical(tmp_path, corpus):
     reference = tmp_path / "reference"
     tokenize([corpus / "*.jsonl"], reference, workers=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mtp_dist import config as C
-from tests.conftest import ROOT, torchrun
+from tests.support import ROOT, torchrun
 
 WORKER = ROOT / "tests" / "workers" / "deepspeed_cases.py"
 RTOL = 1e-5
@@ -89,6 +89,7 @@ def _assert_close(rows: list[dict], ref: list[dict], rtol: float = RTOL) -> None
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.slow
 def test_zero_stage_on_two_ranks_matches_one_rank(runs, stage):
     _assert_close(runs[f"zero{stage}"], runs["ref"])
     assert len(_steps(runs["ref"])) == 4
@@ -97,10 +98,12 @@ def test_zero_stage_on_two_ranks_matches_one_rank(runs, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
 def test_tp2_dp2_matches_tp1(runs, stage):
     _assert_close(runs[f"tp2dp2_zero{stage}"], runs["ref"])
 
 
+@pytest.mark.slow
 def test_pipeline_zero1_matches_single_stage(runs):
     _assert_close(runs["pp2_zero1"], runs["ref"])
     (ev,) = [r["eval"] for r in runs["pp2_zero1"] if "eval" in r]
@@ -109,15 +112,18 @@ def test_pipeline_zero1_matches_single_stage(runs):
     assert len(ev) == 1 + 2 * 4  # loss, 4 head losses, 4 head accuracies
 
 
+@pytest.mark.slow
 def test_recompute_matches(runs):
     _assert_close(runs["zero3_recompute"], runs["ref"])
 
 
+@pytest.mark.slow
 def test_json_config_matches(runs):
     _assert_close(runs["zero2_json"], runs["ref"])
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.slow
 def test_exact_resume(runs, stage):
     before = _steps(runs[f"zero{stage}"])
     after = _steps(runs[f"resume{stage}"])
@@ -128,12 +134,14 @@ def test_exact_resume(runs, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.slow
 def test_universal_checkpoint_from_two_ranks_on_one(runs, stage):
     rows = runs[f"universal{stage}"]
     assert sorted(_steps(rows)) == [2, 3]
     _assert_close(rows, runs[f"zero{stage}"])
 
 
+@pytest.mark.slow
 def test_checkpoint_stays_inside_its_directory(runs):
     ck = runs["_ckpt"]
     for s in (1, 2, 3):
@@ -141,6 +149,7 @@ def test_checkpoint_stays_inside_its_directory(runs):
         assert "deepspeed" in os.listdir(ck / f"zero{s}" / "step_2")
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped(runs):
     rows = _steps(runs["zero2_nan"])
     assert rows[1]["skipped"] and rows[1]["unchanged"]
@@ -153,10 +162,10 @@ def _cfg(*overrides: str) -> C.Config:
     return C.load(ROOT / "configs" / "tiny.yaml", ["engine=deepspeed", *overrides])
 
 
-def _plan(cfg: C.Config, world_size: int):
+def _plan(cfg: C.Config, world_size: int, on_gpu: bool = False):
     from mtp_dist.run_plan import resolve
 
-    return resolve(cfg, world_size, on_gpu=False)
+    return resolve(cfg, world_size, on_gpu)
 
 
 def _json(tmp_path: Path, body: dict) -> str:
@@ -206,7 +215,7 @@ def test_json_completed_from_train_config(tmp_path):
 def test_gpu_config_uses_bf16_and_deepspeed_adamw():
     from mtp_dist.engines.deepspeed.engine import build_ds_config
 
-    ds = build_ds_config(_cfg(), _plan(_cfg(), 1), on_gpu=True)
+    ds = build_ds_config(_cfg(), _plan(_cfg(), 1, on_gpu=True), on_gpu=True)
     assert ds["bf16"]["enabled"] and ds["optimizer"]["type"] == "AdamW"
 
 
@@ -240,6 +249,7 @@ def test_unsupported_layouts_are_config_errors():
         _check(tied)
 
 
+@pytest.mark.slow
 def test_zero_stage_0_exits_2_from_the_command_line():
     proc = subprocess.run(
         [sys.executable, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml",
@@ -273,6 +283,7 @@ def test_apply_deepspeed_skips_shm_build():
     assert os.environ["DS_ACCELERATOR"] == "cpu"
 
 
+@pytest.mark.slow
 def test_cli_help():
     for args in ([], ["to-universal"]):
         proc = subprocess.run(
@@ -286,6 +297,7 @@ def test_cli_help():
         assert "to-universal" in proc.stdout or "checkpoint_dir" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_rejects_missing_checkpoint(tmp_path):
     proc = subprocess.run(
         [
@@ -304,6 +316,7 @@ def test_cli_rejects_missing_checkpoint(tmp_path):
     assert proc.returncode != 0 and "is not a directory" in proc.stderr
 
 
+@pytest.mark.slow
 def test_export_weights_agree_across_stages(runs, megatron_1proc):
     """load_model_weights (the consolidated export's reader) gives the same full weights from
     the ZeRO-1, -2 and -3 checkpoints of the same run."""

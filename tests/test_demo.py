@@ -9,7 +9,11 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.slow  # the whole path: data prep and a 2-process training
 
 
 def test_demo_runs_and_every_head_learns(tmp_path):

@@ -12,7 +12,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import ROOT, torchrun
+from tests.support import ROOT, torchrun
+
+pytestmark = pytest.mark.slow  # torchrun / subprocess trainings
 
 WORKER = ROOT / "tests" / "workers" / "model_cases.py"
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]

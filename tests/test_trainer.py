@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from mtp_dist.distributed import free_port
+from tests.support import ROOT
+
+pytestmark = pytest.mark.slow  # torchrun / subprocess trainings
 
 STEPS = 8
 BASE = [
@@ -42,7 +45,7 @@ def train_cmd(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
 
 def env() -> dict:
     base = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    return {**base, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return {**base, "OMP_NUM_THREADS": "1"}
 
 
 def train(
