@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_prep import manifest as mf
+from mtp_dist.compat import ignore_known_warnings
 from mtp_dist.compat.megatron_data import blended_builder_class
 from mtp_dist.config import ConfigError
 
@@ -175,7 +176,7 @@ def _check_splits(prefixes: list[str], split_matrix, num_samples) -> None:
 
 def _builder_classes():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+        ignore_known_warnings()  # megatron-core's import notes that Apex/TE are absent
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     class MTPGPTDataset(_FullWindow, GPTDataset):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
 
-warnings.filterwarnings("ignore")
+from mtp_dist.compat import ignore_known_warnings  # noqa: E402
+
+ignore_known_warnings()
 
 from mtp_dist import config as C  # noqa: E402
 from mtp_dist import distributed  # noqa: E402

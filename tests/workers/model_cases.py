@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
 
-warnings.filterwarnings("ignore")
+from mtp_dist.compat import ignore_known_warnings  # noqa: E402
+
+ignore_known_warnings()
 
 from megatron.core import parallel_state  # noqa: E402
 
