@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtp_dist.errors import UserError
 from mtp_dist.files import atomic_path, atomic_write
 
 META = "meta.json"
@@ -36,8 +39,13 @@ MODEL_KEYS = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names it and the fix."""
+
+
+LOAD_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+"""What torch.load, dist_checkpointing and DeepSpeed raise for missing, truncated or foreign
+checkpoint files: the caller turns them into a CheckpointError naming the checkpoint."""
 
 
 def _barrier() -> None:
@@ -67,7 +75,13 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        if not re.fullmatch(r"step_\d{8}", name):
+            raise CheckpointError(
+                f"{pointer} is corrupt (it should name a step_XXXXXXXX directory): fix it or "
+                "set train.resume to an existing checkpoint"
+            )
+        path = self.root / name
         if not (path / META).is_file():
             raise CheckpointError(
                 f"{pointer} points at {path}, which is not a complete checkpoint: "
@@ -108,16 +122,40 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint given as itself (a step_* directory), as a checkpoints directory (its
+    latest) or as a run directory (RUN/checkpoints/latest)."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            return CheckpointManager(root, keep=1).latest()
+    raise CheckpointError(
+        f"no such checkpoint: {path} is not a checkpoint (a step_* directory with {META}), nor "
+        f"a run or checkpoints directory with a `{LATEST}` pointer; give one of those"
+    )
+
+
 def read_meta(path: Path) -> dict:
     try:
-        return json.loads((Path(path) / META).read_text())
+        meta = json.loads((Path(path) / META).read_bytes())
     except FileNotFoundError as e:
         raise CheckpointError(
             f"{path} has no {META}: it is not a complete checkpoint; "
             "point train.resume at a step_* directory"
         ) from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}/{META} is corrupt ({e}): resume from another step") from e
+    wanted = {"step": int, "consumed_samples": int, "config": dict}
+    if not isinstance(meta, dict) or any(
+        not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool) for k, t in wanted.items()
+    ):
+        raise CheckpointError(
+            f"{path}/{META} is corrupt (it lacks step, consumed_samples or config, or they have "
+            "the wrong type): resume from another step"
+        )
+    return meta
 
 
 def check_compatible(meta: dict, model_cfg: dict, tokenizer_hash: str | None, path: Path) -> None:

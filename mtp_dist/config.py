@@ -9,6 +9,7 @@ here imports torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
+from mtp_dist.errors import UserError
 from mtp_dist.files import atomic_write
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
@@ -86,6 +88,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio (the paper: 0.1 language, 0.03 code)."""
     warmup_steps: int = 10
+    lr_decay_steps: int | None = None
+    """The cosine schedule's horizon: it reaches lr * min_lr_ratio at this step. None means
+    train.steps. Recorded in checkpoints, so a resumed run can go on longer (a larger
+    train.steps) on the same schedule."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -102,6 +108,9 @@ class TrainConfig:
     eval_interval: int = 0
     """Evaluate every N steps (0: never)."""
     eval_steps: int = 2
+    watchdog_seconds: float = 1800.0
+    """A rank that makes no progress (no step, no evaluation, no checkpoint) for this long prints
+    where every thread is and exits with status 4. 0 turns the watchdog off."""
 
 
 @dataclass
@@ -127,6 +136,9 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end and on SIGTERM/SIGUSR1)."""
     keep: int = 3
     """Keep the last K checkpoints."""
+    overwrite: bool = False
+    """Allow a run that does not resume from the directory's latest checkpoint to write into a
+    directory that already holds checkpoints (it replaces them). Off: such a run is refused."""
 
 
 @dataclass
@@ -177,72 +189,160 @@ class Config:
         atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _positive(value: float | None, key: str, allow_zero: bool = False) -> None:
+    """A finite number > 0 (>= 0 with allow_zero); None passes (it means "the default")."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    _need(ok, f"{key}={value} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+
+
+def _weights(values: list[float] | None, key: str) -> None:
+    if values is None:
+        return
+    for i, w in enumerate(values):
+        _positive(w, f"{key}[{i}]", allow_zero=True)
+    _need(sum(values) > 0, f"{key} are all zero: at least one weight must be > 0")
+
+
+def parse_split(split: str) -> list[float]:
+    """data.split "train,valid,test" as three proportions (megatron-core's format)."""
+    try:
+        parts = [float(x) for x in split.split(",")]
+    except ValueError:
+        parts = []
+    _need(
+        len(parts) == 3 and all(math.isfinite(x) and x >= 0 for x in parts) and parts[0] > 0,
+        f"data.split={split!r} must be three non-negative numbers train,valid,test with "
+        "train > 0, e.g. 98,1,1",
+    )
+    return parts
+
+
 def validate(c: Config) -> None:
-    m, p, t = c.model, c.parallel, c.train
+    """Every field, and every combination, checked without I/O."""
+    _validate_model(c.model, c.parallel)
+    _validate_train(c.train)
+    d = c.data
+    if not d.synthetic:
+        _need(
+            bool(d.paths) or c.train.steps == 0,
+            "data.paths is empty: give shard directories (python -m data_prep tokenize) "
+            "or set data.synthetic=true",
+        )
+    _need(all(d.paths), "data.paths has an empty entry: give shard directories")
+    if d.weights is not None:
+        _need(
+            len(d.weights) == len(d.paths),
+            "data.weights needs one weight per entry of data.paths",
+        )
+    _weights(d.weights, "data.weights")
+    parse_split(d.split)
+    if c.train.eval_interval:
+        _need(
+            parse_split(d.split)[1] > 0 or d.synthetic,
+            f"train.eval_interval={c.train.eval_interval} but data.split={d.split!r} has no "
+            "validation part: give it one (e.g. 98,1,1) or set train.eval_interval=0",
+        )
+    _need(c.checkpoint.interval >= 0, "checkpoint.interval must be >= 0 (0: only at the end)")
+    _need(c.checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (the last K are kept)")
+    _need(c.logging.interval >= 1, "logging.interval must be >= 1 (print every N steps)")
+    _positive(c.logging.peak_flops, "logging.peak_flops", allow_zero=True)
+    _need(bool(c.run.dir), "run.dir must not be empty")
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
 
-    need(m.n_future_tokens >= 1, "model.n_future_tokens must be >= 1 (1 is next-token only)")
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
-        need(getattr(m, key) >= 1, f"model.{key} must be >= 1")
-    need(p.tensor >= 1, "parallel.tensor must be >= 1")
-    need(p.pipeline >= 1, "parallel.pipeline must be >= 1")
-    need(
+def _validate_model(m: ModelConfig, p: ParallelConfig) -> None:
+    _need(m.n_future_tokens >= 1, "model.n_future_tokens must be >= 1 (1 is next-token only)")
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "vocab_size",
+        "vocab_multiple",
+        "seq_length",
+    ):
+        _need(getattr(m, key) >= 1, f"model.{key} must be >= 1")
+    for key in ("num_query_groups", "ffn_hidden_size"):
+        value = getattr(m, key)
+        _need(value is None or value >= 1, f"model.{key} must be >= 1 (or null)")
+    for key in ("rotary_base", "norm_epsilon", "init_std"):
+        _positive(getattr(m, key), f"model.{key}")
+    _need(p.tensor >= 1, "parallel.tensor must be >= 1")
+    _need(p.pipeline >= 1, "parallel.pipeline must be >= 1")
+    _need(
         m.num_layers % p.pipeline == 0,
         f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}: "
         "every pipeline stage needs the same number of trunk layers",
     )
-    need(
+    _need(
         m.hidden_size % m.num_attention_heads == 0,
         f"model.hidden_size={m.hidden_size} is not divisible by "
         f"model.num_attention_heads={m.num_attention_heads}",
     )
     groups = m.num_query_groups or m.num_attention_heads
-    need(
+    _need(
         m.num_attention_heads % groups == 0,
         "model.num_query_groups must divide model.num_attention_heads",
     )
-    need(
+    _need(
         groups % p.tensor == 0,
         f"parallel.tensor={p.tensor} must divide the attention heads / query groups ({groups})",
     )
-    need(
+    _need(
         m.ffn_size % p.tensor == 0,
         f"parallel.tensor={p.tensor} must divide the SwiGLU size {m.ffn_size} "
         "(model.ffn_hidden_size)",
     )
-    need(
+    _need(
         m.padded_vocab_size % p.tensor == 0,
         f"the padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor="
         f"{p.tensor}: set model.vocab_multiple to a multiple of {p.tensor}",
     )
     if m.head_loss_weights is not None:
-        need(
+        _need(
             len(m.head_loss_weights) == m.n_future_tokens,
             f"model.head_loss_weights has {len(m.head_loss_weights)} entries but "
             f"model.n_future_tokens={m.n_future_tokens}: give one weight per head",
         )
-    need(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
-    need(
+    _weights(m.head_loss_weights, "model.head_loss_weights")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _need(t.steps >= 0, "train.steps must be >= 0")
+    _need(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _need(t.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+    _need(
         t.global_batch_size % t.micro_batch_size == 0,
         f"train.global_batch_size={t.global_batch_size} is not a multiple of "
         f"train.micro_batch_size={t.micro_batch_size}",
     )
-    need(t.steps >= 0, "train.steps must be >= 0")
-    need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
-    if not c.data.synthetic:
-        need(
-            bool(c.data.paths) or t.steps == 0,
-            "data.paths is empty: give shard directories (python -m data_prep tokenize) "
-            "or set data.synthetic=true",
-        )
-    if c.data.weights is not None:
-        need(
-            len(c.data.weights) == len(c.data.paths),
-            "data.weights needs one weight per entry of data.paths",
-        )
+    _positive(t.lr, "train.lr")
+    _need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
+    _need(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+    _need(
+        t.lr_decay_steps is None or t.lr_decay_steps >= 1,
+        "train.lr_decay_steps must be >= 1 (or null: train.steps)",
+    )
+    _positive(t.weight_decay, "train.weight_decay", allow_zero=True)
+    _positive(t.grad_clip, "train.grad_clip", allow_zero=True)
+    for key in ("beta1", "beta2"):
+        value = getattr(t, key)
+        _need(0.0 <= value < 1.0, f"train.{key}={value} must be in [0, 1)")
+    _need(t.seed >= 0, "train.seed must be >= 0")
+    _need(bool(t.resume), "train.resume must be auto, none or a checkpoint path")
+    _need(t.max_bad_steps >= 0, "train.max_bad_steps must be >= 0")
+    _need(t.eval_interval >= 0, "train.eval_interval must be >= 0 (0: never)")
+    _need(
+        t.eval_steps >= 1 or not t.eval_interval,
+        f"train.eval_steps={t.eval_steps} with train.eval_interval={t.eval_interval}: "
+        "evaluate at least one batch, or set train.eval_interval=0",
+    )
+    _positive(t.watchdog_seconds, "train.watchdog_seconds", allow_zero=True)
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -311,12 +411,26 @@ def apply_override(data: dict, override: str) -> None:
         raise ConfigError(f"override {override!r} must look like key=value, e.g. train.steps=10")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part, e.g. train.steps=10")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    node[parts[-1]] = _yaml(raw.encode(), f"override {override!r}") if raw != "" else None
+
+
+def _yaml(data: bytes, what: str) -> Any:
+    try:
+        return yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} is not UTF-8 text ({e.reason}): give a YAML file") from e
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{what} is not valid YAML{at}: {problem}; fix the syntax") from e
 
 
 def from_dict(data: dict) -> Config:
@@ -330,7 +444,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist: pass an existing --config path")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _yaml(p.read_bytes(), f"config file {p}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     for o in overrides:

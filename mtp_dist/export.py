@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mtp_dist.errors import run_cli
+
 
 def export(checkpoint: Path, out: Path) -> Path:
     from mtp_dist import checkpointing as ckpt
@@ -19,6 +21,7 @@ def export(checkpoint: Path, out: Path) -> Path:
     from mtp_dist.engines import engine_class
     from mtp_dist.model.model import build_model
 
+    checkpoint = ckpt.find_checkpoint(checkpoint)
     meta = ckpt.read_meta(checkpoint)
     data = meta["config"]
     data["parallel"] = {"tensor": 1, "pipeline": 1}
@@ -27,7 +30,10 @@ def export(checkpoint: Path, out: Path) -> Path:
     distributed.init(1, 1, seed=cfg.train.seed)
     try:
         model = build_model(cfg.model)
-        engine.load_full_weights(checkpoint / "engine", model)
+        try:
+            engine.load_full_weights(checkpoint / "engine", model)
+        except ckpt.LOAD_ERRORS as e:
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint} cannot be loaded: {e}") from e
         return ckpt.export_consolidated(model, out, cfg.to_dict(), meta["step"])
     finally:
         distributed.destroy()
@@ -35,19 +41,22 @@ def export(checkpoint: Path, out: Path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtp_dist.export", description=__doc__)
-    p.add_argument("checkpoint", type=Path, help="a step_* checkpoint directory")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a step_* checkpoint directory, a checkpoints directory or a run directory (both: "
+        "their latest checkpoint)",
+    )
     p.add_argument("out", type=Path, help="output .pt file")
     args = p.parse_args(argv)
-    from mtp_dist.checkpointing import CheckpointError
+    return run_cli(lambda: _main(args))
+
+
+def _main(args) -> int:
     from mtp_dist.compat import ignore_known_warnings
-    from mtp_dist.config import ConfigError
 
     ignore_known_warnings()
-    try:
-        path = export(args.checkpoint, args.out)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {path}")
     return 0
 

@@ -7,17 +7,36 @@ import json
 import sys
 from pathlib import Path
 
+from mtp_dist.errors import UserError, run_cli
+from mtp_dist.files import atomic_path
+
+
+class ReportError(UserError):
+    pass
+
 
 def load_records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl records, keeping the last record of each step (a resumed run repeats)."""
+    """metrics.jsonl records, keeping the last record of each step (a resumed run repeats).
+    A truncated last line (a run killed while writing it) is skipped with a note."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: give a run directory of mtp_dist.train")
+        raise ReportError(f"{path} not found: give a run directory of mtp_dist.train")
+    lines = [ln for ln in path.read_bytes().decode("utf-8", "replace").splitlines() if ln.strip()]
     by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for i, line in enumerate(lines, start=1):
+        try:
             r = json.loads(line)
-            by_step[r["step"]] = r
+            by_step[int(r["step"])] = r
+            len(r["head_losses"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if i == len(lines):
+                print(f"note: {path}: skipped a truncated last line", file=sys.stderr)
+                continue
+            raise ReportError(
+                f"{path} line {i} is not a metrics record ({e}): it is corrupt; remove the line"
+            ) from e
+    if not by_step:
+        raise ReportError(f"{path} holds no steps yet: train first, then report")
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -48,7 +67,8 @@ def plot(records: list[dict], out: Path) -> Path:
         axes[1].set_title("validation accuracy per head")
         axes[1].legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 
@@ -58,11 +78,11 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/losses.png)")
     args = p.parse_args(argv)
-    try:
-        records = load_records(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _main(args))
+
+
+def _main(args) -> int:
+    records = load_records(args.run_dir)
     out = plot(records, args.out or args.run_dir / "losses.png")
     first, last = records[0], records[-1]
     heads = " ".join(

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from mtp_dist import config as config_mod
+from mtp_dist.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -28,19 +29,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_cli(lambda: _main(args))
+
+
+def _main(args) -> int:
+    # The config first, before the seconds of importing torch and megatron-core.
+    cfg = config_mod.load(args.config, args.overrides)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from mtp_dist.checkpointing import CheckpointError
     from mtp_dist.compat import ignore_known_warnings
-    from mtp_dist.data import TokenizerMismatchError
     from mtp_dist.trainer import TrainingStopped
 
     ignore_known_warnings()
     try:
-        cfg = config_mod.load(args.config, args.overrides)
         return run(cfg)
-    except (config_mod.ConfigError, CheckpointError, TokenizerMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3

@@ -122,7 +122,7 @@ class Trainer:
             )
         try:
             self.engine.load(str(path / "engine"))
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
+        except (*ckpt.LOAD_ERRORS, OSError) as e:
             raise ckpt.CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
         self.load_state_dict(meta)
         same_world = meta.get("world_size") == self.dims.world_size

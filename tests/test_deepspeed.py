@@ -313,7 +313,9 @@ def test_cli_rejects_missing_checkpoint(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0 and "is not a directory" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ")
+    assert "is not a directory with a DeepSpeed" in proc.stderr
 
 
 @pytest.mark.slow

@@ -25,9 +25,14 @@ from data_prep import manifest as mf
 from mtp_dist.compat import ignore_known_warnings
 from mtp_dist.compat.megatron_data import blended_builder_class
 from mtp_dist.config import ConfigError
+from mtp_dist.errors import UserError
 
 
-class TokenizerMismatchError(ValueError):
+class DataError(UserError, ValueError):
+    """Training data that cannot be used as given; the message names it and the fix."""
+
+
+class TokenizerMismatchError(DataError):
     """Shards made with another tokenizer than the configured one."""
 
 
@@ -103,7 +108,7 @@ def resolve_shards(
     weighs its token count. Refuses incomplete directories and shards of another tokenizer.
     """
     if weights is not None and len(weights) != len(paths):
-        raise ValueError(f"{len(paths)} data paths but {len(weights)} weights")
+        raise DataError(f"{len(paths)} data paths but {len(weights)} weights")
     prefixes: list[str] = []
     blend: list[float] = []
     identity = None
@@ -126,7 +131,7 @@ def _sidecars_of(path: str) -> tuple[list[dict], str]:
     if os.path.isdir(path):
         m = mf.load_manifest(path)
         if not m["complete"]:
-            raise ValueError(
+            raise DataError(
                 f"{path}: shard directory is incomplete (manifest.json: complete=false); finish "
                 "it by rerunning `python -m data_prep tokenize` (all SLURM tasks)"
             )
@@ -137,9 +142,9 @@ def _sidecars_of(path: str) -> tuple[list[dict], str]:
         sidecars = [mf.read_sidecar(where, name)]
     for sc in sidecars:
         if not mf.is_complete(where, sc):
-            raise ValueError(f"{path}: shard {sc and sc.get('shard')} is missing or partial")
+            raise DataError(f"{path}: shard {sc and sc.get('shard')} is missing or partial")
     if not sidecars:
-        raise ValueError(f"{path}: no complete shards")
+        raise DataError(f"{path}: no complete shards")
     return sidecars, where
 
 
@@ -168,7 +173,7 @@ def _check_splits(prefixes: list[str], split_matrix, num_samples) -> None:
             if bounds is None or not num_samples[i]:
                 continue
             if int(round(bounds[1] * n)) - int(round(bounds[0] * n)) <= 0:
-                raise ValueError(
+                raise DataError(
                     f"shard {prefix} has {n} documents, so split part {i} (train/valid/test) "
                     "gets none; make fewer, larger shards or change the split"
                 )
@@ -210,7 +215,7 @@ def build_datasets(
     ranks) and the others then load them.
     """
     if n_future_tokens < 1 or seq_length < 1:
-        raise ValueError(
+        raise DataError(
             f"need seq_length >= 1 and n_future_tokens >= 1, got {seq_length}, {n_future_tokens}"
         )
     window = seq_length + n_future_tokens
@@ -220,7 +225,7 @@ def build_datasets(
         blend, cls = None, mock_cls
     else:
         if not paths:
-            raise ValueError("no data paths given (or use synthetic data)")
+            raise DataError("no data paths given (or use synthetic data)")
         prefixes, blend_weights, tok = resolve_shards(paths, weights, vocab_size, tokenizer_hash)
         tokenizer = _TokenizerIdentity(vocab_size, tok["eod_id"], tok["pad_id"], tok["hash"])
         # One shard without weights: a plain GPTDataset, no single-member BlendedDataset.
@@ -249,5 +254,5 @@ def build_datasets(
     for i, ds in enumerate(built):
         out.append(None if ds is None or sizes[i] == 0 else Samples(ds, window))
     if out[0] is None:
-        raise ValueError(f"split {split!r} and num_samples {num_samples} leave no training data")
+        raise DataError(f"split {split!r} and num_samples {num_samples} leave no training data")
     return out[0], out[1], out[2]

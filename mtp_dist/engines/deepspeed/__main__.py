@@ -2,4 +2,4 @@ import sys
 
 from mtp_dist.engines.deepspeed.checkpoint import main
 
-main(sys.argv[1:])
+sys.exit(main(sys.argv[1:]))

@@ -13,6 +13,8 @@ import tempfile
 
 import torch
 
+from mtp_dist.checkpointing import LOAD_ERRORS, CheckpointError
+from mtp_dist.errors import run_cli
 from mtp_dist.model.model import MTPModel
 
 TAG = "deepspeed"
@@ -94,13 +96,17 @@ def convert_training_checkpoint(step_dir: str, out_dir: str, workers: int = 1) -
     out = os.path.abspath(out_dir)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "engine"))
-    to_universal(os.path.join(step_dir, "engine"), os.path.join(tmp, "engine"), workers)
-    shutil.copy(os.path.join(step_dir, "meta.json"), os.path.join(tmp, "meta.json"))
-    os.rename(tmp, out)
+    try:
+        os.makedirs(os.path.join(tmp, "engine"))
+        to_universal(os.path.join(step_dir, "engine"), os.path.join(tmp, "engine"), workers)
+        shutil.copy(os.path.join(step_dir, "meta.json"), os.path.join(tmp, "meta.json"))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m mtp_dist.engines.deepspeed", description="DeepSpeed checkpoint tools"
     )
@@ -110,13 +116,29 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint_dir",
         help="a training checkpoint (step_* with meta.json), or the directory save() wrote",
     )
-    conv.add_argument("out_dir", help="where the universal checkpoint goes")
+    conv.add_argument("out_dir", help="where the universal checkpoint goes (must not exist)")
     conv.add_argument("--workers", type=int, default=1, help="extract/merge processes")
     args = ap.parse_args(argv)
-    if not os.path.isdir(args.checkpoint_dir):
-        ap.error(f"{args.checkpoint_dir} is not a directory")
-    if os.path.isfile(os.path.join(args.checkpoint_dir, "meta.json")):
-        convert_training_checkpoint(args.checkpoint_dir, args.out_dir, args.workers)
-    else:
-        to_universal(args.checkpoint_dir, args.out_dir, args.workers)
+    return run_cli(lambda: _to_universal(args))
+
+
+def _to_universal(args) -> int:
+    source = args.checkpoint_dir
+    training = os.path.isfile(os.path.join(source, "meta.json"))
+    engine_dir = os.path.join(source, "engine") if training else source
+    if not os.path.isdir(os.path.join(engine_dir, TAG)):
+        raise CheckpointError(
+            f"{source} is not a directory with a DeepSpeed checkpoint (no meta.json + engine/"
+            f"{TAG}/, nor {TAG}/): give a step_* directory written with engine=deepspeed"
+        )
+    if os.path.exists(args.out_dir):
+        raise CheckpointError(f"{args.out_dir} already exists: give a new output directory")
+    try:
+        if training:
+            convert_training_checkpoint(source, args.out_dir, args.workers)
+        else:
+            to_universal(source, args.out_dir, args.workers)
+    except LOAD_ERRORS as e:
+        raise CheckpointError(f"{args.checkpoint_dir} cannot be converted: {e}") from e
     print(f"universal checkpoint: {os.path.abspath(args.out_dir)}")
+    return 0

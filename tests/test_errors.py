@@ -1,0 +1,172 @@
+"""The error contract, from the user's side: every anticipated failure of train, export and
+report is one line `error: ...` naming the input and the fix, exit status 2, no traceback; an
+unexpected exception shows its traceback and says it is a bug (exit 1)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mtp_dist.errors import run_cli
+from tests.support import ROOT
+
+TINY = ["--config", "configs/tiny.yaml", "data.synthetic=true"]
+
+
+def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("model.head_loss_weights=[1, -1, 1, 1]", ["model.head_loss_weights[1]=-1.0", ">= 0"]),
+        ("model.head_loss_weights=[0, 0, 0, 0]", ["model.head_loss_weights are all zero"]),
+        ("train.eval_steps=0", ["train.eval_steps=0", "train.eval_interval"]),
+        ("checkpoint.keep=0", ["checkpoint.keep must be >= 1"]),
+        ("logging.interval=0", ["logging.interval must be >= 1"]),
+        ("train.global_batch_size=0", ["train.global_batch_size must be >= 1"]),
+        ("model.vocab_multiple=0", ["model.vocab_multiple must be >= 1"]),
+        ("train.lr=0", ["train.lr=0.0 must be a finite number > 0"]),
+        ("train.lr=-1e-3", ["train.lr=-0.001"]),
+        ("train.lr=.nan", ["train.lr=nan"]),
+        ("train.beta1=1.0", ["train.beta1=1.0 must be in [0, 1)"]),
+        ("train.beta2=-0.1", ["train.beta2=-0.1 must be in [0, 1)"]),
+        ("model.init_std=0", ["model.init_std=0.0"]),
+        ("data.split=98,1", ["data.split='98,1' must be three non-negative numbers"]),
+        ("data.split=0,1,1", ["train > 0"]),
+        ("data.split=a,b,c", ["data.split='a,b,c'"]),
+        ("train.watchdog_seconds=-1", ["train.watchdog_seconds=-1.0"]),
+        ("train.steps=ten", ["train.steps must be int"]),
+        ("engine=fsdp", ["engine='fsdp' is not an engine"]),
+    ],
+)
+def test_train_refuses_nonsense_in_the_config(override, fragments):
+    overrides = [override, "train.eval_interval=2"] if "eval_steps" in override else [override]
+    assert_user_error(run("mtp_dist.train", *TINY, *overrides), *fragments)
+
+
+def test_train_refuses_negative_blend_weights(tmp_path):
+    proc = run("mtp_dist.train", *TINY, "data.synthetic=false", "data.paths=[a, b]",
+               "data.weights=[1, -2]")  # fmt: skip
+    assert_user_error(proc, "data.weights[1]=-2.0")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1,\n")
+    assert_user_error(run("mtp_dist.train", "--config", str(bad)), str(bad), "not valid YAML")
+
+
+def test_binary_yaml_is_refused(tmp_path):
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(bytes(range(256)))
+    assert_user_error(run("mtp_dist.train", "--config", str(bad)), "is not UTF-8 text")
+
+
+@pytest.mark.parametrize("override", ["train.steps", "=3", "train..steps=3", "train.steps=[1,"])
+def test_bad_override_syntax(override):
+    assert_user_error(run("mtp_dist.train", *TINY, override), "override")
+
+
+def test_config_file_that_is_a_directory(tmp_path):
+    assert_user_error(run("mtp_dist.train", "--config", str(tmp_path)), "does not exist")
+
+
+def test_unwritable_checkpoint_dir_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run("mtp_dist.train", *TINY, f"checkpoint.dir={tmp_path / 'file' / 'ck'}",
+               "train.steps=1", timeout=300)  # fmt: skip
+    assert_user_error(proc, "is not writable")
+
+
+def test_export_without_a_checkpoint_says_so(tmp_path):
+    proc = run("mtp_dist.export", str(tmp_path), str(tmp_path / "m.pt"))
+    assert_user_error(proc, "no such checkpoint", str(tmp_path))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_export_of_a_garbage_latest_pointer(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    (ck / "latest").write_bytes(b"\x00\xffgarbage")
+    assert_user_error(run("mtp_dist.export", str(tmp_path), str(tmp_path / "m.pt")), "corrupt")
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", '{"step": "x", "config": {}}', "{not json"])
+def test_export_of_a_checkpoint_with_a_bad_meta(tmp_path, meta):
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    (step / "meta.json").write_text(meta)
+    assert_user_error(run("mtp_dist.export", str(step), str(tmp_path / "m.pt")), "is corrupt")
+
+
+def _metrics(tmp_path, lines: list[str]):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _record(step: int) -> str:
+    return json.dumps({"step": step, "loss": 2.0, "head_losses": [1.0, 1.0]})
+
+
+def test_report_skips_a_truncated_last_line(tmp_path):
+    _metrics(tmp_path, [_record(1), _record(2), _record(3)[:20]])
+    proc = run("mtp_dist.report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 steps" in proc.stdout and "truncated last line" in proc.stderr
+    assert (tmp_path / "losses.png").stat().st_size > 0
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_report_refuses_a_corrupt_middle_line(tmp_path):
+    _metrics(tmp_path, [_record(1), "garbage", _record(3)])
+    assert_user_error(run("mtp_dist.report", str(tmp_path)), "line 2")
+
+
+def test_report_of_an_empty_or_missing_run(tmp_path):
+    assert_user_error(run("mtp_dist.report", str(tmp_path)), "metrics.jsonl not found")
+    _metrics(tmp_path, [])
+    assert_user_error(run("mtp_dist.report", str(tmp_path)), "holds no steps")
+
+
+def test_report_into_a_missing_directory(tmp_path):
+    _metrics(tmp_path, [_record(1)])
+    proc = run("mtp_dist.report", str(tmp_path), "--out", str(tmp_path / "no" / "x.png"))
+    assert_user_error(proc, "No such file or directory", "check the path")
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_an_unexpected_exception_is_called_a_bug(capsys):
+    def broken() -> int:
+        return 1 // 0
+
+    assert run_cli(broken) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err
+    assert err.strip().splitlines()[-1].startswith("error: this is a bug in mtp-dist")
+
+
+def test_os_errors_name_the_path_and_a_fix(capsys):
+    def full_disk() -> int:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/shard.bin")
+
+    assert run_cli(full_disk) == 2
+    assert capsys.readouterr().err == (
+        "error: /data/shard.bin: No space left on device: free disk space or write elsewhere\n"
+    )
