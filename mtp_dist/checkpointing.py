@@ -54,9 +54,40 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep: int):
+    def __init__(self, root: str | Path, keep: int, overwrite: bool = False):
         self.root = Path(root)
         self.keep = keep
+        self.overwrite = overwrite
+
+    def committed(self) -> list[Path]:
+        """The complete checkpoints, oldest first."""
+        return sorted(p for p in self.root.glob("step_*") if (p / META).is_file())
+
+    def resume_path(self, resume: str) -> Path | None:
+        """train.resume: auto (the latest checkpoint here, if any), none, or a path (a step_*
+        directory, a checkpoints directory or a run directory)."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        return find_checkpoint(resume)
+
+    def check_no_overwrite(self, resume: Path | None, resume_step: int) -> None:
+        """Refuse a run whose checkpoints would replace committed ones here (it does not
+        continue from the newest of them), unless checkpoint.overwrite is set."""
+        done = self.committed()
+        if self.overwrite or not done:
+            return
+        newest = done[-1]
+        if resume is not None and resume_step >= _step_of(newest):
+            return
+        start = f"step {resume_step} of {resume}" if resume is not None else "scratch"
+        raise CheckpointError(
+            f"{self.root} already holds checkpoints up to {newest.name}, and this run starts "
+            f"from {start}: its checkpoints would replace them. Resume from the newest "
+            "(train.resume=auto), use another run.dir or checkpoint.dir, or set "
+            "checkpoint.overwrite=true to replace them"
+        )
 
     def check_writable(self) -> None:
         """Fail before any compute if checkpoints could not be written."""
@@ -93,7 +124,8 @@ class CheckpointManager:
         tmp = self.root / f".tmp-step_{step:08d}"
         if is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-step_*"):
+            # Leftovers of a killed save (the run holds the directory's lock: none is live).
+            for stale in [*self.root.glob(".tmp-step_*"), *self.root.glob(".replaced-step_*")]:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
             (tmp / "rng").mkdir()
@@ -107,19 +139,29 @@ class CheckpointManager:
         final = self.root / f"step_{step:08d}"
         if is_main:
             atomic_write(tmp / META, json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
+            replaced = None
+            if final.exists():  # only with checkpoint.overwrite (check_no_overwrite)
+                if not self.overwrite:
+                    raise CheckpointError(f"{final} exists: refusing to replace it")
+                replaced = final.with_name(f".replaced-{final.name}")
+                os.rename(final, replaced)
             os.rename(tmp, final)
             atomic_write(self.root / LATEST, final.name + "\n")
+            if replaced is not None:
+                shutil.rmtree(replaced)
             self._prune(final)
         _barrier()
         return final
 
     def _prune(self, newest: Path) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / META).is_file())
+        done = self.committed()
         for old in done[: max(0, len(done) - self.keep)]:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -325,8 +325,9 @@ def _validate_train(t: TrainConfig) -> None:
     _need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
     _need(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
     _need(
-        t.lr_decay_steps is None or t.lr_decay_steps >= 1,
-        "train.lr_decay_steps must be >= 1 (or null: train.steps)",
+        t.lr_decay_steps is None or t.lr_decay_steps > t.warmup_steps,
+        f"train.lr_decay_steps={t.lr_decay_steps} must be > train.warmup_steps="
+        f"{t.warmup_steps} (or null: train.steps)",
     )
     _positive(t.weight_decay, "train.weight_decay", allow_zero=True)
     _positive(t.grad_clip, "train.grad_clip", allow_zero=True)

@@ -64,3 +64,53 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class DirectoryBusy(OSError):
+    """Another process holds the directory's lock."""
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking lock on a directory (flock on DIR/.lock), held until release()
+    or the process ends: the kernel drops it when the process dies, even by kill -9, so a
+    stale lock never blocks a rerun. The holder's pid and command are written into the file
+    for the message of whoever finds it taken."""
+
+    def __init__(self, directory: str | os.PathLike, what: str):
+        self.path = Path(directory) / ".lock"
+        self.what = what
+        self._file = None
+
+    def acquire(self) -> DirectoryLock:
+        import fcntl
+        import sys
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise DirectoryBusy(
+                f"{self.path.parent} is in use by {holder}: two {self.what} cannot share it; "
+                "wait for that one to finish or use another directory"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

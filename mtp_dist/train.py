@@ -47,15 +47,6 @@ def _main(args) -> int:
         return 3
 
 
-def _check_data_paths(cfg) -> None:
-    for path in [] if cfg.data.synthetic else cfg.data.paths:
-        if not Path(path).exists():
-            raise config_mod.ConfigError(
-                f"data.paths entry {path} does not exist: run `python -m data_prep tokenize` "
-                "first or fix the path"
-            )
-
-
 def _log_to_stdout(is_main: bool) -> None:
     """mtp_dist's own messages (checkpoints, resume, the step line) on the main rank's stdout;
     libraries keep Python's default (warnings and errors only)."""
@@ -71,32 +62,28 @@ def _log_to_stdout(is_main: bool) -> None:
 def run(cfg) -> int:
     import torch
 
-    from mtp_dist import distributed, engines, run_plan
-    from mtp_dist.checkpointing import CheckpointManager
-    from mtp_dist.data import build_datasets, configured_tokenizer_hash
+    from mtp_dist import distributed, engines
+    from mtp_dist.data import build_datasets
+    from mtp_dist.engines.optim import decay_steps
     from mtp_dist.metrics import Metrics
     from mtp_dist.model.model import build_model
     from mtp_dist.model.weights import init_weights
+    from mtp_dist.preflight import AlreadyFinished, preflight
     from mtp_dist.trainer import Trainer
 
     launch = distributed.read_launch_env()
-    plan = run_plan.resolve(cfg, launch.world_size, on_gpu=torch.cuda.is_available())
-    engines.check_config(cfg, plan)
-    _check_data_paths(cfg)
-    tok_hash = (
-        None
-        if cfg.data.synthetic
-        else configured_tokenizer_hash(cfg.data.tokenizer, cfg.model.vocab_size)
-    )
+    try:
+        pre = preflight(cfg, launch.world_size, launch.rank, on_gpu=torch.cuda.is_available())
+    except AlreadyFinished as e:
+        if launch.rank == 0:
+            print(f"done: {e}", flush=True)
+        return 0
+    cfg, plan = pre.cfg, pre.plan
     run_dir = Path(cfg.run.dir)
-    manager = CheckpointManager(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep)
-    manager.check_writable()
-
     dims = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
     _log_to_stdout(dims.is_main)
     try:
         if dims.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             cfg.dump(run_dir / "config.yaml")
         model = build_model(
             cfg.model,
@@ -118,28 +105,34 @@ def run(cfg) -> int:
             cfg.train.seed,
             (plan.train_samples, plan.eval_samples, 0),
             cfg.model.vocab_size,
-            tok_hash,
+            pre.tokenizer_hash,
             synthetic=cfg.data.synthetic,
             cache_dir=cfg.data.cache_dir,
         )
+        provenance = {
+            "tokenizer_hash": pre.tokenizer_hash,
+            "data_fingerprint": pre.data_fingerprint,
+            "lr_decay_steps": decay_steps(cfg.train),
+        }
         metrics = Metrics(cfg, run_dir, dims.is_main, dims.world_size)
         try:
             trainer = Trainer(
-                cfg, plan, dims, engine, (train_ds, valid_ds), manager, metrics, tok_hash
+                cfg, plan, dims, engine, (train_ds, valid_ds), pre.manager, metrics, provenance
             )
-            resume = trainer.resume_path()
-            if resume is not None:
-                trainer.resume(resume)
+            if pre.resume is not None:
+                trainer.resume(pre.resume, pre.meta)
             code = trainer.run()
         finally:
             metrics.close()
         logging.getLogger("mtp_dist.train").info(
-            f"run directory {run_dir.resolve()} | checkpoints {manager.root.resolve()} | "
+            f"run directory {run_dir.resolve()} | checkpoints {pre.manager.root.resolve()} | "
             f"metrics {(run_dir / 'metrics.jsonl').resolve()}"
         )
         return code
     finally:
         distributed.destroy()
+        for lock in pre.locks:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class Trainer:
         data,
         manager: ckpt.CheckpointManager,
         metrics: Metrics,
-        tokenizer_hash: str | None,
+        provenance: dict,
     ):
         self.cfg = cfg
         self.plan = plan
@@ -49,7 +49,9 @@ class Trainer:
         self.train_data, self.valid_data = data
         self.manager = manager
         self.metrics = metrics
-        self.tokenizer_hash = tokenizer_hash
+        self.provenance = provenance
+        """What the checkpoints record of where the run came from: tokenizer_hash,
+        data_fingerprint and the schedule's lr_decay_steps (checked on resume)."""
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
@@ -74,7 +76,8 @@ class Trainer:
         self.stop_signal = signum
 
     def _install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # Ctrl-C like a scheduler's SIGTERM: finish the step, save, exit 0.
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _should_stop(self) -> bool:
@@ -106,16 +109,15 @@ class Trainer:
             "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
             "world_size": self.dims.world_size,
             "engine": self.cfg.engine,
-            "tokenizer_hash": self.tokenizer_hash,
+            **self.provenance,
             "config": self.cfg.to_dict(),
         }
         final = self.manager.commit(tmp, self.step, meta, self.dims.is_main)
         log.info(f"saved checkpoint {final}")
         return final
 
-    def resume(self, path: Path) -> None:
-        meta = ckpt.read_meta(path)
-        ckpt.check_compatible(meta, self.cfg.to_dict()["model"], self.tokenizer_hash, path)
+    def resume(self, path: Path, meta: dict) -> None:
+        """Continue from a checkpoint that preflight found compatible (its meta given)."""
         if meta.get("engine", self.cfg.engine) != self.cfg.engine:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} was written by engine={meta['engine']}: set engine to it"
@@ -125,24 +127,11 @@ class Trainer:
         except (*ckpt.LOAD_ERRORS, OSError) as e:
             raise ckpt.CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
         self.load_state_dict(meta)
-        same_world = meta.get("world_size") == self.dims.world_size
-        if not (same_world and ckpt.load_rng(path, self.dims.rank)):
+        layout = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}
+        # Per-rank RNG streams only mean the same thing at the same layout.
+        if not (meta.get("layout") == layout and ckpt.load_rng(path, self.dims.rank)):
             log.info("note: RNG streams not restored (checkpoint saved at another layout)")
         log.info(f"resumed from {path} at step {self.step}")
-
-    def resume_path(self) -> Path | None:
-        r = self.cfg.train.resume
-        if r == "none":
-            return None
-        if r == "auto":
-            return self.manager.latest()
-        path = Path(r)
-        if not (path / ckpt.META).is_file():
-            raise ckpt.CheckpointError(
-                f"train.resume={r} is not a checkpoint directory (no {ckpt.META}): "
-                "give a step_* directory, auto or none"
-            )
-        return path
 
     def _reduce_losses(self, loss: float, heads: list[float], extra: list[float] | None = None):
         """The DP mean of the last stage's losses, on every rank."""
@@ -202,7 +191,7 @@ class Trainer:
         t = self.cfg.train
         batches = self._batches(self.train_data, self.consumed_samples)
         start_step, start_time = self.step, time.perf_counter()
-        saved_at = None
+        saved_at = start_step  # a resumed run's state is already saved
         while self.step < t.steps:
             record = self.train_step(next(batches))
             self.step += 1

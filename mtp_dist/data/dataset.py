@@ -13,6 +13,7 @@ the end-of-document token is a target, as in megatron's defaults.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -124,6 +125,21 @@ def resolve_shards(
             share = sc["tokens"] / total
             blend.append(share * (weights[k] if weights is not None else total))
     return prefixes, blend, identity
+
+
+def data_identity(paths: Sequence[str], vocab_size: int) -> tuple[str, str]:
+    """(fingerprint, tokenizer hash) of the shards under data.paths, from their manifests: the
+    fingerprint changes when any shard's content, or the paths' order, changes (not when the
+    directories move); the tokenizer hash is what the shards were made with."""
+    h = hashlib.sha256()
+    tokenizer = None
+    for path in paths:
+        sidecars, where = _sidecars_of(path)
+        for sc in sidecars:
+            tokenizer = _check_tokenizer(sc["tokenizer"], where, vocab_size, None, tokenizer)
+            h.update(f"{sc['shard']}:{sc['tokens']}:{sc.get('sha256')};".encode())
+        h.update(b"|")
+    return h.hexdigest(), tokenizer["hash"]
 
 
 def _sidecars_of(path: str) -> tuple[list[dict], str]:

@@ -16,7 +16,10 @@ from mtp_dist.config import TrainConfig
 
 
 def decay_steps(t: TrainConfig) -> int:
-    """The step at which the cosine reaches its floor (at least one step after warm-up)."""
+    """The schedule's horizon: the step at which the cosine reaches its floor; train.steps
+    unless train.lr_decay_steps sets it (at least one step after warm-up)."""
+    if t.lr_decay_steps is not None:
+        return t.lr_decay_steps
     return max(t.steps, t.warmup_steps + 1)
 
 
@@ -57,7 +60,7 @@ def megatron_scheduler(optimizer, t: TrainConfig):
         lr_decay_style="cosine",
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
-        wd_incr_steps=max(t.steps, 1),
+        wd_incr_steps=decay_steps(t),  # megatron-core refuses a load where this changed
         wd_incr_style="constant",
     )
     scheduler.step(increment=1)
