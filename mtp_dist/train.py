@@ -70,6 +70,7 @@ def run(cfg) -> int:
     from mtp_dist.model.weights import init_weights
     from mtp_dist.preflight import AlreadyFinished, preflight
     from mtp_dist.trainer import Trainer
+    from mtp_dist.watchdog import Watchdog
 
     launch = distributed.read_launch_env()
     try:
@@ -80,9 +81,12 @@ def run(cfg) -> int:
         return 0
     cfg, plan = pre.cfg, pre.plan
     run_dir = Path(cfg.run.dir)
+    watchdog = Watchdog(cfg.train.watchdog_seconds, launch.rank).start()
+    watchdog.progress(f"creating the process group (world size {launch.world_size})")
     dims = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
     _log_to_stdout(dims.is_main)
     try:
+        watchdog.progress("building the model and the engine")
         if dims.is_main:
             cfg.dump(run_dir / "config.yaml")
         model = build_model(
@@ -96,6 +100,7 @@ def run(cfg) -> int:
         )
         init_weights(model, cfg.train.seed)
         engine = engines.build_engine(cfg, plan, dims, model)
+        watchdog.progress("building the datasets")
         train_ds, valid_ds, _ = build_datasets(
             cfg.data.paths,
             cfg.data.weights,
@@ -117,9 +122,11 @@ def run(cfg) -> int:
         metrics = Metrics(cfg, run_dir, dims.is_main, dims.world_size)
         try:
             trainer = Trainer(
-                cfg, plan, dims, engine, (train_ds, valid_ds), pre.manager, metrics, provenance
-            )
+                cfg, plan, dims, engine, (train_ds, valid_ds), pre.manager, metrics, provenance,
+                progress=watchdog.progress,
+            )  # fmt: skip
             if pre.resume is not None:
+                watchdog.progress(f"loading {pre.resume}")
                 trainer.resume(pre.resume, pre.meta)
             code = trainer.run()
         finally:
@@ -130,7 +137,9 @@ def run(cfg) -> int:
         )
         return code
     finally:
+        watchdog.progress("shutting down")
         distributed.destroy()
+        watchdog.stop()
         for lock in pre.locks:
             lock.release()
 

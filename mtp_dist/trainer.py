@@ -12,6 +12,7 @@ import itertools
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class Trainer:
         manager: ckpt.CheckpointManager,
         metrics: Metrics,
         provenance: dict,
+        progress: Callable[[str], None] = lambda phase: None,
     ):
         self.cfg = cfg
         self.plan = plan
@@ -50,6 +52,8 @@ class Trainer:
         self.manager = manager
         self.metrics = metrics
         self.provenance = provenance
+        self.progress = progress
+        """Called at every milestone with what comes next (the watchdog's heartbeat)."""
         """What the checkpoints record of where the run came from: tokenizer_hash,
         data_fingerprint and the schedule's lr_decay_steps (checked on resume)."""
         self.step = 0
@@ -101,6 +105,7 @@ class Trainer:
             yield list(itertools.islice(it, self.plan.num_microbatches))
 
     def save(self) -> Path:
+        self.progress(f"saving the checkpoint of step {self.step}")
         tmp = self.manager.begin(self.step, self.dims.is_main)
         self.engine.save(str(tmp / "engine"))
         ckpt.save_rng(tmp, self.dims.rank)
@@ -193,6 +198,7 @@ class Trainer:
         start_step, start_time = self.step, time.perf_counter()
         saved_at = start_step  # a resumed run's state is already saved
         while self.step < t.steps:
+            self.progress(f"step {self.step + 1} (data, forward, backward, optimizer)")
             record = self.train_step(next(batches))
             self.step += 1
             self.consumed_samples += self.plan.global_batch_size
@@ -203,6 +209,7 @@ class Trainer:
                 self.bad_steps_in_a_row = 0
             record["skipped_steps"] = self.skipped_steps
             if t.eval_interval and self.step % t.eval_interval == 0:
+                self.progress(f"evaluation after step {self.step}")
                 record.update(self.evaluate())
             done = self.step - start_step
             record["eta_s"] = (time.perf_counter() - start_time) / done * (t.steps - self.step)

@@ -2,7 +2,7 @@
 above its own. Lazy imports inside functions count: they are dependencies too.
 
 Layers, bottom to top (README, Layout):
-  foundation  files, errors, compat  import nothing of the project
+  foundation  files, errors, watchdog, compat: import nothing of the project
   data prep   data_prep            shards, tokenizers, manifests
   config      config, run_plan     the typed config and what a run derives from it
   model       model, distributed   the architecture, and process groups
@@ -19,7 +19,7 @@ import ast
 from tests.support import ROOT
 
 LAYERS = [
-    ("mtp_dist.files", "mtp_dist.errors", "mtp_dist.compat"),
+    ("mtp_dist.files", "mtp_dist.errors", "mtp_dist.watchdog", "mtp_dist.compat"),
     ("data_prep",),
     ("mtp_dist.config", "mtp_dist.run_plan"),
     ("mtp_dist.model", "mtp_dist.distributed"),

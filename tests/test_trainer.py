@@ -174,7 +174,9 @@ def test_tp1pp1_checkpoint_continues_at_tp2pp2(reference, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["TERM", "USR1", "INT"]
+)
 def test_signal_saves_and_exits_zero(tmp_path, sig):
     run = tmp_path / "run"
     proc = subprocess.Popen(
