@@ -9,14 +9,13 @@ all raises BadInputFile, whose message names the file and the fix.
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import json
 import os
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from data_prep.decompress import corrupt_data_problem, open_decompressed, without_codec_suffixes
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
 TEXT_MODES = ("file", "line", "block")
@@ -85,9 +84,7 @@ class ReadStats:
 def detect_format(path: str) -> str:
     if os.path.isdir(path):
         return "hf"
-    name = path.lower()
-    for ext in (".gz", ".zst", ".zstd"):
-        name = name.removesuffix(ext)
+    name = without_codec_suffixes(path)
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -149,12 +146,11 @@ class DocumentReader:
                 raise BadInputFile(path, "file not found", "check the path") from e
             except PermissionError as e:
                 raise BadInputFile(path, "permission denied", "make it readable") from e
-            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-                raise BadInputFile(
-                    path, f"corrupt or truncated archive ({e})", "recreate it"
-                ) from e
             except Exception as e:
-                if type(e).__name__ in ("ZstdError", "ArrowInvalid", "ArrowException"):
+                problem = corrupt_data_problem(e)
+                if problem is not None:
+                    raise BadInputFile(path, f"{problem} ({e})", "recreate it") from e
+                if type(e).__name__ in ("ArrowInvalid", "ArrowException"):
                     raise BadInputFile(path, f"corrupt file ({e})", "recreate it") from e
                 if isinstance(e, OSError):
                     raise BadInputFile(path, f"cannot read ({e})", "check the file") from e
@@ -170,7 +166,7 @@ class DocumentReader:
             yield from self._read_parquet(path, done)
         else:
             with open(path, "rb") as raw:
-                stream = _decompressing(raw, path)
+                stream = open_decompressed(raw, path)
                 if fmt == "jsonl":
                     docs = self._jsonl_docs(stream)
                 elif fmt == "text":
@@ -307,47 +303,6 @@ def load_hf_dataset(path: str, split: str):
         return datasets.load_dataset(path, split=split)
     except (ValueError, FileNotFoundError) as e:
         raise BadInputFile(path, f"not loadable by datasets ({e})", "check the directory") from e
-
-
-def _decompressing(raw, path: str):
-    name = path.lower()
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if name.endswith((".zst", ".zstd")):
-        return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
-    return raw
-
-
-class _ZstdStream(io.RawIOBase):
-    """Decompresses zstd frames one after another, and raises EOFError on a truncated frame
-    (zstandard's stream_reader silently ends there, which would lose documents unnoticed)."""
-
-    def __init__(self, raw) -> None:
-        import zstandard
-
-        self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
-        self.dobj, self.pending, self.in_frame = self.new(), b"", False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self.pending:
-            chunk = self.raw.read(1 << 20)
-            if not chunk:
-                if self.in_frame:
-                    raise EOFError("zstd data ended before the end of its frame")
-                return 0
-            while chunk:
-                self.in_frame = True
-                self.pending += self.dobj.decompress(chunk)
-                chunk = b""
-                if self.dobj.eof:  # a frame ended; what follows starts a new one
-                    chunk, self.dobj, self.in_frame = self.dobj.unused_data, self.new(), False
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
 
 
 def _blocks(stream) -> Iterator[bytes]:
