@@ -208,7 +208,7 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
-    from data_prep.pipeline import TokenizeConfig, format_summary, run_tokenize, slurm_task_default
+    from data_prep.tokenize import TokenizeConfig, format_summary, run_tokenize, slurm_task_default
 
     cfg = TokenizeConfig(
         inputs=a.inputs,
