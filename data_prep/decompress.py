@@ -26,6 +26,7 @@ class Codec:
     corrupt_errors: Callable[[], tuple[type[BaseException], ...]]
     """Called only when an exception is being classified, so the library loads lazily."""
     problem: str = "corrupt file"
+    """What BadInputFile calls the corrupt_errors."""
 
 
 def _open_gzip(raw: BinaryIO) -> BinaryIO:
@@ -76,7 +77,7 @@ def corrupt_data_problem(err: BaseException) -> str | None:
     if isinstance(err, EOFError):
         return TRUNCATED
     for codec in CODECS:
-        if isinstance(err, codec.corrupt_errors()):
+        if type(err) in codec.corrupt_errors():  # exact classes, as for input formats
             return codec.problem
     return None
 
