@@ -17,7 +17,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from data_prep.decompress import corrupt_data_problem, open_decompressed, without_codec_suffixes
@@ -44,11 +44,8 @@ class ReadOptions:
     hf_split: str = "train"
 
     def as_dict(self) -> dict:
-        return {
-            "text_mode": self.text_mode,
-            "text_field": self.text_field,
-            "hf_split": self.hf_split,
-        }
+        # Every field: shards' fingerprints must change when any read option does.
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -219,12 +216,7 @@ def read_parquet(reader: DocumentReader, path: str) -> Iterator[str]:
 
     column_name = reader.opts.text_field
     pf = pq.ParquetFile(path)
-    if column_name not in pf.schema_arrow.names:
-        raise BadInputFile(
-            path,
-            f"no column {column_name!r} (columns: {pf.schema_arrow.names})",
-            "choose the column with --text-field",
-        )
+    _require_column(path, column_name, pf.schema_arrow.names)
     size, rows, seen = os.path.getsize(path), max(1, pf.metadata.num_rows), 0
     for batch in pf.iter_batches(batch_size=4096, columns=[column_name]):
         column = batch.column(0).to_pylist()
@@ -238,12 +230,7 @@ def read_hf(reader: DocumentReader, path: str) -> Iterator[str]:
     num_parts > 1 reads its contiguous part of the rows."""
     column_name, shard = reader.opts.text_field, reader.shard
     ds = load_hf_dataset(path, reader.opts.hf_split)
-    if column_name not in ds.column_names:
-        raise BadInputFile(
-            path,
-            f"no column {column_name!r} (columns: {ds.column_names})",
-            "choose the column with --text-field",
-        )
+    _require_column(path, column_name, ds.column_names)
     if shard.num_parts > 1:
         ds = ds.shard(shard.num_parts, shard.part, contiguous=True)
     ds = ds.select_columns([column_name])
@@ -253,6 +240,13 @@ def read_hf(reader: DocumentReader, path: str) -> Iterator[str]:
         seen += len(column)
         reader.progress(total * seen // rows)
         yield from _field_documents(reader.stats, column)
+
+
+def _require_column(path: str, name: str, columns: list[str]) -> None:
+    if name not in columns:
+        raise BadInputFile(
+            path, f"no column {name!r} (columns: {columns})", "choose the column with --text-field"
+        )
 
 
 def _field_documents(stats: ReadStats, values: list) -> Iterator[str]:
@@ -274,8 +268,12 @@ def _no_errors() -> tuple[type[BaseException], ...]:
 
 @dataclass(frozen=True)
 class InputFormat:
+    """One row of INPUT_FORMATS."""
+
     name: str
+    """The --format choice."""
     title: str
+    """What --help calls it."""
     suffixes: tuple[str, ...]
     """What `auto` recognises, after compression suffixes are removed."""
     read: Callable[[DocumentReader, str], Iterator[str]]
