@@ -24,8 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep.pipeline import TokenizeConfig, run_tokenize  # noqa: E402
 from data_prep.stdlib_corpus import write_stdlib_corpus  # noqa: E402
+from data_prep.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
 from data_prep.tokenizers import (  # noqa: E402
     SentencePieceOptions,
     train_sentencepiece,

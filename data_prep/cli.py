@@ -7,8 +7,11 @@ import json
 import sys
 from collections.abc import Iterator
 
+from data_prep.decompress import CODECS
 from data_prep.readers import (
     FORMATS,
+    INPUT_FORMATS,
+    OTHER_FILES,
     TEXT_MODES,
     BadInputFile,
     DocumentReader,
@@ -18,14 +21,23 @@ from data_prep.readers import (
 )
 
 
+def _format_help() -> str:
+    by_suffix = [f"{'/'.join(f.suffixes)} = {f.title}" for f in INPUT_FORMATS if f.suffixes]
+    directory = next(f.title for f in INPUT_FORMATS if f.directory)
+    compressed = "/".join(s for c in CODECS for s in c.suffixes)
+    return (
+        f"input format; auto: by extension ({', '.join(by_suffix)}, also compressed "
+        f"{compressed}; directory = {directory}, anything else = {OTHER_FILES})"
+    )
+
+
 def _add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="files, globs (quote them) or dataset directories")
     p.add_argument(
         "--format",
         default="auto",
         choices=FORMATS,
-        help="input format; auto: by extension (.jsonl/.json[.gz|.zst], .parquet, "
-        "directory = Hugging Face dataset, anything else = text)",
+        help=_format_help(),
     )
     p.add_argument(
         "--text-mode",
@@ -196,7 +208,7 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
-    from data_prep.pipeline import TokenizeConfig, format_summary, run_tokenize, slurm_task_default
+    from data_prep.tokenize import TokenizeConfig, format_summary, run_tokenize, slurm_task_default
 
     cfg = TokenizeConfig(
         inputs=a.inputs,

@@ -19,6 +19,8 @@ import json
 import os
 from contextlib import contextmanager
 
+from mtp_dist.files import TMP_INFIX, atomic_write_json
+
 MANIFEST = "manifest.json"
 FORMAT = "mtp-dist-shards-v1"
 _LOCK = ".manifest.lock"
@@ -32,14 +34,10 @@ def sidecar_path(out_dir: str, name: str) -> str:
     return os.path.join(out_dir, f"{name}.json")
 
 
-def atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def remove_stale_tmp(path: str) -> None:
+    """Remove what killed atomic writes of `path` left behind (mtp_dist.files temp names)."""
+    for stale in glob.glob(glob.escape(path) + TMP_INFIX + "*"):
+        os.remove(stale)
 
 
 def read_sidecar(out_dir: str, name: str) -> dict | None:
@@ -91,8 +89,7 @@ def merge_manifest(out_dir: str, expected_shards: list[str] | None = None) -> di
     """
     with _locked(out_dir):
         # Under the lock no other merge is writing, so any temp manifest is a killed merge's.
-        for stale in glob.glob(os.path.join(glob.escape(out_dir), MANIFEST + ".tmp.*")):
-            os.remove(stale)
+        remove_stale_tmp(os.path.join(out_dir, MANIFEST))
         previous = load_manifest(out_dir, required=False)
         if expected_shards is None and previous is not None:
             expected_shards = previous.get("expected_shards")

@@ -1,6 +1,10 @@
 """Reading documents from corpora: text, JSON Lines (plain, .gz, .zst), Parquet, and Hugging Face
 `datasets` datasets (saved with save_to_disk, or loadable from local files).
 
+Each input format is one reader function and one row of INPUT_FORMATS (name, file suffixes,
+reader, the exceptions that mean a corrupt file); the CLI's choices and `auto` detection come
+from that table. Compressed files are opened by data_prep.decompress.
+
 Bad input is counted, never silently dropped: invalid UTF-8 is replaced and counted, empty
 documents and unusable records are skipped and counted by reason. A file that cannot be read at
 all raises BadInputFile, whose message names the file and the fix.
@@ -9,17 +13,15 @@ all raises BadInputFile, whose message names the file and the fix.
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import json
 import os
-import zlib
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
 
-FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
-TEXT_MODES = ("file", "line", "block")
+from data_prep.decompress import corrupt_data_problem, open_decompressed, without_codec_suffixes
+
 SKIP_HINT = "or pass --skip-bad-files to skip it and record it in the manifest"
 
 
@@ -42,11 +44,8 @@ class ReadOptions:
     hf_split: str = "train"
 
     def as_dict(self) -> dict:
-        return {
-            "text_mode": self.text_mode,
-            "text_field": self.text_field,
-            "hf_split": self.hf_split,
-        }
+        # Every field: shards' fingerprints must change when any read option does.
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -77,22 +76,242 @@ class InputShard:
 
 @dataclass
 class ReadStats:
+    """Counts of what reading kept, repaired and skipped; readers pass every document through
+    `decode`, `document` or `field_value` so that nothing is dropped uncounted."""
+
     documents: int = 0
     invalid_utf8_documents: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    def decode(self, data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.invalid_utf8_documents += 1
+            return data.decode("utf-8", errors="replace")
+
+    def document(self, text: str) -> str | None:
+        """`text` if it is a document (not only whitespace); counts it either way."""
+        if not text.strip():
+            self.skipped["empty"] += 1
+            return None
+        self.documents += 1
+        return text
+
+    def field_value(self, value) -> str | None:
+        """A document from a structured source: must be a non-empty, encodable string."""
+        if value is None:
+            self.skipped["null_field"] += 1
+            return None
+        if not isinstance(value, str):
+            self.skipped["field_not_a_string"] += 1
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from JSON escapes such as "\ud800"
+            self.invalid_utf8_documents += 1
+            value = value.encode("utf-8", errors="replace").decode("utf-8")
+        return self.document(value)
+
+
+class DocumentReader:
+    """Iterates over the documents of one InputShard; `consumed_bytes` tracks progress."""
+
+    def __init__(self, shard: InputShard, opts: ReadOptions, stats: ReadStats) -> None:
+        self.shard, self.opts, self.stats = shard, opts, stats
+        self.consumed_bytes = 0
+        self._file_start = 0
+
+    def progress(self, nbytes: int) -> None:
+        """Called by the format's reader: `nbytes` of the current input are read."""
+        self.consumed_bytes = self._file_start + nbytes
+
+    def __iter__(self) -> Iterator[str]:
+        fmt = input_format(self.shard.fmt)
+        for path in self.shard.paths:
+            size = os.path.getsize(path) if os.path.isfile(path) else 0
+            try:
+                yield from fmt.read(self, path)
+            except BadInputFile:
+                raise
+            except FileNotFoundError as e:
+                raise BadInputFile(path, "file not found", "check the path") from e
+            except PermissionError as e:
+                raise BadInputFile(path, "permission denied", "make it readable") from e
+            except Exception as e:
+                problem = corrupt_data_problem(e) or fmt.corrupt_problem(e)
+                if problem is not None:
+                    raise BadInputFile(path, f"{problem} ({e})", "recreate it") from e
+                if isinstance(e, OSError):
+                    raise BadInputFile(path, f"cannot read ({e})", "check the file") from e
+                raise
+            self._file_start += size
+            self.consumed_bytes = self._file_start
+
+
+def _decompressed_items(
+    reader: DocumentReader, path: str, split: Callable[[BinaryIO], Iterator[bytes]]
+) -> Iterator[bytes]:
+    """The items `split` cuts the decompressed file into; progress counts bytes on disk."""
+    with open(path, "rb") as raw:
+        for item in split(open_decompressed(raw, path)):
+            reader.progress(raw.tell())
+            yield item
+
+
+def _blocks(stream) -> Iterator[bytes]:
+    """Documents separated by one or more blank lines."""
+    lines: list[bytes] = []
+    for line in stream:
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            yield b"".join(lines).rstrip(b"\r\n")
+            lines = []
+    if lines:
+        yield b"".join(lines).rstrip(b"\r\n")
+
+
+_TEXT_SPLITS: dict[str, Callable[[BinaryIO], Iterator[bytes]]] = {
+    "file": lambda stream: iter([stream.read()]),
+    "line": lambda stream: (line.rstrip(b"\r\n") for line in stream),
+    "block": _blocks,
+}
+TEXT_MODES = tuple(_TEXT_SPLITS)
+
+
+def read_text(reader: DocumentReader, path: str) -> Iterator[str]:
+    """One document per file, per line or per blank-line-separated block (--text-mode)."""
+    mode = reader.opts.text_mode
+    if mode not in _TEXT_SPLITS:
+        raise ValueError(f"unknown text mode {mode!r}; one of {TEXT_MODES}")
+    for data in _decompressed_items(reader, path, _TEXT_SPLITS[mode]):
+        text = reader.stats.document(reader.stats.decode(data))
+        if text is not None:
+            yield text
+
+
+def read_jsonl(reader: DocumentReader, path: str) -> Iterator[str]:
+    """One document per line: the --text-field of a JSON object."""
+    key, stats = reader.opts.text_field, reader.stats
+    for line in _decompressed_items(reader, path, iter):  # iter(stream): its lines
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(stats.decode(line))
+        except json.JSONDecodeError:
+            stats.skipped["invalid_json"] += 1
+            continue
+        if not isinstance(record, dict) or key not in record:
+            stats.skipped["missing_field"] += 1
+            continue
+        text = stats.field_value(record[key])
+        if text is not None:
+            yield text
+
+
+def read_parquet(reader: DocumentReader, path: str) -> Iterator[str]:
+    """One document per row: the --text-field column."""
+    import pyarrow.parquet as pq
+
+    column_name = reader.opts.text_field
+    pf = pq.ParquetFile(path)
+    _require_column(path, column_name, pf.schema_arrow.names)
+    size, rows, seen = os.path.getsize(path), max(1, pf.metadata.num_rows), 0
+    for batch in pf.iter_batches(batch_size=4096, columns=[column_name]):
+        column = batch.column(0).to_pylist()
+        seen += len(column)
+        reader.progress(size * seen // rows)
+        yield from _field_documents(reader.stats, column)
+
+
+def read_hf(reader: DocumentReader, path: str) -> Iterator[str]:
+    """One document per row of the --hf-split: the --text-field column; a shard with
+    num_parts > 1 reads its contiguous part of the rows."""
+    column_name, shard = reader.opts.text_field, reader.shard
+    ds = load_hf_dataset(path, reader.opts.hf_split)
+    _require_column(path, column_name, ds.column_names)
+    if shard.num_parts > 1:
+        ds = ds.shard(shard.num_parts, shard.part, contiguous=True)
+    ds = ds.select_columns([column_name])
+    total, rows, seen = shard.size_bytes(), max(1, len(ds)), 0
+    for batch in ds.iter(batch_size=4096):
+        column = batch[column_name]
+        seen += len(column)
+        reader.progress(total * seen // rows)
+        yield from _field_documents(reader.stats, column)
+
+
+def _require_column(path: str, name: str, columns: list[str]) -> None:
+    if name not in columns:
+        raise BadInputFile(
+            path, f"no column {name!r} (columns: {columns})", "choose the column with --text-field"
+        )
+
+
+def _field_documents(stats: ReadStats, values: list) -> Iterator[str]:
+    for value in values:
+        text = stats.field_value(value)
+        if text is not None:
+            yield text
+
+
+def _arrow_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow.lib
+
+    return (pyarrow.lib.ArrowInvalid, pyarrow.lib.ArrowException)
+
+
+def _no_errors() -> tuple[type[BaseException], ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """One row of INPUT_FORMATS."""
+
+    name: str
+    """The --format choice."""
+    title: str
+    """What --help calls it."""
+    suffixes: tuple[str, ...]
+    """What `auto` recognises, after compression suffixes are removed."""
+    read: Callable[[DocumentReader, str], Iterator[str]]
+    corrupt_errors: Callable[[], tuple[type[BaseException], ...]] = _no_errors
+    """Exceptions of the format's library that mean a corrupt file; called only when an
+    exception is being classified, so the library loads lazily."""
+    directory: bool = False
+    """Read from a directory (what `auto` gives a directory), split into --hf-num-shards."""
+
+    def corrupt_problem(self, err: BaseException) -> str | None:
+        # The exact class, not its subclasses: pyarrow's ArrowMemoryError and
+        # ArrowNotImplementedError are ArrowExceptions too, and do not mean a corrupt file.
+        return "corrupt file" if type(err) in self.corrupt_errors() else None
+
+
+INPUT_FORMATS = (
+    InputFormat("text", "text", (), read_text),
+    InputFormat("jsonl", "JSON Lines", (".jsonl", ".json", ".ndjson"), read_jsonl),
+    InputFormat("parquet", "Parquet", (".parquet",), read_parquet, _arrow_errors),
+    InputFormat("hf", "Hugging Face dataset", (), read_hf, _arrow_errors, directory=True),
+)
+OTHER_FILES = "text"
+"""The format of a file that no row's suffixes claim."""
+FORMATS = ("auto", *(f.name for f in INPUT_FORMATS))
+
+
+def input_format(name: str) -> InputFormat:
+    for fmt in INPUT_FORMATS:
+        if fmt.name == name:
+            return fmt
+    raise ValueError(f"unknown input format {name!r}; one of {FORMATS}")
+
 
 def detect_format(path: str) -> str:
     if os.path.isdir(path):
-        return "hf"
-    name = path.lower()
-    for ext in (".gz", ".zst", ".zstd"):
-        name = name.removesuffix(ext)
-    if name.endswith((".jsonl", ".json", ".ndjson")):
-        return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
-    return "text"
+        return next(f.name for f in INPUT_FORMATS if f.directory)
+    name = without_codec_suffixes(path)
+    return next((f.name for f in INPUT_FORMATS if name.endswith(f.suffixes)), OTHER_FILES)
 
 
 def plan_input_shards(
@@ -117,171 +336,18 @@ def plan_input_shards(
     by_format: dict[str, list[str]] = {}
     for f in files:
         by_format.setdefault(detect_format(f) if fmt == "auto" else fmt, []).append(f)
+    directory_formats = {f.name for f in INPUT_FORMATS if f.directory}
     shards: list[InputShard] = []
     for f_fmt, paths in by_format.items():
-        if f_fmt == "hf":
+        if f_fmt in directory_formats:
             for p in paths:
                 shards.extend(
-                    InputShard((p,), "hf", k, hf_num_shards) for k in range(hf_num_shards)
+                    InputShard((p,), f_fmt, k, hf_num_shards) for k in range(hf_num_shards)
                 )
         else:
             for i in range(0, len(paths), files_per_shard):
                 shards.append(InputShard(tuple(paths[i : i + files_per_shard]), f_fmt))
     return shards
-
-
-class DocumentReader:
-    """Iterates over the documents of one InputShard; `consumed_bytes` tracks progress."""
-
-    def __init__(self, shard: InputShard, opts: ReadOptions, stats: ReadStats) -> None:
-        self.shard, self.opts, self.stats = shard, opts, stats
-        self.consumed_bytes = 0
-
-    def __iter__(self) -> Iterator[str]:
-        done = 0
-        for path in self.shard.paths:
-            size = os.path.getsize(path) if os.path.isfile(path) else 0
-            try:
-                yield from self._read(path, done)
-            except BadInputFile:
-                raise
-            except FileNotFoundError as e:
-                raise BadInputFile(path, "file not found", "check the path") from e
-            except PermissionError as e:
-                raise BadInputFile(path, "permission denied", "make it readable") from e
-            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-                raise BadInputFile(
-                    path, f"corrupt or truncated archive ({e})", "recreate it"
-                ) from e
-            except Exception as e:
-                if type(e).__name__ in ("ZstdError", "ArrowInvalid", "ArrowException"):
-                    raise BadInputFile(path, f"corrupt file ({e})", "recreate it") from e
-                if isinstance(e, OSError):
-                    raise BadInputFile(path, f"cannot read ({e})", "check the file") from e
-                raise
-            done += size
-            self.consumed_bytes = done
-
-    def _read(self, path: str, done: int) -> Iterator[str]:
-        fmt = self.shard.fmt
-        if fmt == "hf":
-            yield from self._read_hf(path)
-        elif fmt == "parquet":
-            yield from self._read_parquet(path, done)
-        else:
-            with open(path, "rb") as raw:
-                stream = _decompressing(raw, path)
-                if fmt == "jsonl":
-                    docs = self._jsonl_docs(stream)
-                elif fmt == "text":
-                    docs = self._text_docs(stream)
-                else:
-                    raise ValueError(f"unknown input format {fmt!r}; one of {FORMATS}")
-                for doc in docs:
-                    self.consumed_bytes = done + raw.tell()
-                    yield doc
-
-    def _decode(self, data: bytes) -> str:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            self.stats.invalid_utf8_documents += 1
-            return data.decode("utf-8", errors="replace")
-
-    def _checked(self, text) -> str | None:
-        """A document from a structured source: must be a non-empty, encodable string."""
-        if text is None:
-            self.stats.skipped["null_field"] += 1
-            return None
-        if not isinstance(text, str):
-            self.stats.skipped["field_not_a_string"] += 1
-            return None
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates from JSON escapes such as "\ud800"
-            self.stats.invalid_utf8_documents += 1
-            text = text.encode("utf-8", errors="replace").decode("utf-8")
-        return self._nonempty(text)
-
-    def _nonempty(self, text: str) -> str | None:
-        if not text.strip():
-            self.stats.skipped["empty"] += 1
-            return None
-        self.stats.documents += 1
-        return text
-
-    def _text_docs(self, stream) -> Iterator[str]:
-        mode = self.opts.text_mode
-        if mode == "file":
-            docs = iter([stream.read()])
-        elif mode == "line":
-            docs = (line.rstrip(b"\r\n") for line in stream)
-        elif mode == "block":
-            docs = _blocks(stream)
-        else:
-            raise ValueError(f"unknown text mode {mode!r}; one of {TEXT_MODES}")
-        for data in docs:
-            text = self._nonempty(self._decode(data))
-            if text is not None:
-                yield text
-
-    def _jsonl_docs(self, stream) -> Iterator[str]:
-        key = self.opts.text_field
-        for line in stream:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(self._decode(line))
-            except json.JSONDecodeError:
-                self.stats.skipped["invalid_json"] += 1
-                continue
-            if not isinstance(record, dict) or key not in record:
-                self.stats.skipped["missing_field"] += 1
-                continue
-            text = self._checked(record[key])
-            if text is not None:
-                yield text
-
-    def _read_parquet(self, path: str, done: int) -> Iterator[str]:
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        if self.opts.text_field not in pf.schema_arrow.names:
-            raise BadInputFile(
-                path,
-                f"no column {self.opts.text_field!r} (columns: {pf.schema_arrow.names})",
-                "choose the column with --text-field",
-            )
-        size, rows, seen = os.path.getsize(path), max(1, pf.metadata.num_rows), 0
-        for batch in pf.iter_batches(batch_size=4096, columns=[self.opts.text_field]):
-            column = batch.column(0).to_pylist()
-            seen += len(column)
-            self.consumed_bytes = done + size * seen // rows
-            for value in column:
-                text = self._checked(value)
-                if text is not None:
-                    yield text
-
-    def _read_hf(self, path: str) -> Iterator[str]:
-        ds = load_hf_dataset(path, self.opts.hf_split)
-        if self.opts.text_field not in ds.column_names:
-            raise BadInputFile(
-                path,
-                f"no column {self.opts.text_field!r} (columns: {ds.column_names})",
-                "choose the column with --text-field",
-            )
-        if self.shard.num_parts > 1:
-            ds = ds.shard(self.shard.num_parts, self.shard.part, contiguous=True)
-        ds = ds.select_columns([self.opts.text_field])
-        total, rows, seen = self.shard.size_bytes(), max(1, len(ds)), 0
-        for batch in ds.iter(batch_size=4096):
-            column = batch[self.opts.text_field]
-            seen += len(column)
-            self.consumed_bytes = total * seen // rows
-            for value in column:
-                text = self._checked(value)
-                if text is not None:
-                    yield text
 
 
 def load_hf_dataset(path: str, split: str):
@@ -307,57 +373,3 @@ def load_hf_dataset(path: str, split: str):
         return datasets.load_dataset(path, split=split)
     except (ValueError, FileNotFoundError) as e:
         raise BadInputFile(path, f"not loadable by datasets ({e})", "check the directory") from e
-
-
-def _decompressing(raw, path: str):
-    name = path.lower()
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if name.endswith((".zst", ".zstd")):
-        return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
-    return raw
-
-
-class _ZstdStream(io.RawIOBase):
-    """Decompresses zstd frames one after another, and raises EOFError on a truncated frame
-    (zstandard's stream_reader silently ends there, which would lose documents unnoticed)."""
-
-    def __init__(self, raw) -> None:
-        import zstandard
-
-        self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
-        self.dobj, self.pending, self.in_frame = self.new(), b"", False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self.pending:
-            chunk = self.raw.read(1 << 20)
-            if not chunk:
-                if self.in_frame:
-                    raise EOFError("zstd data ended before the end of its frame")
-                return 0
-            while chunk:
-                self.in_frame = True
-                self.pending += self.dobj.decompress(chunk)
-                chunk = b""
-                if self.dobj.eof:  # a frame ended; what follows starts a new one
-                    chunk, self.dobj, self.in_frame = self.dobj.unused_data, self.new(), False
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-
-def _blocks(stream) -> Iterator[bytes]:
-    """Documents separated by one or more blank lines."""
-    lines: list[bytes] = []
-    for line in stream:
-        if line.strip():
-            lines.append(line)
-        elif lines:
-            yield b"".join(lines).rstrip(b"\r\n")
-            lines = []
-    if lines:
-        yield b"".join(lines).rstrip(b"\r\n")

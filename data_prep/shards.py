@@ -7,7 +7,6 @@ either no sidecar (the shard is redone from scratch on rerun) or a complete shar
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from data_prep import manifest as mf
 from data_prep.readers import BadInputFile, DocumentReader, InputShard, ReadOptions, ReadStats
 from data_prep.tokenizers import Tokenizer
 from mtp_dist.compat.megatron_data import batched_builder_class
+from mtp_dist.files import atomic_write_json
 
 # Documents are encoded in batches of about this many characters: large enough that
 # sentencepiece's batched encode dominates, small enough to bound memory per worker.
@@ -63,10 +63,10 @@ def tokenize_shard(
     partial = {ext: f"{prefix}.{ext}.partial" for ext in ("bin", "idx")}
     # Leftovers of a killed attempt at this shard: partial data, renamed but unrecorded files,
     # a half-written sidecar temp file.
-    stale = [*partial.values(), prefix + ".bin", prefix + ".idx"]
-    for path in stale + glob.glob(glob.escape(mf.sidecar_path(job.out_dir, job.name)) + ".tmp.*"):
+    for path in [*partial.values(), prefix + ".bin", prefix + ".idx"]:
         if os.path.exists(path):
             os.remove(path)
+    mf.remove_stale_tmp(mf.sidecar_path(job.out_dir, job.name))
     stats = ReadStats()
     reader = DocumentReader(job.shard, job.read_opts, stats)
     builder = batched_builder_class()(partial["bin"], dtype=token_dtype(tokenizer.vocab_size))
@@ -102,7 +102,7 @@ def tokenize_shard(
             "documents": 0,
             "tokens": 0,
         }
-        mf.atomic_write_json(mf.sidecar_path(job.out_dir, job.name), sidecar)
+        atomic_write_json(mf.sidecar_path(job.out_dir, job.name), sidecar)
         return sidecar
 
     for ext in ("bin", "idx"):
@@ -122,7 +122,7 @@ def tokenize_shard(
         "idx_bytes": os.path.getsize(prefix + ".idx"),
         "sha256": mf.file_checksum([prefix + ".bin", prefix + ".idx"]),
     }
-    mf.atomic_write_json(mf.sidecar_path(job.out_dir, job.name), sidecar)
+    atomic_write_json(mf.sidecar_path(job.out_dir, job.name), sidecar)
     return sidecar
 
 

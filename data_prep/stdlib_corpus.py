@@ -8,6 +8,8 @@ import json
 import os
 import sysconfig
 
+from mtp_dist.files import atomic_path
+
 
 def stdlib_files() -> list[str]:
     """Sorted *.py files under the stdlib directory, without site-packages."""
@@ -54,13 +56,11 @@ def write_stdlib_corpus(
     for i, shard in enumerate(shards):
         ext = "jsonl" if fmt == "jsonl" else "txt"
         path = os.path.join(out_dir, f"stdlib-{i:05d}.{ext}")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for rel, text in shard:
                 if fmt == "jsonl":
                     f.write(json.dumps({"text": text, "path": rel}) + "\n")
                 else:
                     f.write(text.rstrip("\n") + "\n\n")
-        os.replace(tmp, path)
         paths.append(path)
     return paths

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtp_dist.files import atomic_write
+
 BYTE_TOKENIZER_NAME = "byte"
 
 # Special ids of the sentencepiece models trained here. pad has its own id so that padding can
@@ -184,12 +186,12 @@ def train_sentencepiece(sentences: Iterator[str], output_prefix: str, opts: Sent
         minloglevel=2,
     )
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    _atomic_write(output_prefix + ".model", model.data)
+    atomic_write(output_prefix + ".model", model.data)
     tok = SentencePieceTokenizer(output_prefix + ".model")
     vocab = "".join(
         f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i)}\n" for i in range(tok.vocab_size)
     )
-    _atomic_write(output_prefix + ".vocab", vocab.encode("utf-8"))
+    atomic_write(output_prefix + ".vocab", vocab.encode("utf-8"))
     return tok
 
 
@@ -201,10 +203,3 @@ class _BytesSink:
 
     def write(self, data: bytes) -> None:
         self.data += data
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

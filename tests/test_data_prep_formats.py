@@ -13,8 +13,8 @@ import zstandard
 from test_data_prep_support import read_shard, spm_model, stdlib_docs
 
 from data_prep.manifest import load_manifest
-from data_prep.pipeline import TokenizeConfig, run_tokenize
 from data_prep.readers import ReadOptions
+from data_prep.tokenize import TokenizeConfig, run_tokenize
 from data_prep.tokenizers import ByteTokenizer, load_tokenizer
 
 

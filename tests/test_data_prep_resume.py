@@ -16,6 +16,7 @@ from test_data_prep_support import ROOT, dir_bytes, spm_model, stdlib_docs
 
 from data_prep.manifest import is_complete, load_manifest, read_sidecar
 from data_prep.stdlib_corpus import write_stdlib_corpus
+from mtp_dist.files import tmp_name
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,19 @@ def test_partial_shard_is_never_complete_and_is_redone(tmp_path):
 
     summary = tokenize([tmp_path / "*.jsonl"], out)
     assert summary["tokenized"] == 0 and summary["already_complete"] == 2
+
+
+def test_killed_writers_temp_files_are_removed(tmp_path):
+    """Temp files are named by mtp_dist.files (NAME.tmp.PID); a rerun finds a killed one's."""
+    write_jsonl(tmp_path / "a.jsonl", stdlib_docs(2))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / tmp_name(out / "shard-00000.json").name, out / "manifest.json.tmp.1"]
+    for path in stale:
+        path.write_text("{half written")
+    tokenize([tmp_path / "a.jsonl"], out)
+    assert not any(p.exists() for p in stale)
+    assert not [p for p in out.iterdir() if ".tmp." in p.name]
 
 
 def test_rerun_with_other_tokenizer_is_refused(tmp_path):
