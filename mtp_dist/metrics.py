@@ -10,20 +10,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from mtp_dist.config import Config, ModelConfig
+from mtp_dist.config import Config
 
-
-def flops_per_token(m: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): every transformer layer of
-    the trunk and the n heads, the unembedding once per head, and attention scores."""
-    h, f, s = m.hidden_size, m.ffn_size, m.seq_length
-    heads = m.num_attention_heads
-    kv = h * (m.num_query_groups or heads) // heads
-    per_layer = 2 * (h * (h + 2 * kv) + h * h + 3 * h * f)  # qkv, proj, SwiGLU
-    attention = 2 * 2 * s * h  # QK^T and AV
-    layers = m.num_layers + m.n_future_tokens
-    unembed = 2 * h * m.padded_vocab_size * m.n_future_tokens
-    return 3.0 * (layers * (per_layer + attention) + unembed)
+# The trainer reads the model's FLOPs per token from here.
+from mtp_dist.model.model import flops_per_token  # noqa: F401
 
 
 def default_peak_flops() -> float:

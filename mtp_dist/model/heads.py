@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -24,6 +24,9 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import Tensor
+
+from mtp_dist.config import ModelConfig
+from mtp_dist.model.spec import LAYER_KEYS, layer_flops_per_token
 
 
 class HeadOutput(NamedTuple):
@@ -124,23 +127,43 @@ class _Batch(NamedTuple):
 
 class MTPHeads(MegatronModule):
     """n head layers and the shared final norm; the unembedding is passed in (it may be tied
-    to the input embedding, which the owning LanguageModule manages)."""
+    to the input embedding, which the owning LanguageModule manages).
+
+    The class states the facts that the rest of the model derives from the head type (the
+    model's depth, its FLOPs, checkpoint compatibility), so that another head type is one
+    class: `num_layers`, `flops_per_token` and `CONFIG_KEYS`.
+    """
+
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("n_future_tokens", *LAYER_KEYS)
+    """ModelConfig keys that determine the heads' parameter shapes."""
+
+    @classmethod
+    def num_layers(cls, m: ModelConfig) -> int:
+        """Transformer layers the heads add after the trunk (numbered on from the trunk's, and
+        counted in the depth of the scaled init): one per head."""
+        return m.n_future_tokens
+
+    @classmethod
+    def flops_per_token(cls, m: ModelConfig) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): the head layers, and the
+        shared unembedding once per head (each head's logits feed its own cross-entropy)."""
+        unembed = 2 * m.hidden_size * m.padded_vocab_size
+        return cls.num_layers(m) * layer_flops_per_token(m) + 3.0 * unembed * m.n_future_tokens
 
     def __init__(
         self,
         config: TransformerConfig,
+        model_cfg: ModelConfig,
         spec: ModuleSpec,
-        n: int,
         first_layer_number: int,
-        loss_weights: list[float],
-        sequential: bool = True,
     ):
         super().__init__(config=config)
-        self.n = n
-        self.loss_weights = list(loss_weights)
-        self.sequential = sequential
+        self.n = model_cfg.n_future_tokens
+        self.loss_weights = list(model_cfg.loss_weights)
+        self.sequential = model_cfg.head_backward == "sequential"
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=first_layer_number + i) for i in range(n)
+            build_module(spec, config=config, layer_number=first_layer_number + i)
+            for i in range(self.num_layers(model_cfg))
         )
         self.final_norm = WrappedTorchNorm(
             config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
