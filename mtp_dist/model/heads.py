@@ -157,6 +157,8 @@ class MTPHeads(MegatronModule):
         spec: ModuleSpec,
         first_layer_number: int,
     ):
+        """spec: the trunk's layer spec; first_layer_number: the first head layer's number
+        local to the pipeline stage (megatron's layers add the stage's offset)."""
         super().__init__(config=config)
         self.n = model_cfg.n_future_tokens
         self.loss_weights = list(model_cfg.loss_weights)
