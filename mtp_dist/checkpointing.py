@@ -22,21 +22,11 @@ import torch.distributed as dist
 
 from mtp_dist.errors import UserError
 from mtp_dist.files import atomic_path, atomic_write
+from mtp_dist.model.model import MODEL_KEYS
 
 META = "meta.json"
 LATEST = "latest"
 CONSOLIDATED_FORMAT = "mtp-dist-consolidated-v1"
-MODEL_KEYS = (
-    "n_future_tokens",
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-    "vocab_size",
-    "vocab_multiple",
-    "tie_embeddings",
-)
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -1,5 +1,6 @@
-"""Metric sinks (console, metrics.jsonl, wandb, tensorboard), the console line, and the
-FLOPs/MFU estimate."""
+"""Metric sinks (console, metrics.jsonl, wandb, tensorboard), the console line, memory, and the
+peak FLOP/s that MFU is measured against (the model's FLOPs per token are the model's own:
+mtp_dist.model.model.flops_per_token)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from mtp_dist.config import Config, ModelConfig
+from mtp_dist.config import Config
 from mtp_dist.files import atomic_write
 
 log = logging.getLogger(__name__)
-
-
-def flops_per_token(m: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): every transformer layer of
-    the trunk and the n heads, the unembedding once per head, and attention scores."""
-    h, f, s = m.hidden_size, m.ffn_size, m.seq_length
-    heads = m.num_attention_heads
-    kv = h * (m.num_query_groups or heads) // heads
-    per_layer = 2 * (h * (h + 2 * kv) + h * h + 3 * h * f)  # qkv, proj, SwiGLU
-    attention = 2 * 2 * s * h  # QK^T and AV
-    layers = m.num_layers + m.n_future_tokens
-    unembed = 2 * h * m.padded_vocab_size * m.n_future_tokens
-    return 3.0 * (layers * (per_layer + attention) + unembed)
 
 
 def default_peak_flops() -> float:

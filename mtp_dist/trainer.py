@@ -21,7 +21,8 @@ import torch.distributed as dist
 from mtp_dist import checkpointing as ckpt
 from mtp_dist.config import Config
 from mtp_dist.distributed import ParallelDims
-from mtp_dist.metrics import Metrics, flops_per_token, memory_gib
+from mtp_dist.metrics import Metrics, memory_gib
+from mtp_dist.model.model import flops_per_token
 from mtp_dist.run_plan import RunPlan
 
 log = logging.getLogger(__name__)

@@ -66,6 +66,16 @@ def test_layout_matches_single_process(results, tp, pp, n):
 
 
 @pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_layer_numbers_run_over_the_stages_then_the_heads(results, tp, pp, n):
+    """Each stage numbers its layers on from the previous stage's; the heads, on the last
+    stage, follow the last trunk layer: 1..num_layers + n, each once."""
+    per_stage = results(f"tp{tp}pp{pp}_n{n}")["layer_numbers"]
+    assert len(per_stage) == pp
+    assert sum(per_stage, []) == list(range(1, 4 + n + 1))  # the worker's trunk: 4 layers
+
+
+@pytest.mark.parametrize("n", NS)
 def test_sequential_equals_joint(results, n):
     assert_same(results(f"ref_n{n}_sequential"), results(f"ref_n{n}_joint"))
 

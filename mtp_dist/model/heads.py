@@ -12,8 +12,9 @@ back-propagates the returned loss. The heads are not recomputed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -23,6 +24,9 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import Tensor
+
+from mtp_dist.config import ModelConfig
+from mtp_dist.model.spec import LAYER_KEYS, layer_flops_per_token
 
 
 class HeadOutput(NamedTuple):
@@ -107,25 +111,61 @@ class _SequentialHeads(torch.autograd.Function):
         return grad_h, None, None
 
 
+class _Batch(NamedTuple):
+    """What every head needs besides the trunk's output, for one forward."""
+
+    unembed: Callable[[Tensor], Tensor]
+    targets: Tensor
+    """[n, s, b] from head_targets()."""
+    masks: Tensor
+    """[n, s, b] from head_targets()."""
+    denom: Tensor
+    """Each head's number of valid target positions, shape [n]."""
+    attention_mask: Tensor
+    rope: Tensor
+
+
 class MTPHeads(MegatronModule):
     """n head layers and the shared final norm; the unembedding is passed in (it may be tied
-    to the input embedding, which the owning LanguageModule manages)."""
+    to the input embedding, which the owning LanguageModule manages).
+
+    The class states the facts that the rest of the model derives from the head type (the
+    model's depth, its FLOPs, checkpoint compatibility), so that another head type is one
+    class: `num_layers`, `flops_per_token` and `CONFIG_KEYS`.
+    """
+
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("n_future_tokens", *LAYER_KEYS)
+    """ModelConfig keys that determine the heads' parameter shapes."""
+
+    @classmethod
+    def num_layers(cls, m: ModelConfig) -> int:
+        """Transformer layers the heads add after the trunk (numbered on from the trunk's, and
+        counted in the depth of the scaled init): one per head."""
+        return m.n_future_tokens
+
+    @classmethod
+    def flops_per_token(cls, m: ModelConfig) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): the head layers, and the
+        shared unembedding once per head (each head's logits feed its own cross-entropy)."""
+        unembed = 2 * m.hidden_size * m.padded_vocab_size
+        return cls.num_layers(m) * layer_flops_per_token(m) + 3.0 * unembed * m.n_future_tokens
 
     def __init__(
         self,
         config: TransformerConfig,
+        model_cfg: ModelConfig,
         spec: ModuleSpec,
-        n: int,
         first_layer_number: int,
-        loss_weights: list[float],
-        sequential: bool = True,
     ):
+        """spec: the trunk's layer spec; first_layer_number: the first head layer's number
+        local to the pipeline stage (megatron's layers add the stage's offset)."""
         super().__init__(config=config)
-        self.n = n
-        self.loss_weights = list(loss_weights)
-        self.sequential = sequential
+        self.n = model_cfg.n_future_tokens
+        self.loss_weights = list(model_cfg.loss_weights)
+        self.sequential = model_cfg.head_backward == "sequential"
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=first_layer_number + i) for i in range(n)
+            build_module(spec, config=config, layer_number=first_layer_number + i)
+            for i in range(self.num_layers(model_cfg))
         )
         self.final_norm = WrappedTorchNorm(
             config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
@@ -165,40 +205,58 @@ class MTPHeads(MegatronModule):
         rope: Tensor,
         loss_scale: float = 1.0,
     ) -> HeadOutput:
-        """trunk_out [s, b, h]; targets/masks [n, s, b] from head_targets()."""
+        """trunk_out [s, b, h]; targets/masks [n, s, b] from head_targets(). Without grad: the
+        losses and accuracies; with grad: the joint or the sequential mode."""
         denom = masks.sum(dim=(1, 2))
-
-        def head_loss(i: int, h: Tensor, with_accuracy: bool = False):
-            logits = unembed(self.hidden(i, h, attention_mask, rope))
-            ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets[i])
-            loss = (ce * masks[i]).sum() / denom[i].clamp(min=1.0)
-            if not with_accuracy:
-                return loss, None
-            correct = vocab_parallel_correct(logits, targets[i])
-            return loss, (correct * masks[i]).sum() / denom[i].clamp(min=1.0)
-
+        batch = _Batch(unembed, targets, masks, denom, attention_mask, rope)
         if not torch.is_grad_enabled():
-            results = [head_loss(i, trunk_out, with_accuracy=True) for i in range(self.n)]
-            losses = torch.stack([r[0] for r in results])
-            total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
-            acc = torch.stack([r[1] for r in results])
-            return HeadOutput(total, losses, acc, denom)
-
+            return self._eval(trunk_out, batch)
         if not self.sequential:
-            losses = [head_loss(i, trunk_out)[0] for i in range(self.n)]
-            total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
-            return HeadOutput(total, torch.stack([x.detach() for x in losses]), None, denom)
+            return self._joint(trunk_out, batch)
+        return self._sequential(trunk_out, batch, loss_scale)
 
-        def run(h: Tensor, scale: float):
-            losses = []
-            for i, w in enumerate(self.loss_weights):
-                loss, _ = head_loss(i, h)
-                # Free this head's logits before the next head allocates its own.
-                torch.autograd.backward(loss * (w * scale))
-                losses.append(loss.detach())
-            losses = torch.stack(losses)
-            weights = torch.tensor(self.loss_weights, dtype=losses.dtype, device=losses.device)
-            return (losses * weights).sum(), losses
+    def _head_loss(
+        self, i: int, h: Tensor, batch: _Batch, with_accuracy: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Head i's (0-based) mean cross-entropy over its valid positions, and its top-1
+        accuracy there if asked. Its logits are freed on return."""
+        logits = batch.unembed(self.hidden(i, h, batch.attention_mask, batch.rope))
+        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.targets[i])
+        loss = (ce * batch.masks[i]).sum() / batch.denom[i].clamp(min=1.0)
+        if not with_accuracy:
+            return loss, None
+        correct = vocab_parallel_correct(logits, batch.targets[i])
+        return loss, (correct * batch.masks[i]).sum() / batch.denom[i].clamp(min=1.0)
 
+    def _eval(self, trunk_out: Tensor, batch: _Batch) -> HeadOutput:
+        """Losses and accuracies, without grad."""
+        results = [self._head_loss(i, trunk_out, batch, with_accuracy=True) for i in range(self.n)]
+        losses = torch.stack([r[0] for r in results])
+        total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
+        acc = torch.stack([r[1] for r in results])
+        return HeadOutput(total, losses, acc, batch.denom)
+
+    def _joint(self, trunk_out: Tensor, batch: _Batch) -> HeadOutput:
+        """All heads in one autograd graph with the trunk."""
+        losses = [self._head_loss(i, trunk_out, batch)[0] for i in range(self.n)]
+        total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
+        return HeadOutput(total, torch.stack([x.detach() for x in losses]), None, batch.denom)
+
+    def _sequential(self, trunk_out: Tensor, batch: _Batch, loss_scale: float) -> HeadOutput:
+        """Each head's forward, loss and backward in turn; see _SequentialHeads."""
+        run = functools.partial(self._forward_backward_each, batch=batch)
         total, losses = _SequentialHeads.apply(trunk_out, run, loss_scale)
-        return HeadOutput(total, losses, None, denom)
+        return HeadOutput(total, losses, None, batch.denom)
+
+    def _forward_backward_each(self, h: Tensor, scale: float, batch: _Batch):
+        """The sequential mode's body, run by _SequentialHeads.forward on the detached trunk
+        output h: the weighted total and the heads' losses (both detached)."""
+        losses = []
+        for i, w in enumerate(self.loss_weights):
+            loss, _ = self._head_loss(i, h, batch)
+            # Free this head's logits before the next head allocates its own.
+            torch.autograd.backward(loss * (w * scale))
+            losses.append(loss.detach())
+        losses = torch.stack(losses)
+        weights = torch.tensor(self.loss_weights, dtype=losses.dtype, device=losses.device)
+        return (losses * weights).sum(), losses

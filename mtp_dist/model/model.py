@@ -3,6 +3,9 @@
 First stage: the token embedding. Every stage: its share of the trunk's layers. Last stage:
 the n heads, the shared final norm and the shared vocab-parallel unembedding (logits are never
 gathered over the vocabulary). Activations are sequence-first, [s, b, h], as in megatron-core.
+
+The whole model's facts (its transformer layers, training FLOPs per token, the config keys of its
+shapes) are composed here from the layer's (spec.py) and the head type's own statements.
 """
 
 from __future__ import annotations
@@ -21,7 +24,32 @@ from torch import Tensor
 
 from mtp_dist.config import ModelConfig
 from mtp_dist.model.heads import HeadOutput, MTPHeads, head_targets
-from mtp_dist.model.spec import layer_spec, transformer_config
+from mtp_dist.model.spec import LAYER_KEYS, layer_flops_per_token, layer_spec, transformer_config
+
+HEADS = MTPHeads
+"""The head type on the last stage. Another head type (e.g. DeepSeek-V3's sequential MTP
+modules) is a class with MTPHeads' interface (constructor, forward, `hidden` for inference) and
+class-level facts (`num_layers`, `flops_per_token`, `CONFIG_KEYS`), named here."""
+
+TRUNK_KEYS = ("num_layers", *LAYER_KEYS, "vocab_size", "vocab_multiple", "tie_embeddings")
+"""ModelConfig keys that determine the parameter shapes of the trunk, the embedding and the
+unembedding."""
+
+MODEL_KEYS = tuple(dict.fromkeys(TRUNK_KEYS + HEADS.CONFIG_KEYS))
+"""ModelConfig keys that determine the model's parameter shapes: a checkpoint saved under other
+values of any of them cannot be loaded."""
+
+
+def total_layers(m: ModelConfig) -> int:
+    """Transformer layers of the whole model: the trunk's, then the heads' (numbered on from the
+    trunk's; the depth of megatron's scaled init)."""
+    return m.num_layers + HEADS.num_layers(m)
+
+
+def flops_per_token(m: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of the whole model: the trunk's
+    layers (the embedding is a lookup), and the heads' own statement."""
+    return m.num_layers * layer_flops_per_token(m) + HEADS.flops_per_token(m)
 
 
 class MTPModel(LanguageModule):
@@ -61,14 +89,10 @@ class MTPModel(LanguageModule):
             config=config, spec=spec, pre_process=pre_process, post_process=False
         )
         if post_process:
-            layers_per_stage = config.num_layers // config.pipeline_model_parallel_size
-            self.heads = MTPHeads(
-                config,
-                spec,
-                n=model_cfg.n_future_tokens,
-                first_layer_number=layers_per_stage + 1,
-                loss_weights=model_cfg.loss_weights,
-                sequential=model_cfg.head_backward == "sequential",
+            # Numbers local to the stage, as the trunk's: each layer adds the stage's offset, so
+            # the heads' numbers follow the last trunk layer's over the whole model.
+            self.heads = HEADS(
+                config, model_cfg, spec, first_layer_number=len(self.trunk.layers) + 1
             )
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,

@@ -1,7 +1,8 @@
 """The Llama-style megatron-core layer: RMSNorm, SwiGLU, rotary positions, no biases.
 
 One TransformerConfig and one layer spec serve the trunk and the heads, so a head is exactly a
-trunk layer placed after the split.
+trunk layer placed after the split. A layer's own facts (its shape keys, its training FLOPs per
+token) are stated here, next to its spec.
 """
 
 from __future__ import annotations
@@ -65,3 +66,23 @@ def layer_spec() -> ModuleSpec:
     """The transformer layer of both trunk and heads (megatron-core's local modules; on GPU the
     same structure with Transformer Engine modules is a one-line change of spec)."""
     return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+LAYER_KEYS = ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
+"""ModelConfig keys that determine a layer's parameter shapes."""
+
+
+def attention_score_flops_per_token(m: ModelConfig) -> float:
+    """Training FLOPs per token of one layer's attention scores, QK^T and AV over all
+    seq_length keys (causal masking not discounted), forward + backward = 3x forward: the
+    layer's matmuls that have no weight."""
+    return 3.0 * 2 * 2 * m.seq_length * m.hidden_size
+
+
+def layer_flops_per_token(m: ModelConfig) -> float:
+    """Training FLOPs per token of one layer: 6 per weight of its matmuls (qkv, proj, SwiGLU;
+    2 forward, 4 backward), plus the attention scores."""
+    h, f = m.hidden_size, m.ffn_size
+    kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
+    weights = h * (h + 2 * kv) + h * h + 3 * h * f
+    return 3.0 * 2 * weights + attention_score_flops_per_token(m)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
 
-from mtp_dist.model.model import MTPModel
+from mtp_dist.model.model import MTPModel, total_layers
 
 _TRUNK_LAYER = re.compile(r"^trunk\.layers\.(\d+)\.")
 
@@ -87,8 +87,7 @@ def _init_std(model: MTPModel, name: str) -> float | None:
         return None
     std = model.config.init_method_std
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        total_layers = model.config.num_layers + model.n_future_tokens
-        std = std / (2.0 * total_layers) ** 0.5
+        std = std / (2.0 * total_layers(model.model_cfg)) ** 0.5
     return std
 
 

@@ -72,6 +72,13 @@ def run_case(case: dict, out_dir: str) -> None:
         p.grad /= dims.dp
     grads = full_grads(model)
     weights = full_state(model)
+    numbers = [layer.layer_number for layer in model.trunk.layers]
+    if dims.is_last_stage:
+        numbers += [layer.layer_number for layer in model.heads.layers]
+    per_stage = [None] * pp
+    dist.all_gather_object(
+        per_stage, numbers, group=parallel_state.get_pipeline_model_parallel_group()
+    )
 
     # Losses live on the last stage; bring the DP mean to rank 0.
     stats = torch.zeros(1 + n)
@@ -80,7 +87,12 @@ def run_case(case: dict, out_dir: str) -> None:
     dist.all_reduce(stats)
     stats /= dims.dp
     if dims.rank == 0:
-        payload = {"loss": stats[0].item(), "head_losses": stats[1:].tolist(), "grads": grads}
+        payload = {
+            "loss": stats[0].item(),
+            "head_losses": stats[1:].tolist(),
+            "grads": grads,
+            "layer_numbers": per_stage,
+        }
         if case.get("save_weights"):
             payload["weights"] = weights
         torch.save(payload, os.path.join(out_dir, case["name"] + ".pt"))
