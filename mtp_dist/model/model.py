@@ -11,7 +11,7 @@ shapes) are composed here from the layer's (spec.py) and the head type's own sta
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
@@ -61,6 +61,8 @@ class MTPModel(LanguageModule):
         post_process: bool = True,
     ):
         super().__init__(config=config)
+        # Passed explicitly: megatron-core deprecates falling back to the global group.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         self.model_cfg = model_cfg
         self.pre_process = pre_process
         self.post_process = post_process
@@ -78,6 +80,7 @@ class MTPModel(LanguageModule):
                 vocab_size=self.vocab_size,
                 max_sequence_length=self.seq_length,
                 position_embedding_type="rope",
+                tp_group=tp_group,
             )
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels,
@@ -103,6 +106,7 @@ class MTPModel(LanguageModule):
                 skip_bias_add=False,
                 gather_output=False,
                 skip_weight_param_allocation=pre_process and tied,
+                tp_group=tp_group,
             )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
