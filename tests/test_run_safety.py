@@ -50,7 +50,12 @@ def records(run: Path) -> list[dict]:
 
 
 def snapshot(ckdir: Path) -> dict[str, float]:
-    return {str(p.relative_to(ckdir)): p.stat().st_mtime_ns for p in ckdir.rglob("*")}
+    """Every checkpoint file and its modification time (not the directory's lock file)."""
+    return {
+        str(p.relative_to(ckdir)): p.stat().st_mtime_ns
+        for p in ckdir.rglob("*")
+        if p.name != ".lock"
+    }
 
 
 def test_a_rank_waiting_for_a_missing_peer_is_stopped_by_the_watchdog(tmp_path):
