@@ -94,6 +94,15 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port()))
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a collective's tensors must live for the group's backend: the current CUDA device
+    for NCCL (which rejects CPU tensors), the CPU for gloo. Every collective mtp_dist issues
+    itself takes its tensors from here, so the GPU path is right by construction."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def free_port() -> int:
     """A TCP port free on this host right now (for a rendezvous we start ourselves)."""
     import socket

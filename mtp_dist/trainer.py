@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from mtp_dist import checkpointing as ckpt
 from mtp_dist.config import Config
-from mtp_dist.distributed import ParallelDims
+from mtp_dist.distributed import ParallelDims, collective_device
 from mtp_dist.metrics import Metrics, memory_gib
 from mtp_dist.model.model import flops_per_token
 from mtp_dist.run_plan import RunPlan
@@ -88,6 +88,7 @@ class Trainer:
     def _should_stop(self) -> bool:
         """All ranks agree whether any of them received a stop signal."""
         flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
+        flag = flag.to(collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
@@ -143,12 +144,12 @@ class Trainer:
         """The DP mean of the last stage's losses, on every rank."""
         n = self.cfg.model.n_future_tokens
         width = 1 + n + (n if extra is not None else 0)
-        buf = torch.zeros(width, dtype=torch.float64)
+        buf = torch.zeros(width, dtype=torch.float64, device=collective_device())
         if self.dims.is_last_stage and self.dims.tp_rank == 0:
             buf[0] = loss
-            buf[1 : 1 + n] = torch.tensor(heads, dtype=torch.float64)
+            buf[1 : 1 + n] = torch.tensor(heads, dtype=torch.float64, device=buf.device)
             if extra is not None:
-                buf[1 + n :] = torch.tensor(extra, dtype=torch.float64)
+                buf[1 + n :] = torch.tensor(extra, dtype=torch.float64, device=buf.device)
         dist.all_reduce(buf)
         buf /= self.dims.dp
         values = buf.tolist()

@@ -275,15 +275,18 @@ def test_consolidated_export_is_layout_independent(reference, tp2pp2, tmp_path):
         torch.testing.assert_close(a["state"][k], b["state"][k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path):
-    """An infinite head weight makes every loss non-finite: each step is skipped (no update),
-    and after train.max_bad_steps in a row the run saves and stops with a clear message."""
-    proc = train(1, tmp_path, "model.head_loss_weights=[.inf, 1, 1, 1]", "train.max_bad_steps=2",
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(reference, tmp_path):
+    """Weights of scale 1e30 overflow every gradient: each step is skipped (no update), the
+    learning-rate schedule still follows the step count, and after train.max_bad_steps in a
+    row the run saves and stops with a clear message (exit 3)."""
+    proc = train(1, tmp_path, "model.init_std=1e30", "train.max_bad_steps=2",
                  "checkpoint.interval=0", expect=3)  # fmt: skip
     assert "3 non-finite steps in a row" in proc.stderr and "train.max_bad_steps=2" in proc.stderr
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [True, True, True]
     assert records[-1]["skipped_steps"] == 3
+    ref = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == [r["lr"] for r in ref[:3]]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 

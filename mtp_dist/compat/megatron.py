@@ -73,6 +73,7 @@ def _keep_torch_adam_step(set_states):
             if step is not None:
                 state["step"] = step
 
+    wrapper.mtp_dist_fix = True
     return wrapper
 
 

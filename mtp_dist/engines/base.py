@@ -26,7 +26,8 @@ class TrainStepResult:
     grad_norm: float
     """Global gradient norm before clipping (NaN if unknown on this rank)."""
     skipped: bool
-    """True when the loss or gradients were not finite: no update was applied."""
+    """True when no update was applied (non-finite gradients). A non-finite grad_norm with
+    an applied update is not a skipped step."""
     lr: float
 
     @classmethod

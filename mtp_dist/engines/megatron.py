@@ -4,7 +4,6 @@ and DP)."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -19,7 +18,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from mtp_dist.compat import megatron as fixes
 from mtp_dist.config import Config
-from mtp_dist.distributed import ParallelDims
+from mtp_dist.distributed import ParallelDims, collective_device
 from mtp_dist.engines.base import TrainStepResult
 from mtp_dist.engines.optim import megatron_scheduler, unshare_adam_steps
 from mtp_dist.model.model import MTPModel
@@ -80,7 +79,7 @@ class MegatronEngine:
 
     def _grads_finite(self) -> bool:
         """All ranks agree whether every gradient is finite (one reduction)."""
-        bad = torch.zeros(1, device=self.dims.device)
+        bad = torch.zeros(1, device=collective_device())
         for buf in self.ddp.buffers:
             if not torch.isfinite(buf.grad_data.sum()):
                 bad += 1
@@ -93,14 +92,15 @@ class MegatronEngine:
         self.ddp.train()
         result = run_schedule(self.ddp, microbatches, self.cfg.model.seq_length)
         lr = self.lr
-        if not self._grads_finite():
-            return TrainStepResult.of(result, float("nan"), True, lr)
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            return TrainStepResult.of(result, float("nan"), True, lr)
+        applied, norm = False, float("nan")
+        if self._grads_finite():
+            applied, grad_norm, _ = self.optimizer.step()
+            if grad_norm is not None:
+                norm = float(grad_norm)
+        # The schedule follows the step count, skipped steps included, so that step k always
+        # runs at the schedule's value for k (the data advances on a skipped step too).
         self.scheduler.step(increment=1)
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return TrainStepResult.of(result, norm, not math.isfinite(norm), lr)
+        return TrainStepResult.of(result, norm, skipped=not applied, lr=lr)
 
     def eval_step(self, microbatches) -> StepResult:
         self.ddp.eval()

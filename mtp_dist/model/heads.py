@@ -26,6 +26,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import Tensor
 
 from mtp_dist.config import ModelConfig
+from mtp_dist.distributed import collective_device
 from mtp_dist.model.spec import LAYER_KEYS, layer_flops_per_token
 
 
@@ -70,12 +71,14 @@ def vocab_parallel_correct(logits: Tensor, target: Tensor) -> Tensor:
     global_idx = local_idx + rank * shard
     world = parallel_state.get_tensor_model_parallel_world_size()
     if world > 1:
+        device = collective_device(group)
+        local_max, global_idx = local_max.to(device), global_idx.to(device)
         maxes = [torch.empty_like(local_max) for _ in range(world)]
         idxs = [torch.empty_like(global_idx) for _ in range(world)]
         torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
         torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
         best = torch.stack(maxes).argmax(dim=0, keepdim=True)
-        global_idx = torch.stack(idxs).gather(0, best).squeeze(0)
+        global_idx = torch.stack(idxs).gather(0, best).squeeze(0).to(target.device)
     return (global_idx == target).float()
 
 

@@ -16,6 +16,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mtp_dist.config import ModelConfig
 
 
+def fused_softmax_kernels_available() -> bool:
+    """megatron-core's fused masked softmax imports compiled kernels (built by Apex or
+    megatron's own fused-kernel build) at the first forward; without them the fusion must be
+    off, or the first GPU step fails on the import."""
+    import importlib.util
+
+    return importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+
+
 def transformer_config(
     model: ModelConfig,
     tensor: int = 1,
@@ -50,7 +59,7 @@ def transformer_config(
         perform_initialization=True,  # sets the TP attributes; init_weights() then re-inits
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

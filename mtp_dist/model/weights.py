@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
 
+from mtp_dist.distributed import collective_device
 from mtp_dist.model.model import MTPModel, total_layers
 
 _TRUNK_LAYER = re.compile(r"^trunk\.layers\.(\d+)\.")
@@ -144,6 +145,7 @@ def gather_full(model: MTPModel, local: dict[str, Tensor]) -> dict[str, Tensor] 
     for name in sorted(local):
         t = local[name].detach().float().contiguous()
         if tp > 1:
+            t = t.to(collective_device(tp_group))
             pieces = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(pieces, t, group=tp_group)
         else:

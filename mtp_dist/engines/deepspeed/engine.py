@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from functools import partial
 
@@ -236,10 +235,14 @@ class DeepSpeedEngine:
         with self.ds.coalesce_grad_reduction():
             result = self._run(microbatches, forward_only=False)
         self.ds.step()
-        skipped = not self.ds.was_step_applied()
+        applied = self.ds.was_step_applied()
+        if not applied:
+            # DeepSpeed holds the schedule on a skipped step; the trainer's step count and the
+            # data do not stop, so step k must still run at the schedule's value for k.
+            self.ds.lr_scheduler.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return TrainStepResult.of(result, norm, skipped or not math.isfinite(norm), lr)
+        return TrainStepResult.of(result, norm, skipped=not applied, lr=lr)
 
     def eval_step(self, microbatches: list[dict[str, Tensor]]) -> StepResult:
         self.ds.eval()
