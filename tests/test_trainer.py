@@ -78,6 +78,11 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     raise TimeoutError
 
 
+def steps_logged_since(run_dir: Path, lines_before: int) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]
+    return [json.loads(line)["step"] for line in lines]
+
+
 def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -131,8 +136,14 @@ def _kill_and_resume(nproc: int, run: Path, reference_losses: dict, *layout: str
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the launcher and every rank
         proc.wait()
-    assert 5 <= logged_steps(run) < STEPS, "the kill must land between checkpoints"
-    train(nproc, run, *layout)  # train.resume=auto: from the last checkpoint
+    before = logged_steps(run)
+    assert 5 <= before < STEPS, "the kill must land between checkpoints"
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    saved = int(latest.removeprefix("step_"))
+    proc = train(nproc, run, *layout)  # train.resume=auto: from the last checkpoint
+    assert f"resumed from {run / 'checkpoints' / latest} at step {saved}" in proc.stdout
+    # The resumed run logged exactly the steps after its checkpoint: it did not restart.
+    assert steps_logged_since(run, before) == list(range(saved + 1, STEPS + 1))
     got = losses(run)
     for step in range(1, STEPS + 1):
         assert got[step] == reference_losses[step], f"step {step} differs after resume"
@@ -158,20 +169,40 @@ def test_kill9_then_resume_is_exact_tp2pp2(tp2pp2, tmp_path):
     )
 
 
-def test_tp2pp2_checkpoint_continues_at_tp1pp1(reference, tp2pp2, tmp_path):
-    start = tp2pp2 / "checkpoints" / "step_00000004"
-    train(1, tmp_path, f"train.resume={start}")
-    got, ref = losses(tmp_path), losses(reference)
+def _continues(reference: Path, start: Path, run: Path, nproc: int, *layout: str) -> None:
+    """A checkpoint of step 4 continues at another layout: steps 5.. only, same losses."""
+    train(nproc, run, f"train.resume={start}", *layout)
+    assert steps_logged_since(run, 0) == list(range(5, STEPS + 1))
+    got, ref = losses(run), losses(reference)
     for step in range(5, STEPS + 1):
         assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+
+
+def test_tp2pp2_checkpoint_continues_at_tp1pp1(reference, tp2pp2, tmp_path):
+    _continues(reference, tp2pp2 / "checkpoints" / "step_00000004", tmp_path, 1)
 
 
 def test_tp1pp1_checkpoint_continues_at_tp2pp2(reference, tmp_path):
     start = reference / "checkpoints" / "step_00000004"
-    train(4, tmp_path, f"train.resume={start}", "parallel.tensor=2", "parallel.pipeline=2")
-    got, ref = losses(tmp_path), losses(reference)
-    for step in range(5, STEPS + 1):
-        assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+    _continues(reference, start, tmp_path, 4, "parallel.tensor=2", "parallel.pipeline=2")
+
+
+def test_dp2_checkpoint_continues_at_dp1(reference, dp2, tmp_path):
+    """The distributed optimizer's state, sharded over 2 data-parallel ranks, reshards to 1."""
+    _continues(reference, dp2 / "checkpoints" / "step_00000004", tmp_path, 1)
+
+
+def test_tied_embeddings_train_alike_with_a_pipeline(tmp_path):
+    """model.tie_embeddings: one process and PP2 (where the last stage keeps a copy of the
+    embedding that megatron-core keeps equal) give the same losses, and the model learns."""
+    tied = ["model.tie_embeddings=true"]
+    train(1, tmp_path / "one", *tied)
+    train(2, tmp_path / "pp2", *tied, "parallel.pipeline=2")
+    one, pp2 = losses(tmp_path / "one"), losses(tmp_path / "pp2")
+    assert sorted(one) == sorted(pp2) == list(range(1, STEPS + 1))
+    for step in one:
+        assert pp2[step] == pytest.approx(one[step], rel=RESHARD_RTOL)
+    assert one[STEPS] < one[1] - 0.2
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,22 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
+def _tensor_cuda_is_identity(fn):
+    """Run fn while `Tensor.cuda()` returns the tensor itself: with tied embeddings and a
+    pipeline, the language module moves the last stage's copy of the embedding to "the GPU"
+    before the all-reduce that makes both copies equal."""
+
+    def wrapper(*args, **kwargs):
+        real_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = real_cuda
+
+    return wrapper
+
+
 MEGATRON_UPSTREAM = [
     Upstream("megatron.core.utils", 'device="cuda"'),
     Upstream("megatron.core.optimizer.clip_grads", "cuda"),
@@ -117,6 +133,11 @@ MEGATRON_UPSTREAM = [
         "torch.cuda.get_rng_state()",
     ),
     Upstream("megatron.core.pipeline_parallel.schedules", 'device="cuda"'),
+    Upstream(
+        "megatron.core.models.common.language_module.language_module:LanguageModule."
+        "setup_embeddings_and_output_layer",
+        "weight.data = weight.data.cuda()",
+    ),
 ]
 DEEPSPEED_UPSTREAM = [Upstream("deepspeed.comm.torch:build_shm_op", "ShareMemCommBuilder")]
 UPSTREAM = MEGATRON_UPSTREAM + DEEPSPEED_UPSTREAM
@@ -131,6 +152,7 @@ def apply() -> None:
         raise RuntimeError("compat.cpu.apply() is for machines without a GPU")
     check(MEGATRON_UPSTREAM)
     from megatron.core import utils
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random
@@ -150,6 +172,9 @@ def apply() -> None:
     opt = distrib_optimizer.DistributedOptimizer
     opt._build_model_and_main_param_groups = staticmethod(
         _with_cuda_type_names(opt._build_model_and_main_param_groups)
+    )
+    LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        LanguageModule.setup_embeddings_and_output_layer
     )
     _APPLIED = True
 
