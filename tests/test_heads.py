@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtp_dist.config import ModelConfig
 from mtp_dist.model.heads import head_targets
@@ -114,3 +118,52 @@ def test_meta_device_build_has_shapes_and_no_storage(megatron_1proc):
     per_layer = 4 * 1024 * 1024 + 3 * 1024 * cfg.ffn_size + 2 * 1024
     expected = 12 * per_layer + 2 * cfg.padded_vocab_size * 1024 + 1024
     assert n_params == expected
+
+
+class _LogitsCensus(TorchDispatchMode):
+    """Weak references to every tensor of a head's logits size that an op produces, forward or
+    backward: the logits themselves, their softmax, their gradient ..."""
+
+    def __init__(self, numel: int, vocab: int):
+        super().__init__()
+        self.numel, self.vocab, self.refs = numel, vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.numel() == self.numel
+                and t.shape[-1] == self.vocab
+            ):
+                self.refs.append(weakref.ref(t))
+        return out
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.refs)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "joint"])
+def test_live_logits_when_each_head_starts(megatron_1proc, mode):
+    """The memory property itself (the paper's Figure 2): when head i starts its unembedding,
+    sequential mode holds no logits-sized tensor of the heads before it; the joint graph holds
+    some of every earlier head (this is what makes it cost n times the memory)."""
+    n, s, b, vocab = 4, 8, 2, 320  # no other activation is [s, b, 320] (SwiGLU's is 256)
+    cfg = ModelConfig(
+        n_future_tokens=n, num_layers=1, hidden_size=32, num_attention_heads=2,
+        vocab_size=vocab, vocab_multiple=64, seq_length=s, head_backward=mode,
+    )  # fmt: skip
+    model = build_model(cfg)
+    init_weights(model, seed=1)
+    census = _LogitsCensus(numel=s * b * vocab, vocab=vocab)
+    at_start = []
+    model.output_layer.register_forward_pre_hook(lambda *_: at_start.append(census.alive()))
+    tokens = torch.randint(0, vocab, (b, s + n), generator=torch.Generator().manual_seed(0))
+    with census:
+        out = model(tokens)
+    assert len(at_start) == n
+    if mode == "sequential":
+        assert at_start == [0] * n
+    else:
+        assert at_start[0] == 0 and all(x < y for x, y in zip(at_start, at_start[1:], strict=False))
+    del out
