@@ -232,12 +232,13 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
               "train.steps=1000"]  # fmt: skip
     proc = subprocess.Popen(
         train_cmd(1, run, *bigger), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         wait_for(lambda: (ckdir / "latest").exists() and any(ckdir.glob(".tmp-step_*")), proc)
     finally:
-        proc.kill()
+        # kill -9 the whole group: the checkpoint writer's multiprocessing helpers too.
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     previous = (ckdir / "latest").read_text().strip()
     assert (ckdir / previous / "meta.json").is_file()
