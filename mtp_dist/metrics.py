@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -19,16 +20,34 @@ from mtp_dist.files import atomic_write
 log = logging.getLogger(__name__)
 
 
-def default_peak_flops() -> float:
-    """Per-device peak FLOP/s when logging.peak_flops is 0: dense bf16 of known GPUs, and a
-    nominal 1e11 for a CPU (so CPU MFU numbers are only indicative)."""
+GPU_PEAK_BF16 = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12))
+"""Dense bf16 peak FLOP/s of GPUs by name (datasheets)."""
+
+
+def default_peak_flops() -> tuple[float | None, str]:
+    """(per-process peak FLOP/s, where it comes from) when logging.peak_flops is 0: a known
+    GPU's datasheet; on a CPU the fp32 matmul rate this process reaches, measured once (so CPU
+    MFU is the share of what this machine's matmuls can do); an unknown GPU has none, and MFU
+    is then not shown rather than made up."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12)):
+        for key, peak in GPU_PEAK_BF16:
             if key in name:
-                return peak
-        return 100e12
-    return 1e11
+                return peak, f"the dense bf16 peak of {key}"
+        return None, f"unknown for {name}: set logging.peak_flops"
+    return measure_matmul_flops(), "this process's measured fp32 matmul rate"
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
+    """The best of `repeats` timed n x n fp32 matmuls on the CPU, in FLOP/s (about 0.1 s)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
 
 
 def memory_gib() -> float:
@@ -49,7 +68,12 @@ class Metrics:
     def __init__(self, cfg: Config, run_dir: Path, is_main: bool, world_size: int):
         self.cfg = cfg
         self.is_main = is_main
-        self.peak_flops_total = (cfg.logging.peak_flops or default_peak_flops()) * world_size
+        peak, source = cfg.logging.peak_flops, "logging.peak_flops"
+        if not peak:
+            peak, source = default_peak_flops()
+        self.peak_flops_total = peak * world_size if peak else None
+        """MFU's denominator (all processes), or None where the peak is unknown."""
+        self.peak_source = source
         self.jsonl = None
         self.wandb = None
         self.tb = None
@@ -66,6 +90,16 @@ class Metrics:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError as e:
                 log.warning(f"tensorboard disabled: {e}")
+
+    def mfu(self, model_flops_per_s: float) -> float | None:
+        if self.peak_flops_total is None:
+            return None
+        return model_flops_per_s / self.peak_flops_total
+
+    def describe_peak(self) -> str:
+        if self.peak_flops_total is None:
+            return f"MFU not shown: the peak FLOP/s is {self.peak_source}"
+        return f"MFU against {self.peak_flops_total / 1e9:,.1f} GFLOP/s in all ({self.peak_source})"
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -121,7 +155,7 @@ def console_line(r: dict, total_steps: int) -> str:
     line = (
         f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | heads {heads} | "
         f"lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | "
-        f"mfu {100 * r['mfu']:.2f}% | mem {r['memory_gib']:.2f} GiB | "
+        f"mfu {_percent(r['mfu'])} | mem {r['memory_gib']:.2f} GiB | "
         f"eta {format_duration(r['eta_s'])}"
     )
     if r["skipped"]:
@@ -130,6 +164,10 @@ def console_line(r: dict, total_steps: int) -> str:
         acc = " ".join(f"{x:.3f}" for x in r["eval_head_accuracy"])
         line += f"\n  eval loss {r['eval_loss']:.4f} | head top-1 acc {acc}"
     return line
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
 def format_duration(seconds: float) -> str:

@@ -169,7 +169,7 @@ class Trainer:
             "grad_norm": out.grad_norm,
             "skipped": out.skipped,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / self.metrics.peak_flops_total,
+            "mfu": self.metrics.mfu(self.flops_per_token * tokens_per_s),
             "memory_gib": memory_gib(),
             "step_time_s": elapsed,
             "consumed_samples": self.consumed_samples + self.plan.global_batch_size,
@@ -195,6 +195,7 @@ class Trainer:
 
     def run(self) -> int:
         self._install_signal_handlers()
+        log.info(self.metrics.describe_peak())
         t = self.cfg.train
         batches = self._batches(self.train_data, self.consumed_samples)
         start_step, start_time = self.step, time.perf_counter()
