@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Launch mtp_dist.train with torchrun on this node (or, with NNODES>1, one node of many).
-# Usage: launch/torchrun.sh configs/small.yaml [dotted.key=value ...]
+# Usage: launch/torchrun.sh CONFIG [dotted.key=value ...]
+# The checks that need no process group run once first, so a mistake is one `error:` line.
 set -euo pipefail
+fail() { echo "error: $*" >&2; exit 2; }
+[ $# -ge 1 ] || fail "usage: launch/torchrun.sh CONFIG [dotted.key=value ...] (e.g. configs/tiny.yaml)"
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
 NNODES=${NNODES:-1}
@@ -9,8 +12,12 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per rank on CPU: ranks share cores
+for v in NPROC_PER_NODE NNODES NODE_RANK MASTER_PORT; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || fail "$v=${!v} is not a number: set it to a positive integer"
+done
 
 CONFIG=$1; shift
+python -m mtp_dist.train --check --world-size $((NPROC_PER_NODE * NNODES)) --config "$CONFIG" "$@" >/dev/null
 exec python -m torch.distributed.run --nproc-per-node="$NPROC_PER_NODE" --nnodes="$NNODES" \
     --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
     -m mtp_dist.train --config "$CONFIG" "$@"

@@ -123,6 +123,12 @@ class CheckpointManager:
         _barrier()
         return tmp
 
+    def abort(self, tmp: Path, is_main: bool) -> None:
+        """Remove a checkpoint whose writing failed (rank 0; no barrier: other ranks may be
+        gone)."""
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def commit(self, tmp: Path, step: int, meta: dict, is_main: bool) -> Path:
         """Make a fully written temporary checkpoint visible (all ranks call; rank 0 acts)."""
         _barrier()

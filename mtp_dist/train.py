@@ -24,6 +24,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply without it")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only run the checks that come before any compute (config, layout, engine, data, "
+        "tokenizer, checkpoint directory, resume point) for --world-size processes, and exit: "
+        "what the launch scripts do once before they start the ranks",
+    )
+    p.add_argument("--world-size", type=int, default=1, help="with --check: processes in all")
     return p.parse_args(argv)
 
 
@@ -37,9 +45,12 @@ def _main(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mtp_dist.compat import ignore_known_warnings
+
+    ignore_known_warnings()  # before megatron-core is imported
     from mtp_dist.trainer import TrainingStopped
 
-    ignore_known_warnings()
+    if args.check:
+        return check(cfg, args.world_size)
     try:
         return run(cfg)
     except TrainingStopped as e:
@@ -57,6 +68,26 @@ def _log_to_stdout(is_main: bool) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.propagate = False
+
+
+def check(cfg, world_size: int) -> int:
+    import torch
+
+    from mtp_dist.preflight import AlreadyFinished, preflight
+
+    if world_size < 1:
+        raise config_mod.ConfigError(f"--world-size={world_size} must be >= 1")
+    try:
+        pre = preflight(cfg, world_size, rank=-1, on_gpu=torch.cuda.is_available())
+    except AlreadyFinished as e:
+        print(f"done: {e}")
+        return 0
+    start = f"resumes {pre.resume} at step {pre.meta['step']}" if pre.resume else "starts afresh"
+    print(
+        f"ok: {world_size} processes as TP{pre.plan.tp} x PP{pre.plan.pp} x DP{pre.plan.dp}, "
+        f"{pre.plan.num_microbatches} microbatches per step, {pre.plan.dtype}; the run {start}"
+    )
+    return 0
 
 
 def run(cfg) -> int:

@@ -109,8 +109,6 @@ class Trainer:
     def save(self) -> Path:
         self.progress(f"saving the checkpoint of step {self.step}")
         tmp = self.manager.begin(self.step, self.dims.is_main)
-        self.engine.save(str(tmp / "engine"))
-        ckpt.save_rng(tmp, self.dims.rank)
         meta = {
             **self.state_dict(),
             "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
@@ -119,7 +117,13 @@ class Trainer:
             **self.provenance,
             "config": self.cfg.to_dict(),
         }
-        final = self.manager.commit(tmp, self.step, meta, self.dims.is_main)
+        try:
+            self.engine.save(str(tmp / "engine"))
+            ckpt.save_rng(tmp, self.dims.rank)
+            final = self.manager.commit(tmp, self.step, meta, self.dims.is_main)
+        except BaseException:
+            self.manager.abort(tmp, self.dims.is_main)  # e.g. a full disk: nothing half-written
+            raise
         log.info(f"saved checkpoint {final}")
         return final
 

@@ -170,3 +170,48 @@ def test_os_errors_name_the_path_and_a_fix(capsys):
     assert capsys.readouterr().err == (
         "error: /data/shard.bin: No space left on device: free disk space or write elsewhere\n"
     )
+
+
+def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        ["bash", f"launch/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script, args, env, fragments",
+    [
+        ("torchrun.sh", [], {}, ["usage: launch/torchrun.sh CONFIG"]),
+        ("torchrun.sh", ["configs/tiny.yaml"], {"NPROC_PER_NODE": "x"}, ["NPROC_PER_NODE=x"]),
+        ("torchrun.sh", ["configs/nope.yaml"], {}, ["configs/nope.yaml does not exist"]),
+        (
+            "torchrun.sh",
+            ["configs/tiny.yaml", "parallel.tensor=2"],
+            {"NPROC_PER_NODE": "3"},
+            ["does not divide the world size 3"],
+        ),
+        ("deepspeed.sh", ["2"], {}, ["usage: launch/deepspeed.sh NPROC CONFIG"]),
+        ("deepspeed.sh", ["two", "configs/tiny.yaml"], {}, ["NPROC=two"]),
+        (
+            "deepspeed.sh",
+            ["2", "configs/tiny.yaml", "deepspeed.zero_stage=0"],
+            {},
+            ["deepspeed.zero_stage=0 is not supported"],
+        ),
+    ],
+)
+def test_launch_scripts_check_before_starting_ranks(script, args, env, fragments):
+    """A mistake is found once, before any rank starts: one error line, not N tracebacks."""
+    proc = launch(script, *args, **env)
+    assert_user_error(proc, *fragments)
+    assert "ChildFailedError" not in proc.stderr
+
+
+def test_train_check_reports_the_layout(tmp_path):
+    proc = run("mtp_dist.train", "--check", "--world-size", "4", *TINY, "parallel.tensor=2",
+               f"run.dir={tmp_path}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok: 4 processes as TP2 x PP1 x DP2")
