@@ -53,10 +53,10 @@ class Trainer:
         self.manager = manager
         self.metrics = metrics
         self.provenance = provenance
-        self.progress = progress
-        """Called at every milestone with what comes next (the watchdog's heartbeat)."""
         """What the checkpoints record of where the run came from: tokenizer_hash,
         data_fingerprint and the schedule's lr_decay_steps (checked on resume)."""
+        self.progress = progress
+        """Called at every milestone with what comes next (the watchdog's heartbeat)."""
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
