@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from mtp_dist.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,3 +36,19 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: int = 600, env
             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 a process and every process under it, as a scheduler ends a job. Not killpg:
+    torchrun starts its ranks in sessions of their own, so the launcher's group misses them."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    family = [root, *root.children(recursive=True)]
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mtp_dist.distributed import free_port
-from tests.support import ROOT
+from tests.support import ROOT, kill_tree
 
 pytestmark = pytest.mark.slow  # torchrun / subprocess trainings
 
@@ -134,7 +134,7 @@ def _kill_and_resume(nproc: int, run: Path, reference_losses: dict, *layout: str
     try:
         wait_for(lambda: logged_steps(run) >= 5, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the launcher and every rank
+        kill_tree(proc.pid)  # kill -9 the launcher and every rank
         proc.wait()
     before = logged_steps(run)
     assert 5 <= before < STEPS, "the kill must land between checkpoints"
@@ -237,8 +237,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     try:
         wait_for(lambda: (ckdir / "latest").exists() and any(ckdir.glob(".tmp-step_*")), proc)
     finally:
-        # kill -9 the whole group: the checkpoint writer's multiprocessing helpers too.
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # with the checkpoint writer's multiprocessing helpers
         proc.wait()
     previous = (ckdir / "latest").read_text().strip()
     assert (ckdir / previous / "meta.json").is_file()
