@@ -37,9 +37,11 @@ def _main(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mtp_dist.compat import ignore_known_warnings
+
+    # Before the trainer's imports: megatron-core warns about Apex while being imported.
+    ignore_known_warnings()
     from mtp_dist.trainer import TrainingStopped
 
-    ignore_known_warnings()
     try:
         return run(cfg)
     except TrainingStopped as e:
