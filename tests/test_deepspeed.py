@@ -1,5 +1,6 @@
 """DeepSpeed engine on CPU/gloo: ZeRO-1/2/3, TP and PP layouts reproduce the single-process run,
-exact resume, universal checkpoints across data-parallel sizes, and clear errors.
+exact resume, universal checkpoints across data-parallel sizes, and the checkpoint tools.
+Config-time checks: tests/test_deepspeed_config.py.
 
 Four launches of tests/workers/deepspeed_cases.py (tiny model, n=4, 4 steps of the same global
 batches; step 0 has lr 0, steps 1-3 update) feed every equivalence test.
@@ -161,105 +162,6 @@ def test_nonfinite_step_is_skipped(runs):
 
 def _cfg(*overrides: str) -> C.Config:
     return C.load(ROOT / "configs" / "tiny.yaml", ["engine=deepspeed", *overrides])
-
-
-def _plan(cfg: C.Config, world_size: int, on_gpu: bool = False):
-    from mtp_dist.run_plan import resolve
-
-    return resolve(cfg, world_size, on_gpu)
-
-
-def _json(tmp_path: Path, body: dict) -> str:
-    p = tmp_path / "ds.json"
-    p.write_text(json.dumps(body))
-    return str(p)
-
-
-@pytest.mark.parametrize(
-    "body, message",
-    [
-        (
-            {"train_micro_batch_size_per_gpu": 4},
-            "train_micro_batch_size_per_gpu=4 contradicts train.micro_batch_size=2",
-        ),
-        ({"train_batch_size": 16}, "train_batch_size=16 contradicts train.global_batch_size=8"),
-        ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps=1 contradicts"),
-        (
-            {"zero_optimization": {"stage": 3}},
-            "zero_optimization.stage=3 contradicts deepspeed.zero_stage=1",
-        ),
-        ({"fp16": {"enabled": True}}, "fp16 is not supported"),
-    ],
-)
-def test_contradicting_json_is_an_error(tmp_path, body, message):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    cfg = _cfg(f"deepspeed.config={_json(tmp_path, body)}")
-    with pytest.raises(ValueError, match="deepspeed.config") as e:
-        build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)
-    assert message in str(e.value)
-    assert "\n" not in str(e.value)
-
-
-def test_json_completed_from_train_config(tmp_path):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    path = _json(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5})
-    cfg = _cfg(f"deepspeed.config={path}")
-    ds = build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)
-    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
-    assert ds["gradient_clipping"] == 0.5  # the JSON's own setting wins where train.* is silent
-    assert ds["zero_optimization"]["stage"] == 1 and not ds["bf16"]["enabled"]
-    assert "optimizer" not in ds  # CPU: torch AdamW as the client optimizer
-
-
-def test_gpu_config_uses_bf16_and_deepspeed_adamw():
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    ds = build_ds_config(_cfg(), _plan(_cfg(), 1, on_gpu=True), on_gpu=True)
-    assert ds["bf16"]["enabled"] and ds["optimizer"]["type"] == "AdamW"
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_ready_made_configs(stage):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    path = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
-    cfg = _cfg(f"deepspeed.zero_stage={stage}", f"deepspeed.config={path}")
-    assert build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)["zero_optimization"]["stage"] == stage
-
-
-def _check(cfg: C.Config) -> None:
-    from mtp_dist.engines import check_config
-
-    check_config(cfg, _plan(cfg, 2))
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero23_with_pipeline_is_a_config_error(stage):
-    with pytest.raises(C.ConfigError, match=f"deepspeed.zero_stage={stage} with parallel.pipeline"):
-        _check(_cfg(f"deepspeed.zero_stage={stage}", "parallel.pipeline=2"))
-
-
-def test_unsupported_layouts_are_config_errors():
-    """The engine's own checks run at config time (no process group, no model)."""
-    with pytest.raises(C.ConfigError, match="deepspeed.zero_stage=0 is not supported"):
-        _check(_cfg("deepspeed.zero_stage=0"))
-    tied = _cfg("parallel.pipeline=2", "model.tie_embeddings=true")
-    with pytest.raises(C.ConfigError, match="model.tie_embeddings with parallel.pipeline>1"):
-        _check(tied)
-
-
-@pytest.mark.slow
-def test_zero_stage_0_exits_2_from_the_command_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml",
-         "data.synthetic=true", "engine=deepspeed", "deepspeed.zero_stage=0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: deepspeed.zero_stage=0 is not supported")
-    assert "Traceback" not in proc.stderr
 
 
 def test_warmup_cosine_schedule():

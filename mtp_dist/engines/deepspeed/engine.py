@@ -98,6 +98,14 @@ def build_ds_config(cfg: Config, plan: RunPlan, on_gpu: bool) -> dict:
                 f"deepspeed.config {path}: zero_optimization.stage={stage} contradicts "
                 f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them equal"
             )
+    bf16 = ds.get("bf16", {}).get("enabled")
+    if bf16 is not None and bf16 != (plan.dtype == "bf16"):
+        # DeepSpeed would cast the parameters behind megatron-core's back (and under ZeRO-3,
+        # where parameters are built in megatron-core's dtype, refuse them).
+        raise ConfigError(
+            f"deepspeed.config {path}: bf16.enabled={str(bf16).lower()} contradicts train.dtype="
+            f"{t.dtype} ({plan.dtype} here); remove bf16 from the JSON or change train.dtype"
+        )
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(
             f"deepspeed.config {path}: fp16 is not supported (the sequential heads would need "
@@ -159,7 +167,16 @@ class DeepSpeedEngine:
                 "model.tie_embeddings with parallel.pipeline>1 is not supported by engine="
                 "deepspeed; untie the embeddings or use engine=megatron"
             )
-        build_ds_config(cfg, plan, on_gpu=False)
+        ds = build_ds_config(cfg, plan, on_gpu=False)
+        if fixes.selects_bf16_optimizer(ds):
+            accum = ds["data_types"]["grad_accum_dtype"]
+            raise ConfigError(
+                f"deepspeed.config {cfg.deepspeed.config}: data_types.grad_accum_dtype={accum} "
+                "with bf16 and deepspeed.zero_stage=1 makes DeepSpeed use its BF16_Optimizer, "
+                "which cannot defer the gradient reduction this engine needs "
+                "(coalesce_grad_reduction); use deepspeed.zero_stage=2 (without a pipeline) or "
+                "accumulate in bf16 (remove data_types.grad_accum_dtype)"
+            )
 
     def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel):
         on_gpu = dims.device.type == "cuda"
