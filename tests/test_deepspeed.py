@@ -1,6 +1,7 @@
 """DeepSpeed engine on CPU/gloo: ZeRO-1/2/3, TP and PP layouts reproduce the single-process run,
-exact resume, universal checkpoints across data-parallel sizes, and the checkpoint tools.
-Config-time checks: tests/test_deepspeed_config.py.
+ZeRO-3 builds the model partitioned with the same initial weights, exact resume, universal
+checkpoints across data-parallel sizes, and the checkpoint tools. Config-time checks:
+tests/test_deepspeed_config.py.
 
 Four launches of tests/workers/deepspeed_cases.py (tiny model, n=4, 4 steps of the same global
 batches; step 0 has lr 0, steps 1-3 update) feed every equivalence test.
@@ -54,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         },
     ]
     _launch(2, out, two)
-    _launch(4, out, [{"name": f"tp2dp2_zero{s}", "stage": s, "tp": 2} for s in (1, 2)])
+    _launch(4, out, [{"name": f"tp2dp2_zero{s}", "stage": s, "tp": 2} for s in (1, 2, 3)])
     _launch(
         2,
         out,
@@ -95,13 +96,52 @@ def test_zero_stage_on_two_ranks_matches_one_rank(runs, stage):
     _assert_close(runs[f"zero{stage}"], runs["ref"])
     assert len(_steps(runs["ref"])) == 4
     # The run learns: the last step's loss is below the first's.
-    assert runs["ref"][3]["loss"] < runs["ref"][0]["loss"]
+    ref = _steps(runs["ref"])
+    assert ref[3]["loss"] < ref[0]["loss"]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.slow
 def test_tp2_dp2_matches_tp1(runs, stage):
     _assert_close(runs[f"tp2dp2_zero{stage}"], runs["ref"])
+
+
+def _construction(runs, name: str) -> tuple[list[dict], dict]:
+    (first,) = [r for r in runs[name] if "construction" in r]
+    return first["construction"], first
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3_recompute", "tp2dp2_zero3", "resume3"])
+@pytest.mark.slow
+def test_zero3_model_is_partitioned_as_it_is_built(runs, name):
+    """Right after engines.build_model (zero.Init) no parameter holds data and each rank holds
+    its 1/dp partition of every parameter (rounded up), never the whole model."""
+    held, _ = _construction(runs, name)
+    dp = 2  # 2 ranks at TP1, 4 at TP2
+    for rank in held:
+        assert rank["materialised"] == 0
+        assert rank["full"] <= rank["held"] * dp < rank["full"] + dp * rank["count"]
+    # The unpartitioned path holds the whole TP-local model on every rank.
+    for rank in _construction(runs, "zero2")[0]:
+        assert rank["held"] == rank["materialised"] == rank["full"]
+
+
+@pytest.mark.slow
+def test_initial_weights_are_those_of_the_whole_build(runs):
+    """Every case's engine-built model (partitioned or not, TP1 or TP2) starts from exactly
+    weights.init_weights' values."""
+    cases = [k for k in runs if not k.startswith("_")]
+    assert {"zero3", "tp2dp2_zero3", "universal3"} <= set(cases)
+    assert all(_construction(runs, name)[1]["init_equal"] for name in cases)
+
+
+@pytest.mark.slow
+def test_zero3_decays_the_same_parameters(runs):
+    """Partitioned parameters are empty placeholders (p.shape is [0]): the engine groups them
+    by their own shapes, like the whole build; by p.shape nothing would be decayed."""
+    groups = _construction(runs, "zero3")[1]["groups"]
+    assert groups["engine"] == groups["whole"] and groups["whole"][0] > 0
+    assert groups["shape"][0] == 0
 
 
 @pytest.mark.slow
@@ -157,7 +197,8 @@ def test_nonfinite_step_is_skipped(runs):
     assert not rows[2]["skipped"]
     # The skipped step advanced the schedule like any other: every step's lr is the one of
     # the run without the bad step.
-    assert [r["lr"] for r in runs["zero2_nan"]] == [r["lr"] for r in runs["zero2"]][:4]
+    lrs = {name: [r["lr"] for r in _steps(runs[name]).values()] for name in ("zero2_nan", "zero2")}
+    assert lrs["zero2_nan"] == lrs["zero2"]
 
 
 def _cfg(*overrides: str) -> C.Config:

@@ -148,14 +148,12 @@ def test_bf16_optimizer_refusal_is_needed(megatron_1proc, tmp_path):
     stops failing upstream, the refusal is stale and can go."""
     import torch
 
+    from mtp_dist import engines
     from mtp_dist.engines.deepspeed.engine import DeepSpeedEngine
-    from mtp_dist.model.model import build_model
-    from mtp_dist.model.weights import init_weights
 
     cfg = _cfg("train.dtype=bf16", f"deepspeed.config={_json(tmp_path, BF16_FP32_ACCUM)}")
     plan = _plan(cfg, 1)
-    model = build_model(cfg.model, dtype=plan.torch_dtype)
-    init_weights(model, cfg.train.seed)
+    model = engines.build_model(cfg, plan, megatron_1proc)
     engine = DeepSpeedEngine(cfg, plan, megatron_1proc, model)
     assert type(engine.ds.optimizer).__name__ == "BF16_Optimizer"
     m = cfg.model

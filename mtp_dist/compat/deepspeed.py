@@ -4,6 +4,8 @@
   object (`engine._config.load_universal_checkpoint`), which is fixed at initialize.
 - DeepSpeed's ZeRO-3 hooks do not expect megatron-core's reentrant activation recompute:
   the trunk's layers are wrapped in torch's non-reentrant checkpoint instead.
+- A ZeRO-3 parameter built under `deepspeed.zero.Init` is an empty placeholder; its real shape
+  is `p.ds_shape`.
 - ZeRO-1 with bf16 parameters and fp32 gradient accumulation makes DeepSpeed wrap the optimizer
   in BF16_Optimizer, whose engine refuses `coalesce_grad_reduction()` (which the engine needs):
   `selects_bf16_optimizer` mirrors that choice so that the config check can refuse it.
@@ -37,6 +39,10 @@ UPSTREAM = [
         "deepspeed.runtime.engine:DeepSpeedEngine.coalesce_grad_reduction",
         "does not yet support optimizer wrapper",
     ),
+    Upstream(
+        "deepspeed.runtime.zero.partition_parameters:Init._convert_to_deepspeed_param",
+        "param.ds_shape = param.shape",
+    ),
 ]
 
 _FP32_NAMES = ("torch.float32", "fp32", "float32", "float")
@@ -62,6 +68,13 @@ def checkpoint_layers(block) -> None:
         layer.forward = partial(
             torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False
         )
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The parameter's own shape, also when ZeRO-3 has partitioned it away (p.shape is then
+    the empty placeholder's)."""
+    check(UPSTREAM[5:])
+    return getattr(p, "ds_shape", p.shape)
 
 
 def selects_bf16_optimizer(ds_config: dict) -> bool:
