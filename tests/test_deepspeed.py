@@ -48,6 +48,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         {"name": "pp2_zero1", "stage": 1, "pp": 2, "eval": True},
         {"name": "zero2_nan", "stage": 2, "nan_at": 1},
         {"name": "zero3_recompute", "stage": 3, "recompute": True},
+        *({"name": f"zero{s}_bf16", "stage": s, "overrides": ["train.dtype=bf16"]} for s in (2, 3)),
         {
             "name": "zero2_json",
             "stage": 2,
@@ -111,7 +112,9 @@ def _construction(runs, name: str) -> tuple[list[dict], dict]:
     return first["construction"], first
 
 
-@pytest.mark.parametrize("name", ["zero3", "zero3_recompute", "tp2dp2_zero3", "resume3"])
+@pytest.mark.parametrize(
+    "name", ["zero3", "zero3_recompute", "zero3_bf16", "tp2dp2_zero3", "resume3"]
+)
 @pytest.mark.slow
 def test_zero3_model_is_partitioned_as_it_is_built(runs, name):
     """Right after engines.build_model (zero.Init) no parameter holds data and each rank holds
@@ -142,6 +145,19 @@ def test_zero3_decays_the_same_parameters(runs):
     groups = _construction(runs, "zero3")[1]["groups"]
     assert groups["engine"] == groups["whole"] and groups["whole"][0] > 0
     assert groups["shape"][0] == 0
+
+
+@pytest.mark.slow
+def test_zero3_bf16_model_is_the_unpartitioned_one(runs):
+    """bf16: every parameter (megatron-core builds the norm gains in torch's default dtype)
+    is bf16 as after deepspeed.initialize's cast in the unpartitioned path, and the first
+    forward, before any update, gives exactly ZeRO-2's loss (inv_freq stays float32), and
+    training goes on alike."""
+    for name in ("zero2_bf16", "zero3_bf16"):
+        assert _construction(runs, name)[1]["dtypes"] == ["torch.bfloat16"]
+    zero2, zero3 = _steps(runs["zero2_bf16"]), _steps(runs["zero3_bf16"])
+    assert zero3[0]["loss"] == zero2[0]["loss"] and zero3[0]["heads"] == zero2[0]["heads"]
+    _assert_close(runs["zero3_bf16"], runs["zero2_bf16"])
 
 
 @pytest.mark.slow

@@ -73,20 +73,21 @@ def held_elements(model) -> dict:
     }
 
 
-def whole_build(cfg: C.Config, dims):
+def whole_build(cfg: C.Config, plan, dims):
     """The model built whole and initialised by weights.init_weights, as before ZeRO-3 built
     it partitioned."""
     p = cfg.parallel
-    whole = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank)
+    whole = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank, dtype=plan.torch_dtype)
     init_weights(whole, SEED)
     return whole
 
 
 def equals_whole_build(engine, model, whole) -> bool:
-    """The engine-built model's initial weights equal the whole build's (on every rank)."""
+    """The engine-built model's initial weights equal the whole build's (on every rank; in
+    bf16 the whole build's norm gains are float32 until DeepSpeed casts them: values compared)."""
     expected = dict(whole.named_parameters())
     with engine.full_parameters():
-        same = all(torch.equal(v, expected[k]) for k, v in model.named_parameters())
+        same = all(torch.equal(v.float(), expected[k].float()) for k, v in model.named_parameters())
     flag = torch.tensor([0.0 if same else 1.0])
     dist.all_reduce(flag)
     return flag.item() == 0
@@ -114,7 +115,7 @@ def run_case(case: dict, out_dir: str) -> None:
     model = engines.build_model(cfg, plan, dims)
     held = [None] * dims.world_size
     dist.all_gather_object(held, held_elements(model))
-    whole = whole_build(cfg, dims)
+    whole = whole_build(cfg, plan, dims)
     groups = {
         "engine": group_sizes(model, fixes.full_shape),  # as DeepSpeedEngine groups them
         "shape": group_sizes(model),
@@ -122,7 +123,8 @@ def run_case(case: dict, out_dir: str) -> None:
     }
     engine = DeepSpeedEngine(cfg, plan, dims, model)
     first = {"construction": held, "init_equal": equals_whole_build(engine, model, whole)}
-    rows = [{**first, "groups": groups}]
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    rows = [{**first, "groups": groups, "dtypes": dtypes}]
     n = cfg.model.n_future_tokens
     start = 0
     if case.get("load"):

@@ -151,6 +151,23 @@ def _import_deepspeed(dims: ParallelDims):
     return deepspeed
 
 
+@contextlib.contextmanager
+def _partitioned_in(init, dtype: torch.dtype):
+    """`init` (a zero.Init) with torch's default dtype set to the parameters' (DeepSpeed's:
+    build_ds_config keeps them equal). megatron-core creates its parameters in params_dtype
+    except torch.nn.RMSNorm's gains, which take the default; deepspeed.initialize would cast
+    those, but not for a model built under zero.Init, and ZeRO-3 needs one dtype per
+    parameter group. Only parameters are built without an explicit dtype (inv_freq is
+    float32 by name), so the model ends as the unpartitioned path leaves it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init:
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 class _ScheduleView:
     """What megatron-core's pipeline schedule expects of a model (config, model_type,
     set_input_tensor), calling through the DeepSpeed engine. The engine itself will not do: its
@@ -205,10 +222,7 @@ class DeepSpeedEngine:
     def model_construction(cls, cfg: Config, plan: RunPlan, dims: ParallelDims):
         """ZeRO-3: deepspeed.zero.Init partitions each parameter over the data-parallel group as
         soon as its module is built (megatron-core first fills it, TP-local: one module at a
-        time, never the whole model). Only the device is overridden: Init's dtype override
-        would also make float32 tensors built meanwhile (the rotary inv_freq) bf16, which the
-        unpartitioned path keeps in float32; parameters come in megatron-core's params_dtype,
-        which build_ds_config keeps equal to DeepSpeed's."""
+        time, never the whole model)."""
         if cfg.deepspeed.zero_stage < 3:
             return contextlib.nullcontext()
         deepspeed = _import_deepspeed(dims)
@@ -219,12 +233,15 @@ class DeepSpeedEngine:
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
         )
-        return deepspeed.zero.Init(
+        # Only the device is overridden: Init's dtype override would also make the float32
+        # tensors built meanwhile (the rotary inv_freq) bf16.
+        init = deepspeed.zero.Init(
             data_parallel_group=parallel_state.get_data_parallel_group(),
             config_dict_or_path=runtime_config(cfg, plan, dims),
             mpu=MegatronMPU(),
             tensor_overrides=[deepspeed.zero.DeepSpeedTensorOverride.device],
         )
+        return _partitioned_in(init, plan.torch_dtype)
 
     @classmethod
     def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel) -> None:
