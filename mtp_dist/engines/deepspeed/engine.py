@@ -104,8 +104,8 @@ def build_ds_config(cfg: Config, plan: RunPlan, on_gpu: bool) -> dict:
             )
     bf16 = ds.get("bf16", {}).get("enabled")
     if bf16 is not None and bf16 != (plan.dtype == "bf16"):
-        # DeepSpeed would cast the parameters behind megatron-core's back (and under ZeRO-3,
-        # where parameters are built in megatron-core's dtype, refuse them).
+        # DeepSpeed would cast the parameters behind megatron-core's back; under ZeRO-3 they
+        # are built in train.dtype's, which DeepSpeed must then expect.
         raise ConfigError(
             f"deepspeed.config {path}: bf16.enabled={str(bf16).lower()} contradicts train.dtype="
             f"{t.dtype} ({plan.dtype} here); remove bf16 from the JSON or change train.dtype"
