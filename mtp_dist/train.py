@@ -97,8 +97,6 @@ def run(cfg) -> int:
     from mtp_dist.data import build_datasets
     from mtp_dist.engines.optim import decay_steps
     from mtp_dist.metrics import Metrics
-    from mtp_dist.model.model import build_model
-    from mtp_dist.model.weights import init_weights
     from mtp_dist.preflight import AlreadyFinished, preflight
     from mtp_dist.trainer import Trainer
     from mtp_dist.watchdog import Watchdog
@@ -120,16 +118,8 @@ def run(cfg) -> int:
         watchdog.progress("building the model and the engine")
         if dims.is_main:
             cfg.dump(run_dir / "config.yaml")
-        model = build_model(
-            cfg.model,
-            dims.tp,
-            dims.pp,
-            dims.pp_rank,
-            dtype=plan.torch_dtype,
-            device=dims.device,
-            recompute=cfg.train.recompute,
-        )
-        init_weights(model, cfg.train.seed)
+        # The engine decides how parameters are created (ZeRO-3: partitioned as they are built).
+        model = engines.build_model(cfg, plan, dims)
         engine = engines.build_engine(cfg, plan, dims, model)
         watchdog.progress("building the datasets")
         train_ds, valid_ds, _ = build_datasets(

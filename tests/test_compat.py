@@ -68,3 +68,9 @@ def test_pytest_ignores_exactly_the_known_warnings():
     listed = config["tool"]["pytest"]["ini_options"]["filterwarnings"]
     known = [f"ignore:{msg}:{cat.__name__}" for cat, msg in compat.KNOWN_WARNINGS]
     assert sorted(listed) == sorted(known)
+
+
+def test_the_guards_still_read_upstream_after_patching(megatron_1proc):
+    """distributed.init has applied the patches (megatron_1proc): every guard reads the
+    original code through the patch, whatever the test order."""
+    compat.check_all()

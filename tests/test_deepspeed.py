@@ -1,5 +1,7 @@
 """DeepSpeed engine on CPU/gloo: ZeRO-1/2/3, TP and PP layouts reproduce the single-process run,
-exact resume, universal checkpoints across data-parallel sizes, and clear errors.
+ZeRO-3 builds the model partitioned with the same initial weights, exact resume, universal
+checkpoints across data-parallel sizes, and the checkpoint tools. Config-time checks:
+tests/test_deepspeed_config.py.
 
 Four launches of tests/workers/deepspeed_cases.py (tiny model, n=4, 4 steps of the same global
 batches; step 0 has lr 0, steps 1-3 update) feed every equivalence test.
@@ -46,6 +48,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         {"name": "pp2_zero1", "stage": 1, "pp": 2, "eval": True},
         {"name": "zero2_nan", "stage": 2, "nan_at": 1},
         {"name": "zero3_recompute", "stage": 3, "recompute": True},
+        *({"name": f"zero{s}_bf16", "stage": s, "overrides": ["train.dtype=bf16"]} for s in (2, 3)),
         {
             "name": "zero2_json",
             "stage": 2,
@@ -53,7 +56,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         },
     ]
     _launch(2, out, two)
-    _launch(4, out, [{"name": f"tp2dp2_zero{s}", "stage": s, "tp": 2} for s in (1, 2)])
+    _launch(4, out, [{"name": f"tp2dp2_zero{s}", "stage": s, "tp": 2} for s in (1, 2, 3)])
     _launch(
         2,
         out,
@@ -94,13 +97,67 @@ def test_zero_stage_on_two_ranks_matches_one_rank(runs, stage):
     _assert_close(runs[f"zero{stage}"], runs["ref"])
     assert len(_steps(runs["ref"])) == 4
     # The run learns: the last step's loss is below the first's.
-    assert runs["ref"][3]["loss"] < runs["ref"][0]["loss"]
+    ref = _steps(runs["ref"])
+    assert ref[3]["loss"] < ref[0]["loss"]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.slow
 def test_tp2_dp2_matches_tp1(runs, stage):
     _assert_close(runs[f"tp2dp2_zero{stage}"], runs["ref"])
+
+
+def _construction(runs, name: str) -> tuple[list[dict], dict]:
+    (first,) = [r for r in runs[name] if "construction" in r]
+    return first["construction"], first
+
+
+@pytest.mark.parametrize(
+    "name", ["zero3", "zero3_recompute", "zero3_bf16", "tp2dp2_zero3", "resume3"]
+)
+@pytest.mark.slow
+def test_zero3_model_is_partitioned_as_it_is_built(runs, name):
+    """Right after engines.build_model (zero.Init) no parameter holds data and each rank holds
+    its 1/dp partition of every parameter (rounded up), never the whole model."""
+    held, _ = _construction(runs, name)
+    dp = 2  # 2 ranks at TP1, 4 at TP2
+    for rank in held:
+        assert rank["materialised"] == 0
+        assert rank["full"] <= rank["held"] * dp < rank["full"] + dp * rank["count"]
+    # The unpartitioned path holds the whole TP-local model on every rank.
+    for rank in _construction(runs, "zero2")[0]:
+        assert rank["held"] == rank["materialised"] == rank["full"]
+
+
+@pytest.mark.slow
+def test_initial_weights_are_those_of_the_whole_build(runs):
+    """Every case's engine-built model (partitioned or not, TP1 or TP2) starts from exactly
+    weights.init_weights' values."""
+    cases = [k for k in runs if not k.startswith("_")]
+    assert {"zero3", "tp2dp2_zero3", "universal3"} <= set(cases)
+    assert all(_construction(runs, name)[1]["init_equal"] for name in cases)
+
+
+@pytest.mark.slow
+def test_zero3_decays_the_same_parameters(runs):
+    """Partitioned parameters are empty placeholders (p.shape is [0]): the engine groups them
+    by their own shapes, like the whole build; by p.shape nothing would be decayed."""
+    groups = _construction(runs, "zero3")[1]["groups"]
+    assert groups["engine"] == groups["whole"] and groups["whole"][0] > 0
+    assert groups["shape"][0] == 0
+
+
+@pytest.mark.slow
+def test_zero3_bf16_model_is_the_unpartitioned_one(runs):
+    """bf16: every parameter (megatron-core builds the norm gains in torch's default dtype)
+    is bf16 as after deepspeed.initialize's cast in the unpartitioned path, and the first
+    forward, before any update, gives exactly ZeRO-2's loss (inv_freq stays float32), and
+    training goes on alike."""
+    for name in ("zero2_bf16", "zero3_bf16"):
+        assert _construction(runs, name)[1]["dtypes"] == ["torch.bfloat16"]
+    zero2, zero3 = _steps(runs["zero2_bf16"]), _steps(runs["zero3_bf16"])
+    assert zero3[0]["loss"] == zero2[0]["loss"] and zero3[0]["heads"] == zero2[0]["heads"]
+    _assert_close(runs["zero3_bf16"], runs["zero2_bf16"])
 
 
 @pytest.mark.slow
@@ -156,110 +213,12 @@ def test_nonfinite_step_is_skipped(runs):
     assert not rows[2]["skipped"]
     # The skipped step advanced the schedule like any other: every step's lr is the one of
     # the run without the bad step.
-    assert [r["lr"] for r in runs["zero2_nan"]] == [r["lr"] for r in runs["zero2"]][:4]
+    lrs = {name: [r["lr"] for r in _steps(runs[name]).values()] for name in ("zero2_nan", "zero2")}
+    assert lrs["zero2_nan"] == lrs["zero2"]
 
 
 def _cfg(*overrides: str) -> C.Config:
     return C.load(ROOT / "configs" / "tiny.yaml", ["engine=deepspeed", *overrides])
-
-
-def _plan(cfg: C.Config, world_size: int, on_gpu: bool = False):
-    from mtp_dist.run_plan import resolve
-
-    return resolve(cfg, world_size, on_gpu)
-
-
-def _json(tmp_path: Path, body: dict) -> str:
-    p = tmp_path / "ds.json"
-    p.write_text(json.dumps(body))
-    return str(p)
-
-
-@pytest.mark.parametrize(
-    "body, message",
-    [
-        (
-            {"train_micro_batch_size_per_gpu": 4},
-            "train_micro_batch_size_per_gpu=4 contradicts train.micro_batch_size=2",
-        ),
-        ({"train_batch_size": 16}, "train_batch_size=16 contradicts train.global_batch_size=8"),
-        ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps=1 contradicts"),
-        (
-            {"zero_optimization": {"stage": 3}},
-            "zero_optimization.stage=3 contradicts deepspeed.zero_stage=1",
-        ),
-        ({"fp16": {"enabled": True}}, "fp16 is not supported"),
-    ],
-)
-def test_contradicting_json_is_an_error(tmp_path, body, message):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    cfg = _cfg(f"deepspeed.config={_json(tmp_path, body)}")
-    with pytest.raises(ValueError, match="deepspeed.config") as e:
-        build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)
-    assert message in str(e.value)
-    assert "\n" not in str(e.value)
-
-
-def test_json_completed_from_train_config(tmp_path):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    path = _json(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5})
-    cfg = _cfg(f"deepspeed.config={path}")
-    ds = build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)
-    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
-    assert ds["gradient_clipping"] == 0.5  # the JSON's own setting wins where train.* is silent
-    assert ds["zero_optimization"]["stage"] == 1 and not ds["bf16"]["enabled"]
-    assert "optimizer" not in ds  # CPU: torch AdamW as the client optimizer
-
-
-def test_gpu_config_uses_bf16_and_deepspeed_adamw():
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    ds = build_ds_config(_cfg(), _plan(_cfg(), 1, on_gpu=True), on_gpu=True)
-    assert ds["bf16"]["enabled"] and ds["optimizer"]["type"] == "AdamW"
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_ready_made_configs(stage):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
-
-    path = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
-    cfg = _cfg(f"deepspeed.zero_stage={stage}", f"deepspeed.config={path}")
-    assert build_ds_config(cfg, _plan(cfg, 2), on_gpu=False)["zero_optimization"]["stage"] == stage
-
-
-def _check(cfg: C.Config) -> None:
-    from mtp_dist.engines import check_config
-
-    check_config(cfg, _plan(cfg, 2))
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero23_with_pipeline_is_a_config_error(stage):
-    with pytest.raises(C.ConfigError, match=f"deepspeed.zero_stage={stage} with parallel.pipeline"):
-        _check(_cfg(f"deepspeed.zero_stage={stage}", "parallel.pipeline=2"))
-
-
-def test_unsupported_layouts_are_config_errors():
-    """The engine's own checks run at config time (no process group, no model)."""
-    with pytest.raises(C.ConfigError, match="deepspeed.zero_stage=0 is not supported"):
-        _check(_cfg("deepspeed.zero_stage=0"))
-    tied = _cfg("parallel.pipeline=2", "model.tie_embeddings=true")
-    with pytest.raises(C.ConfigError, match="model.tie_embeddings with parallel.pipeline>1"):
-        _check(tied)
-
-
-@pytest.mark.slow
-def test_zero_stage_0_exits_2_from_the_command_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml",
-         "data.synthetic=true", "engine=deepspeed", "deepspeed.zero_stage=0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: deepspeed.zero_stage=0 is not supported")
-    assert "Traceback" not in proc.stderr
 
 
 def test_warmup_cosine_schedule():

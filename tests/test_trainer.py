@@ -352,6 +352,17 @@ def test_deepspeed_engine_matches_megatron_engine(reference, zero2):
         assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
 
 
+def test_deepspeed_zero3_engine_matches_megatron_engine(reference, tmp_path):
+    """The trainer's ZeRO-3 path (model built partitioned under zero.Init, initial weights
+    written into the partitions) on 2 ranks gives the megatron engine's single-process
+    losses."""
+    train(2, tmp_path, "engine=deepspeed", "deepspeed.zero_stage=3")
+    ref, got = losses(reference), losses(tmp_path)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL)
+
+
 def test_kill9_then_resume_is_exact_deepspeed_zero2(zero2, tmp_path):
     _kill_and_resume(
         2, tmp_path / "run", losses(zero2), "engine=deepspeed", "deepspeed.zero_stage=2"

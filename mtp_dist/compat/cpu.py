@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mtp_dist.compat import Upstream, check
+from mtp_dist.compat import Upstream, check, replace
 
 _APPLIED = False
 
@@ -157,9 +157,9 @@ def apply() -> None:
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random
 
-    random._get_cuda_rng_state = _cpu_get_rng_state
-    random._set_cuda_rng_state = _cpu_set_rng_state
-    random.CudaRNGStatesTracker.add = _cpu_tracker_add
+    replace(random, "_get_cuda_rng_state", _cpu_get_rng_state)
+    replace(random, "_set_cuda_rng_state", _cpu_set_rng_state)
+    replace(random.CudaRNGStatesTracker, "add", _cpu_tracker_add)
     # ~30 places use torch.cuda.current_device() as a device argument.
     torch.cuda.current_device = _cpu_current_device
     # dist_checkpointing synchronises the device before writing; nothing to wait for on CPU.
@@ -167,15 +167,13 @@ def apply() -> None:
     for module in (schedules, clip_grads, optimizer, distrib_optimizer, utils):
         module.torch = _CpuCudaNamespace(torch)
     clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
-    clip_grads.clip_grad_by_total_norm_fp32 = clip
-    optimizer.clip_grad_by_total_norm_fp32 = clip
+    replace(clip_grads, "clip_grad_by_total_norm_fp32", clip)
+    optimizer.clip_grad_by_total_norm_fp32 = clip  # the name optimizer.py imported
     opt = distrib_optimizer.DistributedOptimizer
-    opt._build_model_and_main_param_groups = staticmethod(
-        _with_cuda_type_names(opt._build_model_and_main_param_groups)
-    )
-    LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
-        LanguageModule.setup_embeddings_and_output_layer
-    )
+    build = opt._build_model_and_main_param_groups
+    replace(opt, "_build_model_and_main_param_groups", staticmethod(_with_cuda_type_names(build)))
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    replace(LanguageModule, "setup_embeddings_and_output_layer", _tensor_cuda_is_identity(setup))
     _APPLIED = True
 
 

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from mtp_dist.compat import Upstream, check
+from mtp_dist.compat import Upstream, check, replace
 
 UPSTREAM = [
     Upstream(
@@ -47,8 +47,10 @@ def apply() -> None:
     check(UPSTREAM)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as Opt
 
-    Opt._set_main_param_and_optimizer_states = _keep_torch_adam_step(
-        Opt._set_main_param_and_optimizer_states
+    replace(
+        Opt,
+        "_set_main_param_and_optimizer_states",
+        _keep_torch_adam_step(Opt._set_main_param_and_optimizer_states),
     )
     logging.getLogger("megatron.core.dist_checkpointing.validation").addFilter(
         _ExpectedCommonStateDiff()

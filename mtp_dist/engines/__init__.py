@@ -1,6 +1,7 @@
 """Training engines, found by name in one table; nothing outside this package branches on an
-engine's name. Each engine class provides the contract of engines/base.py: check_config, build,
-train/eval steps, save/load and load_full_weights (for the export).
+engine's name. Each engine class provides the contract of engines/base.py: check_config, the
+model's construction and initial weights, build, train/eval steps, save/load and
+load_full_weights (for the export).
 
 Adding an engine is one module here and one row below (and, if it needs options, its section
 in config.py).
@@ -29,6 +30,26 @@ def engine_class(name: str):
 def check_config(cfg: Config, plan) -> None:
     """The engine's own requirements on the config (ConfigError), before any compute."""
     engine_class(cfg.engine).check_config(cfg, plan)
+
+
+def build_model(cfg: Config, plan, dims):
+    """This stage's model with its initial weights, built and initialised the way the engine
+    holds parameters (collective)."""
+    from mtp_dist.model.model import build_model as build
+
+    engine = engine_class(cfg.engine)
+    with engine.model_construction(cfg, plan, dims):
+        model = build(
+            cfg.model,
+            dims.tp,
+            dims.pp,
+            dims.pp_rank,
+            dtype=plan.torch_dtype,
+            device=dims.device,
+            recompute=cfg.train.recompute,
+        )
+    engine.init_weights(cfg, dims, model)
+    return model
 
 
 def build_engine(cfg: Config, plan, dims, model):

@@ -1,10 +1,11 @@
 """The interface the trainer, train.py and export.py need from an engine; nothing else knows
-which engine runs. An engine owns its whole story: config checks, build, train/eval steps,
-save/load, and reading full weights for the export."""
+which engine runs. An engine owns its whole story: config checks, how the model is built and
+initialised, train/eval steps, save/load, and reading full weights for the export."""
 
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,19 @@ class Engine(Protocol):
     def check_config(cls, cfg: Config, plan: RunPlan) -> None:
         """Raise ConfigError for a configuration this engine cannot run, before any process
         group or model exists."""
+
+    @classmethod
+    def model_construction(
+        cls, cfg: Config, plan: RunPlan, dims: ParallelDims
+    ) -> AbstractContextManager:
+        """The context in which this rank's model is built (collective). An engine that
+        partitions parameters over data-parallel ranks (DeepSpeed ZeRO-3) partitions each one
+        as its module is built, so that no rank ever holds the whole model; others: a no-op."""
+
+    @classmethod
+    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel) -> None:
+        """Write weights.init_parameter's values (the same full weights for the same seed at
+        any layout) into the parameters as model_construction left them (collective)."""
 
     def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel): ...
 

@@ -4,6 +4,7 @@ and DP)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,6 +22,7 @@ from mtp_dist.config import Config
 from mtp_dist.distributed import ParallelDims, collective_device
 from mtp_dist.engines.base import TrainStepResult
 from mtp_dist.engines.optim import megatron_scheduler, unshare_adam_steps
+from mtp_dist.model import weights
 from mtp_dist.model.model import MTPModel
 from mtp_dist.run_plan import RunPlan
 from mtp_dist.schedule import StepResult, run_schedule
@@ -40,6 +42,16 @@ class MegatronEngine:
     @classmethod
     def check_config(cls, cfg: Config, plan: RunPlan) -> None:
         """Everything megatron-core needs is checked by the config and the plan."""
+
+    @classmethod
+    def model_construction(cls, cfg: Config, plan: RunPlan, dims: ParallelDims):
+        """Each rank builds its whole TP/PP shard: the distributed optimizer shards only the
+        optimizer state."""
+        return contextlib.nullcontext()
+
+    @classmethod
+    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel) -> None:
+        weights.init_weights(model, cfg.train.seed)
 
     def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel):
         self.cfg = cfg

@@ -67,12 +67,15 @@ def megatron_scheduler(optimizer, t: TrainConfig):
     return scheduler
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms' gains (and any biases) are not decayed."""
+def param_groups(model: torch.nn.Module, weight_decay: float, shape_of=None) -> list[dict]:
+    """Weight decay on matrices only: norms' gains (and any biases) are not decayed.
+    shape_of(p): a parameter's own shape where p.shape is not (ZeRO-3 partitions a parameter
+    into an empty placeholder, which would put every parameter in the no-decay group)."""
+    shape_of = shape_of or (lambda p: p.shape)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim == 1 else decay).append(p)
+            (no_decay if len(shape_of(p)) == 1 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

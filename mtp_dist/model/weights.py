@@ -48,18 +48,20 @@ def global_name(model: MTPModel, name: str) -> str:
     return name
 
 
+def param_layout(model: MTPModel, name: str, p: Tensor) -> ParamLayout:
+    """The layout of local parameter `name`, whose (TP-local) shape is p.shape."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+    shape = list(p.shape)
+    if dim is not None:
+        shape[dim] *= tp
+    gated = name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit
+    return ParamLayout(global_name(model, name), tuple(shape), dim, gated)
+
+
 def layouts(model: MTPModel) -> dict[str, ParamLayout]:
     """Local parameter name -> its layout."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    out = {}
-    for name, p in model.named_parameters():
-        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-        shape = list(p.shape)
-        if dim is not None:
-            shape[dim] *= tp
-        gated = name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit
-        out[name] = ParamLayout(global_name(model, name), tuple(shape), dim, gated)
-    return out
+    return {name: param_layout(model, name, p) for name, p in model.named_parameters()}
 
 
 def shard(full: Tensor, layout: ParamLayout, rank: int, world: int) -> Tensor:
@@ -93,21 +95,29 @@ def _init_std(model: MTPModel, name: str) -> float | None:
 
 
 @torch.no_grad()
-def init_weights(model: MTPModel, seed: int) -> None:
-    """Initialise every parameter from a full tensor drawn from a generator keyed by (seed,
-    global name), then keep this rank's shard: identical full weights at any layout."""
+def init_parameter(model: MTPModel, name: str, seed: int) -> None:
+    """Initialise local parameter `name` from a full tensor drawn from a generator keyed by
+    (seed, global name), keeping this rank's TP shard: identical full weights at any layout.
+    The parameter must hold its TP-local values (an engine that partitions parameters
+    gathers it around this call); only this one full tensor is ever materialised."""
+    p = model.get_parameter(name)
+    layout = param_layout(model, name, p)
+    std = _init_std(model, layout.global_name)
+    if std is None:
+        p.fill_(1.0)
+        return
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed * 1_000_003 + zlib.crc32(layout.global_name.encode()))
+    full = torch.empty(layout.full_shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    for name, layout in layouts(model).items():
-        p = model.get_parameter(name)
-        std = _init_std(model, layout.global_name)
-        if std is None:
-            p.fill_(1.0)
-            continue
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed * 1_000_003 + zlib.crc32(layout.global_name.encode()))
-        full = torch.empty(layout.full_shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-        p.copy_(shard(full, layout, tp_rank, tp).to(p.dtype))
+    p.copy_(shard(full, layout, tp_rank, tp).to(p.dtype))
+
+
+def init_weights(model: MTPModel, seed: int) -> None:
+    """init_parameter for every parameter of a model whose parameters hold their values."""
+    for name, _ in model.named_parameters():
+        init_parameter(model, name, seed)
 
 
 @torch.no_grad()

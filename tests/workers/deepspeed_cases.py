@@ -3,8 +3,10 @@
 Each case trains the tiny MTP model (configs/tiny.yaml, n=4) with the DeepSpeed engine at one
 layout and ZeRO stage on the same deterministic global batches, optionally saving after a step
 or starting from a saved checkpoint, and rank 0 writes the data-parallel mean loss, per-head
-losses, grad norm, lr and skip flag of every step to OUT/<case name>.json. Many cases per launch
-keep the suite fast.
+losses, grad norm, lr and skip flag of every step to OUT/<case name>.json. The first row says
+what every rank held right after the model was built (engines.build_model, as train.py does)
+and whether its initial weights equal those of a model built whole. Many cases per launch keep
+the suite fast.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from mtp_dist.compat import ignore_known_warnings  # noqa: E402
 ignore_known_warnings()
 
 from mtp_dist import config as C  # noqa: E402
-from mtp_dist import distributed  # noqa: E402
+from mtp_dist import distributed, engines  # noqa: E402
+from mtp_dist.compat import deepspeed as fixes  # noqa: E402
 from mtp_dist.engines.deepspeed.engine import DeepSpeedEngine  # noqa: E402
+from mtp_dist.engines.optim import param_groups  # noqa: E402
 from mtp_dist.model.model import build_model  # noqa: E402
 from mtp_dist.model.weights import full_state, init_weights  # noqa: E402
 from mtp_dist.run_plan import resolve  # noqa: E402
@@ -57,9 +61,47 @@ def nan_grad_hook(grad: torch.Tensor) -> torch.Tensor:
     return torch.full_like(grad, float("nan"))
 
 
+def held_elements(model) -> dict:
+    """Parameter elements this rank holds: ZeRO-3's partition (ds_tensor) where a parameter is
+    partitioned, else the parameter; against the parameters' own (TP-local) sizes."""
+    params = list(model.parameters())
+    return {
+        "held": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+        "full": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        "materialised": sum(p.numel() for p in params),
+        "count": len(params),
+    }
+
+
+def whole_build(cfg: C.Config, plan, dims):
+    """The model built whole and initialised by weights.init_weights, as before ZeRO-3 built
+    it partitioned."""
+    p = cfg.parallel
+    whole = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank, dtype=plan.torch_dtype)
+    init_weights(whole, SEED)
+    return whole
+
+
+def equals_whole_build(engine, model, whole) -> bool:
+    """The engine-built model's initial weights equal the whole build's (on every rank; in
+    bf16 the whole build's norm gains are float32 until DeepSpeed casts them: values compared)."""
+    expected = dict(whole.named_parameters())
+    with engine.full_parameters():
+        same = all(torch.equal(v.float(), expected[k].float()) for k, v in model.named_parameters())
+    flag = torch.tensor([0.0 if same else 1.0])
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def group_sizes(model, shape_of=None) -> list[int]:
+    """Parameters per AdamW group (decayed, not decayed)."""
+    return [len(g["params"]) for g in param_groups(model, 0.1, shape_of)]
+
+
 def run_case(case: dict, out_dir: str) -> None:
     overrides = [
         "engine=deepspeed",
+        f"train.seed={SEED}",
         f"parallel.tensor={case.get('tp', 1)}",
         f"parallel.pipeline={case.get('pp', 1)}",
         f"deepspeed.zero_stage={case['stage']}",
@@ -70,15 +112,24 @@ def run_case(case: dict, out_dir: str) -> None:
     p = cfg.parallel
     dims = distributed.init(p.tensor, p.pipeline, seed=SEED)
     plan = resolve(cfg, dims.world_size, on_gpu=False)
-    model = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank)
-    init_weights(model, SEED)
+    model = engines.build_model(cfg, plan, dims)
+    held = [None] * dims.world_size
+    dist.all_gather_object(held, held_elements(model))
+    whole = whole_build(cfg, plan, dims)
+    groups = {
+        "engine": group_sizes(model, fixes.full_shape),  # as DeepSpeedEngine groups them
+        "shape": group_sizes(model),
+        "whole": group_sizes(whole),
+    }
     engine = DeepSpeedEngine(cfg, plan, dims, model)
+    first = {"construction": held, "init_equal": equals_whole_build(engine, model, whole)}
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    rows = [{**first, "groups": groups, "dtypes": dtypes}]
     n = cfg.model.n_future_tokens
     start = 0
     if case.get("load"):
         engine.load(case["load"])
         start = case["start"]
-    rows = []
     for step in range(start, cfg.train.steps):
         hook = None
         if step == case.get("nan_at") and dims.rank == 0:

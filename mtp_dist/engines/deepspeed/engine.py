@@ -9,6 +9,9 @@ divided by their number and the heads get that factor as loss_scale. With pipeli
 parallelism (ZeRO-1) megatron-core's schedule drives the microbatches through the DeepSpeed
 engine in the same block.
 
+With ZeRO-3 the model is built partitioned (`deepspeed.zero.Init`) and its initial weights are
+written one gathered parameter at a time: no rank ever holds the whole model.
+
 Checkpoints are DeepSpeed's own (bit-exact resume at the same layout); see checkpoint.py for
 universal checkpoints (another data-parallel size) and the export.
 """
@@ -31,6 +34,7 @@ from mtp_dist.distributed import ParallelDims
 from mtp_dist.engines.base import TrainStepResult
 from mtp_dist.engines.deepspeed import checkpoint
 from mtp_dist.engines.optim import WarmupCosine, param_groups, unshare_adam_steps
+from mtp_dist.model import weights
 from mtp_dist.model.model import MTPModel
 from mtp_dist.run_plan import RunPlan
 from mtp_dist.schedule import StepResult, batch_to, microbatch_stats, run_schedule
@@ -98,6 +102,14 @@ def build_ds_config(cfg: Config, plan: RunPlan, on_gpu: bool) -> dict:
                 f"deepspeed.config {path}: zero_optimization.stage={stage} contradicts "
                 f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them equal"
             )
+    bf16 = ds.get("bf16", {}).get("enabled")
+    if bf16 is not None and bf16 != (plan.dtype == "bf16"):
+        # DeepSpeed would cast the parameters behind megatron-core's back; under ZeRO-3 they
+        # are built in train.dtype's, which DeepSpeed must then expect.
+        raise ConfigError(
+            f"deepspeed.config {path}: bf16.enabled={str(bf16).lower()} contradicts train.dtype="
+            f"{t.dtype} ({plan.dtype} here); remove bf16 from the JSON or change train.dtype"
+        )
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(
             f"deepspeed.config {path}: fp16 is not supported (the sequential heads would need "
@@ -118,6 +130,42 @@ def build_ds_config(cfg: Config, plan: RunPlan, on_gpu: bool) -> dict:
             "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8},
         }
     return ds
+
+
+def runtime_config(cfg: Config, plan: RunPlan, dims: ParallelDims) -> dict:
+    """The config deepspeed.initialize (and zero.Init) get: the engine accumulates, so
+    DeepSpeed sees the rank's whole share of the global batch as one microbatch."""
+    ds = build_ds_config(cfg, plan, on_gpu=dims.device.type == "cuda")
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // dims.dp
+    ds["gradient_accumulation_steps"] = 1
+    return ds
+
+
+def _import_deepspeed(dims: ParallelDims):
+    if dims.device.type != "cuda":
+        from mtp_dist.compat import cpu
+
+        cpu.apply_deepspeed()
+    import deepspeed
+
+    return deepspeed
+
+
+@contextlib.contextmanager
+def _partitioned_in(init, dtype: torch.dtype):
+    """`init` (a zero.Init) with torch's default dtype set to the parameters' (DeepSpeed's:
+    build_ds_config keeps them equal). megatron-core creates its parameters in params_dtype
+    except torch.nn.RMSNorm's gains, which take the default; deepspeed.initialize would cast
+    those, but not for a model built under zero.Init, and ZeRO-3 needs one dtype per
+    parameter group. Only parameters are built without an explicit dtype (inv_freq is
+    float32 by name), so the model ends as the unpartitioned path leaves it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init:
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 class _ScheduleView:
@@ -159,29 +207,69 @@ class DeepSpeedEngine:
                 "model.tie_embeddings with parallel.pipeline>1 is not supported by engine="
                 "deepspeed; untie the embeddings or use engine=megatron"
             )
-        build_ds_config(cfg, plan, on_gpu=False)
+        ds = build_ds_config(cfg, plan, on_gpu=False)
+        if fixes.selects_bf16_optimizer(ds):
+            accum = ds["data_types"]["grad_accum_dtype"]
+            raise ConfigError(
+                f"deepspeed.config {cfg.deepspeed.config}: data_types.grad_accum_dtype={accum} "
+                "with bf16 and deepspeed.zero_stage=1 makes DeepSpeed use its BF16_Optimizer, "
+                "which cannot defer the gradient reduction this engine needs "
+                "(coalesce_grad_reduction); use deepspeed.zero_stage=2 (without a pipeline) or "
+                "accumulate in bf16 (remove data_types.grad_accum_dtype)"
+            )
+
+    @classmethod
+    def model_construction(cls, cfg: Config, plan: RunPlan, dims: ParallelDims):
+        """ZeRO-3: deepspeed.zero.Init partitions each parameter over the data-parallel group as
+        soon as its module is built (megatron-core first fills it, TP-local: one module at a
+        time, never the whole model)."""
+        if cfg.deepspeed.zero_stage < 3:
+            return contextlib.nullcontext()
+        deepspeed = _import_deepspeed(dims)
+        from deepspeed.accelerator import get_accelerator
+
+        # zero.Init reads the data-parallel size through deepspeed.comm; uninitialised, it
+        # sees 1 and rejects the batch sizes. Wraps the existing process group.
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
+        )
+        # Only the device is overridden: Init's dtype override would also make the float32
+        # tensors built meanwhile (the rotary inv_freq) bf16.
+        init = deepspeed.zero.Init(
+            data_parallel_group=parallel_state.get_data_parallel_group(),
+            config_dict_or_path=runtime_config(cfg, plan, dims),
+            mpu=MegatronMPU(),
+            tensor_overrides=[deepspeed.zero.DeepSpeedTensorOverride.device],
+        )
+        return _partitioned_in(init, plan.torch_dtype)
+
+    @classmethod
+    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel) -> None:
+        """ZeRO-3: one parameter at a time is gathered, written by one data-parallel rank (in
+        turn, so the ranks share the drawing) and scattered back: the peak is one full
+        parameter. The values are weights.init_parameter's, as without partitioning."""
+        if cfg.deepspeed.zero_stage < 3:
+            weights.init_weights(model, cfg.train.seed)
+            return
+        deepspeed = _import_deepspeed(dims)
+        for i, (name, p) in enumerate(model.named_parameters()):
+            writer = i % dims.dp
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=writer):
+                if dims.dp_rank == writer:
+                    weights.init_parameter(model, name, cfg.train.seed)
 
     def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel):
-        on_gpu = dims.device.type == "cuda"
-        if not on_gpu:
-            from mtp_dist.compat import cpu
-
-            cpu.apply_deepspeed()
-        import deepspeed
-
+        deepspeed = _import_deepspeed(dims)
         self.cfg = cfg
         self.dims = dims
         self.model = model
         self.num_microbatches = plan.num_microbatches
         t = cfg.train
-        ds_config = build_ds_config(cfg, plan, on_gpu)
-        # The engine accumulates; DeepSpeed sees the rank's whole share as one microbatch.
-        ds_config["train_micro_batch_size_per_gpu"] = t.global_batch_size // dims.dp
-        ds_config["gradient_accumulation_steps"] = 1
+        ds_config = runtime_config(cfg, plan, dims)
         if t.recompute:
             fixes.checkpoint_layers(model.trunk)
         model.config.grad_scale_func = None
-        groups = param_groups(model, t.weight_decay)
+        groups = param_groups(model, t.weight_decay, fixes.full_shape)
         scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupCosine.of(t))
         if "optimizer" in ds_config:
             optimizer, params = None, groups
