@@ -296,6 +296,8 @@ def _training_problem(e: RuntimeError, output_prefix: str, sentences: int) -> st
         fix = "the inputs have no text: check the paths, --format and --text-field"
     elif "Vocabulary size too high" in reason:
         fix = "lower --vocab-size, or train on more text"
+    elif "smaller than required_chars" in reason:
+        fix = "raise --vocab-size, or lower --character-coverage"
     else:
         fix = "check the options and the inputs"
     return (
