@@ -1,4 +1,4 @@
-"""`python -m data_prep <command>`: train-tokenizer, tokenize, stdlib-corpus, manifest.
+"""`python -m data_prep <command>`: train-tokenizer, tokenize, stdlib-corpus, manifest, verify.
 
 Every command follows mtp_dist.errors' contract: bad input (a bad file, option or environment
 variable, an OS error) is one `error:` line and exit status 2, Ctrl-C is exit status 130.
@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("out_dir")
 
+    v = sub.add_parser(
+        "verify",
+        help="check every shard of an output directory against its manifest",
+        description="Recompute each shard's sha256 and compare it, and the file sizes and "
+        "the .idx's consistency, with the manifest. Prints one line per shard; exit status 2 "
+        "if any shard is bad or missing.",
+    )
+    v.add_argument("out_dir")
     return parser
 
 
@@ -283,6 +291,16 @@ def cmd_manifest(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    from data_prep.verify import format_report, verify_directory
+
+    _require_shard_dir(a.out_dir)
+    report = verify_directory(a.out_dir)
+    print(format_report(report))
+    report.raise_if_bad()
+    return 0
+
+
 def _require_shard_dir(path: str) -> None:
     from data_prep.manifest import ManifestError
 
@@ -297,6 +315,7 @@ COMMANDS = {
     "tokenize": cmd_tokenize,
     "stdlib-corpus": cmd_stdlib_corpus,
     "manifest": cmd_manifest,
+    "verify": cmd_verify,
 }
 
 

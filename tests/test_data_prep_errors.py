@@ -9,9 +9,22 @@ import subprocess
 
 import pytest
 from test_data_prep_formats import write_jsonl
-from test_data_prep_support import leftovers, run_cli, stdlib_docs, tokenize_args
+from test_data_prep_support import leftovers, stdlib_docs, tokenize_args
 
 from data_prep.cli import main
+
+
+class cli:  # noqa: N801 (used like a function)
+    """Run a command: its exit status and output. In this process (main() is what `python -m
+    data_prep` runs) to spare the imports of a new interpreter per command; the real command
+    line is tested in test_data_prep_bad_input.py."""
+
+    def __init__(self, capsys, *args) -> None:
+        try:
+            self.returncode = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's exit on a usage error
+            self.returncode = e.code
+        self.stdout, self.stderr = capsys.readouterr()
 
 
 def assert_one_error(proc, *needles: str) -> str:
@@ -39,55 +52,55 @@ def tmpfs(path, options: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path):
+def test_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, capsys):
     write_jsonl(tmp_path / "a.jsonl", stdlib_docs(40))  # ~ 2 bytes per character as uint16
     with tmpfs(tmp_path / "small", "size=256k") as small:
-        proc = run_cli(*tokenize_args([tmp_path / "a.jsonl"], small / "out"))
+        proc = cli(capsys, *tokenize_args([tmp_path / "a.jsonl"], small / "out"))
         assert_one_error(proc, "No space left on device", "free disk space")
         assert leftovers(small) == []
 
 
-def test_read_only_directory(tmp_path):
+def test_read_only_directory(tmp_path, capsys):
     write_jsonl(tmp_path / "a.jsonl", stdlib_docs(2))
     with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
-        proc = run_cli(*tokenize_args([tmp_path / "a.jsonl"], ro / "out"))
+        proc = cli(capsys, *tokenize_args([tmp_path / "a.jsonl"], ro / "out"))
         assert_one_error(proc, str(ro / "out"), "read-only")
-        proc = run_cli("train-tokenizer", str(tmp_path / "a.jsonl"), "--output",
+        proc = cli(capsys, "train-tokenizer", str(tmp_path / "a.jsonl"), "--output",
                        str(ro / "tok"), "--vocab-size", "300")  # fmt: skip
         assert_one_error(proc, str(ro), "read-only")
 
 
-def test_a_file_where_a_directory_is_expected_and_the_reverse(tmp_path):
+def test_a_file_where_a_directory_is_expected_and_the_reverse(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    proc = run_cli("stdlib-corpus", str(tmp_path / "file" / "corpus"), "--max-mb", "0.1")
+    proc = cli(capsys, "stdlib-corpus", str(tmp_path / "file" / "corpus"), "--max-mb", "0.1")
     assert_one_error(proc, str(tmp_path / "file"), "not a directory")
-    proc = run_cli("manifest", str(tmp_path / "missing"))
+    proc = cli(capsys, "manifest", str(tmp_path / "missing"))
     assert_one_error(proc, str(tmp_path / "missing"), "not a directory")
     # train-tokenizer --output tok writes tok.model: here a directory.
     write_jsonl(tmp_path / "a.jsonl", stdlib_docs(20))
     (tmp_path / "tok.model").mkdir()
-    proc = run_cli("train-tokenizer", str(tmp_path / "a.jsonl"), "--output",
+    proc = cli(capsys, "train-tokenizer", str(tmp_path / "a.jsonl"), "--output",
                    str(tmp_path / "tok"), "--vocab-size", "300")  # fmt: skip
     assert_one_error(proc, str(tmp_path / "tok.model"), "directory")
     assert leftovers(tmp_path) == []
 
 
-def test_sentencepiece_failures(tmp_path):
+def test_sentencepiece_failures(tmp_path, capsys):
     write_jsonl(tmp_path / "a.jsonl", ["just a few words", "and a few more"])
-    proc = run_cli("train-tokenizer", str(tmp_path / "a.jsonl"), "--output",
+    proc = cli(capsys, "train-tokenizer", str(tmp_path / "a.jsonl"), "--output",
                    str(tmp_path / "tok"), "--vocab-size", "5000")  # fmt: skip
     assert_one_error(proc, "Vocabulary size too high", "lower --vocab-size")
     assert not (tmp_path / "tok.model").exists() and leftovers(tmp_path) == []
 
     (tmp_path / "garbage.model").write_bytes(b"\x00\x01 not a model \xff" * 10)
-    proc = run_cli(*tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out",
+    proc = cli(capsys, *tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out",
                                   str(tmp_path / "garbage.model")))  # fmt: skip
     assert_one_error(proc, "garbage.model", "not a sentencepiece model")
 
 
-def test_train_tokenizer_on_no_text(tmp_path):
+def test_train_tokenizer_on_no_text(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
-    proc = run_cli("train-tokenizer", str(tmp_path / "empty.jsonl"), "--output",
+    proc = cli(capsys, "train-tokenizer", str(tmp_path / "empty.jsonl"), "--output",
                    str(tmp_path / "tok"), "--vocab-size", "300")  # fmt: skip
     assert_one_error(proc, "0 sentences", "no text")
 
@@ -114,24 +127,24 @@ def test_malformed_slurm_array_variables(tmp_path, monkeypatch, capsys, env, nee
     assert code == 0
 
 
-def test_unparseable_dataset_directory_is_a_bad_input_file(tmp_path):
+def test_unparseable_dataset_directory_is_a_bad_input_file(tmp_path, capsys):
     bad = tmp_path / "hf"
     bad.mkdir()
     (bad / "a.json").write_text('{"text": "a"\n{{{garbage\n')
     write_jsonl(tmp_path / "good.jsonl", stdlib_docs(2))
-    proc = run_cli(*tokenize_args([bad, tmp_path / "good.jsonl"], tmp_path / "out"))
+    proc = cli(capsys, *tokenize_args([bad, tmp_path / "good.jsonl"], tmp_path / "out"))
     assert_one_error(proc, str(bad), "not loadable by datasets", "--skip-bad-files")
-    proc = run_cli(*tokenize_args([bad, tmp_path / "good.jsonl"], tmp_path / "out", "byte",
+    proc = cli(capsys, *tokenize_args([bad, tmp_path / "good.jsonl"], tmp_path / "out", "byte",
                                   "--skip-bad-files"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 bad files skipped" in proc.stdout and "directory complete: True" in proc.stdout
 
 
-def test_bad_option_values_are_one_line(tmp_path):
-    proc = run_cli(*tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out", "byte",
+def test_bad_option_values_are_one_line(tmp_path, capsys):
+    proc = cli(capsys, *tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out", "byte",
                                   "--workers", "0"))  # fmt: skip
     assert_one_error(proc, "--workers", "below 1")
-    proc = run_cli("tokenize", "x.jsonl")
+    proc = cli(capsys, "tokenize", "x.jsonl")
     assert_one_error(proc, "--output-dir")
 
 
@@ -147,8 +160,8 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     assert "Traceback" in err and "KeyError" in err and "this is a bug" in err
 
 
-def test_tokenizer_not_found(tmp_path):
+def test_tokenizer_not_found(tmp_path, capsys):
     write_jsonl(tmp_path / "a.jsonl", ["text"])
-    proc = run_cli(*tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out",
+    proc = cli(capsys, *tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out",
                                   str(tmp_path / "nope.model")))  # fmt: skip
     assert_one_error(proc, "nope.model", "train-tokenizer")
