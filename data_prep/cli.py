@@ -18,12 +18,13 @@ from data_prep.readers import (
     INPUT_FORMATS,
     OTHER_FILES,
     TEXT_MODES,
+    BadInputFile,
     DocumentReader,
     ReadOptions,
     ReadStats,
     plan_input_shards,
 )
-from mtp_dist.errors import EXIT_USAGE, run_cli
+from mtp_dist.errors import EXIT_USAGE, UserError, run_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -243,7 +244,10 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
         seed=a.seed,
         num_threads=a.threads,
     )
-    tok = train_sentencepiece(_sentences(a), a.output, opts)
+    try:
+        tok = train_sentencepiece(_sentences(a), a.output, opts)
+    except BadInputFile as e:  # without tokenize's hint: train-tokenizer has no --skip-bad-files
+        raise UserError(f"{e.path}: {e.problem}; {e.fix}") from None
     print(json.dumps({"model": a.output + ".model", **tok.identity}, indent=2))
     return 0
 

@@ -201,7 +201,7 @@ def read_text(reader: DocumentReader, path: str) -> Iterator[str]:
 def read_jsonl(reader: DocumentReader, path: str) -> Iterator[str]:
     """One document per line: the --text-field of a JSON object."""
     key, stats = reader.opts.text_field, reader.stats
-    records, with_field, keys_seen = 0, 0, set()
+    records, with_field, fields = 0, 0, None
     for line in _decompressed_items(reader, path, iter):  # iter(stream): its lines
         if not line.strip():
             continue
@@ -213,21 +213,16 @@ def read_jsonl(reader: DocumentReader, path: str) -> Iterator[str]:
             continue
         if not isinstance(record, dict) or key not in record:
             stats.skipped["missing_field"] += 1
-            if isinstance(record, dict) and len(keys_seen) < 20:
-                keys_seen.update(record)
+            fields = sorted(record) if fields is None and isinstance(record, dict) else fields
             continue
         with_field += 1
         text = stats.field_value(record[key])
         if text is not None:
             yield text
-    if records and not with_field:
-        # Nothing was yielded: the whole file is unusable, like Parquet without the column.
-        found = f"fields seen: {sorted(keys_seen)}" if keys_seen else "no line is a JSON object"
-        raise BadInputFile(
-            path,
-            f"no record has the field {key!r} ({found})",
-            "choose the field with --text-field",
-        )
+    if records and not with_field:  # nothing yielded: unusable, like Parquet without the column
+        found = f"fields of the first record: {fields}" if fields else "no line is a JSON object"
+        fix = "choose the field with --text-field"
+        raise BadInputFile(path, f"no record has the field {key!r} ({found})", fix)
 
 
 def read_parquet(reader: DocumentReader, path: str) -> Iterator[str]:
@@ -376,8 +371,7 @@ def load_hf_dataset(path: str, split: str):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
-    # Our progress bar and BadInputFile (which quotes the cause) say it all; datasets' own bars
-    # and error logs would repeat it on stderr around the one `error:` line.
+    # Our progress bar and BadInputFile (quoting the cause) say it all: no bars and logs of its own.
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 

@@ -255,9 +255,10 @@ def sample_sentences(sentences: Iterable[str], k: int, seed: int) -> list[str]:
 
 
 class _Guarded:
-    """An iterator for sentencepiece that keeps an exception of the underlying iterator (which
-    sentencepiece would turn into an opaque RuntimeError), ends the iteration instead, and
-    re-raises it afterwards; counts the sentences passed."""
+    """An iterator for sentencepiece that remembers an exception of the underlying iterator:
+    sentencepiece stops at it (at once) but reports it as an opaque RuntimeError, so `reraise`
+    raises the original afterwards (a BadInputFile stays one, Ctrl-C stays KeyboardInterrupt).
+    Counts the sentences passed."""
 
     def __init__(self, it: Iterator[str]) -> None:
         self.it, self.error, self.count = it, None, 0
@@ -270,9 +271,9 @@ class _Guarded:
             item = next(self.it)
         except StopIteration:
             raise
-        except BaseException as e:  # Ctrl-C too: it must stay KeyboardInterrupt
+        except BaseException as e:
             self.error = e
-            raise StopIteration from None
+            raise
         self.count += 1
         return item
 

@@ -98,6 +98,16 @@ def test_sentencepiece_failures(tmp_path, capsys):
     assert_one_error(proc, "garbage.model", "not a sentencepiece model")
 
 
+@pytest.mark.parametrize("sample", ["0", "100"])
+def test_a_bad_file_stops_train_tokenizer_with_its_own_message(tmp_path, capsys, sample):
+    write_jsonl(tmp_path / "a.jsonl", stdlib_docs(5))
+    (tmp_path / "b.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    proc = cli(capsys, "train-tokenizer", tmp_path / "*.jsonl*", "--output", tmp_path / "tok",
+               "--vocab-size", "300", "--input-sentence-size", sample)  # fmt: skip
+    error = assert_one_error(proc, "b.jsonl.gz: corrupt or truncated archive")
+    assert "--skip-bad-files" not in error and not (tmp_path / "tok.model").exists()
+
+
 def test_train_tokenizer_on_no_text(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     proc = cli(capsys, "train-tokenizer", str(tmp_path / "empty.jsonl"), "--output",
