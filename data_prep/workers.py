@@ -41,6 +41,7 @@ def run_in_workers(
     ctx = mp.get_context("fork")
     queue = list(jobs)
     running: dict = {}  # receiving end of a worker's pipe -> (process, job)
+    ended = []  # workers that sent their result, reaped once the next ones have started
     results = []
     interrupted = _InterruptFlag()
     try:
@@ -53,6 +54,8 @@ def run_in_workers(
                 proc.start()
                 send.close()  # the worker holds the only writing end: EOF when it ends
                 running[receive] = (proc, job)
+            while ended:
+                ended.pop().join()
             for conn in wait(list(running), timeout=0.1):  # the timeout: to see Ctrl-C
                 proc, job = running[conn]
                 try:
@@ -68,7 +71,7 @@ def run_in_workers(
                     continue
                 del running[conn]
                 conn.close()
-                proc.join()
+                ended.append(proc)
                 if message[0] == "error":
                     _, err, trace = message
                     if not isinstance(err, (UserError, OSError)):
@@ -82,6 +85,8 @@ def run_in_workers(
             proc.join()
         raise
     finally:
+        for proc in ended:
+            proc.join()
         interrupted.restore()
     return results
 
