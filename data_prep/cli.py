@@ -1,9 +1,14 @@
-"""`python -m data_prep <command>`: train-tokenizer, tokenize, stdlib-corpus, manifest."""
+"""`python -m data_prep <command>`: train-tokenizer, tokenize, stdlib-corpus, manifest, verify.
+
+Every command follows mtp_dist.errors' contract: bad input (a bad file, option or environment
+variable, an OS error) is one `error:` line and exit status 2, Ctrl-C is exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 
@@ -19,6 +24,29 @@ from data_prep.readers import (
     ReadStats,
     plan_input_shards,
 )
+from mtp_dist.errors import EXIT_USAGE, UserError, run_cli
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one `error:` line (exit status 2, as argparse's)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _format_help() -> str:
@@ -48,7 +76,8 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text-field",
         default="text",
-        help="JSON Lines / Parquet / datasets field holding the text",
+        help="JSON Lines / Parquet / datasets field holding the text (a file where no record "
+        "has it is a bad file; in other files, records without it are skipped and counted)",
     )
     p.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
 
@@ -58,7 +87,7 @@ def _read_opts(a: argparse.Namespace) -> ReadOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m data_prep", description="Tokenizers and megatron-core token shards."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -72,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_read_args(t)
     t.add_argument("--output", required=True, help="output prefix, e.g. tok/tokenizer")
-    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--vocab-size", type=_at_least(1), default=32000)
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     t.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false")
     t.add_argument("--character-coverage", type=float, default=0.99995)
@@ -98,17 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--input-sentence-size",
-        type=int,
+        type=_at_least(0),
         default=2_000_000,
-        help="sample this many lines for training (0: all)",
+        help="train on a sample of this many lines, the same for the same inputs and --seed "
+        "(0: all lines)",
     )
-    t.add_argument("--max-sentence-length", type=int, default=16384, help="in bytes")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-sentence-length", type=_at_least(1), default=16384, help="in bytes")
+    t.add_argument("--seed", type=_at_least(0), default=0)
     t.add_argument(
         "--threads",
-        type=int,
+        type=_at_least(1),
         default=1,
-        help="training threads; >1 is faster but may not be deterministic",
+        help="training threads; >1 is faster but gives another model than 1 thread",
     )
 
     k = sub.add_parser(
@@ -116,41 +146,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenize corpora into megatron-core .bin/.idx shards",
         description="One output shard per input shard, written by the worker "
         "that tokenizes it; rerunning skips complete shards and redoes partial "
-        "ones. Exit status 1 on a bad input file.",
+        "ones. Exit status 2 on a bad input file, 130 on Ctrl-C (what finished is kept).",
     )
     _add_read_args(k)
     k.add_argument("--output-dir", required=True)
     k.add_argument("--tokenizer", required=True, help="'byte', a .model file, or a directory")
-    k.add_argument("--workers", type=int, default=1, help="worker processes")
-    k.add_argument("--threads-per-worker", type=int, default=1, help="sentencepiece threads")
+    k.add_argument("--workers", type=_at_least(1), default=1, help="worker processes")
+    k.add_argument(
+        "--threads-per-worker", type=_at_least(1), default=1, help="sentencepiece threads"
+    )
     k.add_argument(
         "--files-per-shard",
-        type=int,
+        type=_at_least(1),
         default=1,
         help="group this many input files into one output shard",
     )
     k.add_argument(
         "--hf-num-shards",
-        type=int,
+        type=_at_least(1),
         default=1,
         help="split each Hugging Face dataset into this many shards",
     )
     k.add_argument(
         "--task-index",
-        type=int,
+        type=_at_least(0),
         default=None,
         help="this task's index (default: $SLURM_ARRAY_TASK_ID or 0)",
     )
     k.add_argument(
         "--num-tasks",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="number of tasks sharing the inputs (default: $SLURM_ARRAY_TASK_COUNT or 1)",
     )
     k.add_argument(
         "--skip-bad-files",
         action="store_true",
-        help="skip unreadable inputs and record them in the manifest instead of failing",
+        help="skip unreadable inputs and record them in the manifest as skipped instead of "
+        "failing (the directory is complete without them; a rerun tries them again)",
     )
     k.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -162,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("out_dir")
     s.add_argument("--max-mb", type=float, default=None, help="stop after this many MB")
-    s.add_argument("--num-shards", type=int, default=4)
+    s.add_argument("--num-shards", type=_at_least(1), default=4)
     s.add_argument("--format", default="jsonl", choices=["jsonl", "text"])
 
     m = sub.add_parser(
@@ -172,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
         "and print its totals.",
     )
     m.add_argument("out_dir")
+
+    v = sub.add_parser(
+        "verify",
+        help="check every shard of an output directory against its manifest",
+        description="Recompute each shard's sha256 and compare it, and the file sizes and "
+        "the .idx's consistency, with the manifest. Prints one line per shard; exit status 2 "
+        "if any shard is bad or missing.",
+    )
+    v.add_argument("out_dir")
     return parser
 
 
@@ -202,14 +244,21 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
         seed=a.seed,
         num_threads=a.threads,
     )
-    tok = train_sentencepiece(_sentences(a), a.output, opts)
+    try:
+        tok = train_sentencepiece(_sentences(a), a.output, opts)
+    except BadInputFile as e:  # without tokenize's hint: train-tokenizer has no --skip-bad-files
+        raise UserError(f"{e.path}: {e.problem}; {e.fix}") from None
     print(json.dumps({"model": a.output + ".model", **tok.identity}, indent=2))
     return 0
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
-    from data_prep.tokenize import TokenizeConfig, format_summary, run_tokenize, slurm_task_default
+    from data_prep.tokenize import TokenizeConfig, format_summary, run_tokenize, slurm_task
 
+    if a.task_index is None or a.num_tasks is None:
+        env_index, env_count = slurm_task()
+        a.task_index = env_index if a.task_index is None else a.task_index
+        a.num_tasks = env_count if a.num_tasks is None else a.num_tasks
     cfg = TokenizeConfig(
         inputs=a.inputs,
         out_dir=a.output_dir,
@@ -220,16 +269,8 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         hf_num_shards=a.hf_num_shards,
         workers=a.workers,
         threads_per_worker=a.threads_per_worker,
-        task_index=(
-            a.task_index
-            if a.task_index is not None
-            else slurm_task_default("SLURM_ARRAY_TASK_ID", 0)
-        ),
-        num_tasks=(
-            a.num_tasks
-            if a.num_tasks is not None
-            else slurm_task_default("SLURM_ARRAY_TASK_COUNT", 1)
-        ),
+        task_index=a.task_index,
+        num_tasks=a.num_tasks,
         skip_bad_files=a.skip_bad_files,
         progress=a.progress,
     )
@@ -248,9 +289,29 @@ def cmd_stdlib_corpus(a: argparse.Namespace) -> int:
 def cmd_manifest(a: argparse.Namespace) -> int:
     from data_prep.manifest import merge_manifest
 
+    _require_shard_dir(a.out_dir)
     m = merge_manifest(a.out_dir)
     print(json.dumps({k: m[k] for k in ("tokenizer", "complete", "totals")}, indent=2))
     return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from data_prep.verify import format_report, verify_directory
+
+    _require_shard_dir(a.out_dir)
+    report = verify_directory(a.out_dir)
+    print(format_report(report))
+    report.raise_if_bad()
+    return 0
+
+
+def _require_shard_dir(path: str) -> None:
+    from data_prep.manifest import ManifestError
+
+    if not os.path.isdir(path):
+        raise ManifestError(
+            f"{path} is not a directory: give the --output-dir of `python -m data_prep tokenize`"
+        )
 
 
 COMMANDS = {
@@ -258,13 +319,13 @@ COMMANDS = {
     "tokenize": cmd_tokenize,
     "stdlib-corpus": cmd_stdlib_corpus,
     "manifest": cmd_manifest,
+    "verify": cmd_verify,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtp_dist.compat import ignore_known_warnings
+
+    ignore_known_warnings()  # megatron-core's import notes that Apex/TE are absent
     a = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[a.command](a)
-    except (BadInputFile, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: COMMANDS[a.command](a))

@@ -2,9 +2,12 @@
 
 Each finished shard gets a sidecar `<shard>.json`, written atomically after its .bin/.idx were
 renamed into place. Sidecars are the source of truth: a shard is complete only if its sidecar
-says so and the files on disk have the recorded sizes. Concurrent SLURM array tasks never write
-the same sidecar; `manifest.json` is their merge, rewritten under an flock so that a task that
-finishes late can never replace a newer merge by an older one.
+says so and the files on disk have the recorded sizes. A shard whose input was skipped as bad
+(--skip-bad-files) is done too, with status "skipped" and no data: the directory is complete
+when every shard of the run is complete or skipped, and training reads the complete ones.
+Concurrent SLURM array tasks never write the same sidecar; `manifest.json` is their merge,
+rewritten under an flock so that a task that finishes late can never replace a newer merge by
+an older one.
 
 Nothing here depends on time, host or process, so a killed-and-rerun output is byte-identical
 to an uninterrupted one.
@@ -19,11 +22,16 @@ import json
 import os
 from contextlib import contextmanager
 
+from mtp_dist.errors import UserError
 from mtp_dist.files import TMP_INFIX, atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "mtp-dist-shards-v1"
 _LOCK = ".manifest.lock"
+
+
+class ManifestError(UserError, ValueError):
+    """An output directory that is not a usable shard directory; the message says why."""
 
 
 def shard_prefix(out_dir: str, name: str) -> str:
@@ -44,8 +52,13 @@ def read_sidecar(out_dir: str, name: str) -> dict | None:
     try:
         with open(sidecar_path(out_dir, name)) as f:
             return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def is_done(out_dir: str, sidecar: dict | None) -> bool:
+    """Nothing left to do for the shard: complete, or its input skipped as bad."""
+    return bool(sidecar) and (sidecar.get("status") == "skipped" or is_complete(out_dir, sidecar))
 
 
 def is_complete(out_dir: str, sidecar: dict | None) -> bool:
@@ -72,7 +85,8 @@ def file_checksum(paths: list[str]) -> str:
 
 
 @contextmanager
-def _locked(out_dir: str):
+def manifest_lock(out_dir: str):
+    """Held while the manifest is merged (and while a tokenize task checks the other tasks)."""
     with open(os.path.join(out_dir, _LOCK), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -87,7 +101,7 @@ def merge_manifest(out_dir: str, expected_shards: list[str] | None = None) -> di
     `expected_shards` (all shard names of the run, across SLURM tasks) lets the manifest say
     whether the directory is complete; when None, the previous manifest's list is kept.
     """
-    with _locked(out_dir):
+    with manifest_lock(out_dir):
         # Under the lock no other merge is writing, so any temp manifest is a killed merge's.
         remove_stale_tmp(os.path.join(out_dir, MANIFEST))
         previous = load_manifest(out_dir, required=False)
@@ -103,11 +117,11 @@ def merge_manifest(out_dir: str, expected_shards: list[str] | None = None) -> di
                 sidecars.append(sc)
         tokenizers = {json.dumps(s["tokenizer"], sort_keys=True) for s in sidecars}
         if len(tokenizers) > 1:
-            raise ValueError(
+            raise ManifestError(
                 f"{out_dir}: shards were made with different tokenizers; use one per dir"
             )
         complete = [s for s in sidecars if is_complete(out_dir, s)]
-        done = {s["shard"] for s in complete}
+        done = {s["shard"] for s in sidecars if is_done(out_dir, s)}
         manifest = {
             "format": FORMAT,
             "tokenizer": sidecars[0]["tokenizer"] if sidecars else None,
@@ -132,7 +146,12 @@ def load_manifest(out_dir: str, required: bool = True) -> dict | None:
             return json.load(f)
     except FileNotFoundError:
         if required:
-            raise FileNotFoundError(
+            raise ManifestError(
                 f"{out_dir}: no {MANIFEST}; make the shards with `python -m data_prep tokenize`"
             ) from None
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(
+            f"{path} is not valid JSON ({e}): rebuild it with `python -m data_prep manifest "
+            f"{out_dir}`"
+        ) from None

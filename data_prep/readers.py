@@ -8,6 +8,12 @@ from that table. Compressed files are opened by data_prep.decompress.
 Bad input is counted, never silently dropped: invalid UTF-8 is replaced and counted, empty
 documents and unusable records are skipped and counted by reason. A file that cannot be read at
 all raises BadInputFile, whose message names the file and the fix.
+
+The text field: a Parquet file or dataset without the --text-field column, and a JSON Lines file
+in which no record has the field, are bad files (most likely the wrong --text-field). In a JSON
+Lines file where some records have it, the records without it are skipped and counted as
+`missing_field` (heterogeneous dumps, metadata lines). An empty file is not bad: it has no
+documents, and a run whose inputs have no documents at all is an error of the run.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from data_prep.decompress import corrupt_data_problem, open_decompressed, without_codec_suffixes
+from mtp_dist.errors import UserError
 
 SKIP_HINT = "or pass --skip-bad-files to skip it and record it in the manifest"
 
 
-class BadInputFile(Exception):
+class BadInputFile(UserError):
     """An input that cannot be read; str() is the one-line message for the user."""
 
     def __init__(self, path: str, problem: str, fix: str) -> None:
@@ -194,9 +201,11 @@ def read_text(reader: DocumentReader, path: str) -> Iterator[str]:
 def read_jsonl(reader: DocumentReader, path: str) -> Iterator[str]:
     """One document per line: the --text-field of a JSON object."""
     key, stats = reader.opts.text_field, reader.stats
+    records, with_field, fields = 0, 0, None
     for line in _decompressed_items(reader, path, iter):  # iter(stream): its lines
         if not line.strip():
             continue
+        records += 1
         try:
             record = json.loads(stats.decode(line))
         except json.JSONDecodeError:
@@ -204,10 +213,16 @@ def read_jsonl(reader: DocumentReader, path: str) -> Iterator[str]:
             continue
         if not isinstance(record, dict) or key not in record:
             stats.skipped["missing_field"] += 1
+            fields = sorted(record) if fields is None and isinstance(record, dict) else fields
             continue
+        with_field += 1
         text = stats.field_value(record[key])
         if text is not None:
             yield text
+    if records and not with_field:  # nothing yielded: unusable, like Parquet without the column
+        found = f"fields of the first record: {fields}" if fields else "no line is a JSON object"
+        fix = "choose the field with --text-field"
+        raise BadInputFile(path, f"no record has the field {key!r} ({found})", fix)
 
 
 def read_parquet(reader: DocumentReader, path: str) -> Iterator[str]:
@@ -356,6 +371,10 @@ def load_hf_dataset(path: str, split: str):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
+    # Our progress bar and BadInputFile (quoting the cause) say it all: no bars and logs of its own.
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
     if not os.path.isdir(path):
         raise BadInputFile(path, "not a directory", "give a dataset directory")
     saved = any(
@@ -371,5 +390,9 @@ def load_hf_dataset(path: str, split: str):
         return ds
     try:
         return datasets.load_dataset(path, split=split)
-    except (ValueError, FileNotFoundError) as e:
-        raise BadInputFile(path, f"not loadable by datasets ({e})", "check the directory") from e
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError) as e:
+        # DatasetGenerationError says only "An error occurred"; its cause names the bad file.
+        why = f"{e}: {e.__cause__}" if e.__cause__ is not None else str(e)
+        raise BadInputFile(
+            path, f"not loadable by datasets ({' '.join(why.split())})", "check the directory"
+        ) from e

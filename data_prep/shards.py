@@ -7,6 +7,7 @@ either no sidecar (the shard is redone from scratch on rerun) or a complete shar
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 
 from data_prep import manifest as mf
 from data_prep.readers import BadInputFile, DocumentReader, InputShard, ReadOptions, ReadStats
+from data_prep.shard_index import token_dtype
 from data_prep.tokenizers import Tokenizer
 from mtp_dist.compat.megatron_data import batched_builder_class
 from mtp_dist.files import atomic_write_json
@@ -23,10 +25,6 @@ from mtp_dist.files import atomic_write_json
 # sentencepiece's batched encode dominates, small enough to bound memory per worker.
 BATCH_CHARS = 8 << 20
 BATCH_DOCS = 16384
-
-
-def token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 65535 else np.int32
 
 
 @dataclass
@@ -60,13 +58,8 @@ def tokenize_shard(
     skip_bad_files, in which case the sidecar records it with status "skipped".
     """
     prefix = mf.shard_prefix(job.out_dir, job.name)
-    partial = {ext: f"{prefix}.{ext}.partial" for ext in ("bin", "idx")}
-    # Leftovers of a killed attempt at this shard: partial data, renamed but unrecorded files,
-    # a half-written sidecar temp file.
-    for path in [*partial.values(), prefix + ".bin", prefix + ".idx"]:
-        if os.path.exists(path):
-            os.remove(path)
-    mf.remove_stale_tmp(mf.sidecar_path(job.out_dir, job.name))
+    partial = partial_paths(prefix)
+    remove_leftovers(job.out_dir, job.name, keep_complete=False)
     stats = ReadStats()
     reader = DocumentReader(job.shard, job.read_opts, stats)
     builder = batched_builder_class()(partial["bin"], dtype=token_dtype(tokenizer.vocab_size))
@@ -86,12 +79,17 @@ def tokenize_shard(
             tokens += _write_batch(builder, tokenizer, batch, job.threads)
         builder.finalize(partial["idx"])
         _report(progress, sent, reader.consumed_bytes, stats.documents, tokens)
-    except BadInputFile as err:
-        builder.data_file.close()
+    except BaseException as err:
+        # A bad file, a full disk, Ctrl-C: no partial data stays behind.
+        with contextlib.suppress(OSError):  # flushing the rest may fail again (a full disk)
+            builder.data_file.close()
         for path in partial.values():
             if os.path.exists(path):
                 os.remove(path)
-        if not skip_bad_files:
+        if isinstance(err, OSError) and err.filename is None:
+            # A failed write of a buffered file does not say which file: name the output.
+            raise OSError(err.errno, err.strerror, partial["bin"]) from err
+        if not (skip_bad_files and isinstance(err, BadInputFile)):
             raise
         sidecar = {
             "format": mf.FORMAT,
@@ -124,6 +122,24 @@ def tokenize_shard(
     }
     atomic_write_json(mf.sidecar_path(job.out_dir, job.name), sidecar)
     return sidecar
+
+
+def partial_paths(prefix: str) -> dict[str, str]:
+    return {ext: f"{prefix}.{ext}.partial" for ext in ("bin", "idx")}
+
+
+def remove_leftovers(out_dir: str, name: str, keep_complete: bool = True) -> None:
+    """What an interrupted attempt at shard `name` left behind: partial data, a half-written
+    sidecar's temp file, and .bin/.idx renamed into place but not recorded by a complete sidecar
+    (all of them unless keep_complete). Only when no process is writing the shard."""
+    prefix = mf.shard_prefix(out_dir, name)
+    paths = list(partial_paths(prefix).values())
+    if not (keep_complete and mf.is_complete(out_dir, mf.read_sidecar(out_dir, name))):
+        paths += [prefix + ".bin", prefix + ".idx"]
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+    mf.remove_stale_tmp(mf.sidecar_path(out_dir, name))
 
 
 def _write_batch(builder, tokenizer: Tokenizer, batch: list[str], threads: int) -> int:

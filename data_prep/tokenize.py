@@ -1,22 +1,36 @@
-"""The `tokenize` command: plan shards, pick this SLURM task's share, tokenize them with a pool of
-workers (each writes the shards it tokenizes), merge the manifest, print a summary."""
+"""The `tokenize` command: plan shards, pick this SLURM task's share, tokenize them with worker
+processes (each writes the shards it tokenizes), merge the manifest, print a summary.
+
+One output directory, many writers: SLURM array tasks share a directory, each writing its own
+shards. Each task holds a lock of its own (a second run of the same task is refused), and tasks
+that split the inputs differently (another --num-tasks) cannot run on one directory at once,
+since they would write the same shards. A failed or interrupted run (Ctrl-C) stops its workers,
+removes their partial files and merges the manifest of what finished; a rerun goes on from there.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing as mp
+import contextlib
+import fcntl
+import glob
 import os
-import signal
+import re
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 from data_prep import manifest as mf
 from data_prep.readers import BadInputFile, ReadOptions, plan_input_shards
-from data_prep.shards import ShardJob, shard_fingerprint, tokenize_shard
+from data_prep.shards import ShardJob, remove_leftovers, shard_fingerprint, tokenize_shard
 from data_prep.tokenizers import Tokenizer, load_tokenizer
+from data_prep.workers import run_in_workers
 from mtp_dist.compat.megatron_data import batched_builder_class
+from mtp_dist.errors import UserError
+from mtp_dist.files import DirectoryLock
+
+
+class TokenizeError(UserError, ValueError):
+    """A tokenize run that cannot go on as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -36,9 +50,25 @@ class TokenizeConfig:
     progress: bool = True
 
 
-def slurm_task_default(var: str, fallback: int) -> int:
-    value = os.environ.get(var)
-    return int(value) if value not in (None, "") else fallback
+def slurm_task(environ=os.environ) -> tuple[int, int]:
+    """(task index, number of tasks) from $SLURM_ARRAY_TASK_ID/COUNT, else (0, 1)."""
+    values = []
+    for var, fallback in (("SLURM_ARRAY_TASK_ID", 0), ("SLURM_ARRAY_TASK_COUNT", 1)):
+        raw = environ.get(var, "")
+        try:
+            values.append(int(raw) if raw.strip() else fallback)
+        except ValueError:
+            raise TokenizeError(
+                f"${var}={raw!r} is not an integer: unset it, or pass --task-index and --num-tasks"
+            ) from None
+    index, count = values
+    if count < 1 or not 0 <= index < count:
+        raise TokenizeError(
+            f"$SLURM_ARRAY_TASK_ID={index} is not in [0, $SLURM_ARRAY_TASK_COUNT={count}): "
+            f"submit the array as --array=0-{max(count - 1, 0)}, or pass --task-index and "
+            "--num-tasks"
+        )
+    return index, count
 
 
 def plan_jobs(cfg: TokenizeConfig) -> list[ShardJob]:
@@ -54,19 +84,38 @@ def plan_jobs(cfg: TokenizeConfig) -> list[ShardJob]:
 
 def run_tokenize(cfg: TokenizeConfig) -> dict:
     """Tokenize this task's share; return a summary dict. Raises BadInputFile on bad input."""
-    if not 0 <= cfg.task_index < cfg.num_tasks:
-        raise ValueError(f"--task-index {cfg.task_index} not in [0, --num-tasks {cfg.num_tasks})")
+    if cfg.num_tasks < 1 or not 0 <= cfg.task_index < cfg.num_tasks:
+        raise TokenizeError(
+            f"--task-index {cfg.task_index} is not in [0, --num-tasks {cfg.num_tasks})"
+        )
     tokenizer = load_tokenizer(cfg.tokenizer)
     os.makedirs(cfg.out_dir, exist_ok=True)
     jobs = plan_jobs(cfg)
-    # Round robin rather than contiguous blocks: neighbouring inputs tend to be of similar size.
-    mine = [j for i, j in enumerate(jobs) if i % cfg.num_tasks == cfg.task_index]
-    todo = [j for j in mine if not _already_done(j, tokenizer)]
-    batched_builder_class()  # import megatron-core once, before forking workers and timing
-    t0 = time.time()
-    results = _run_jobs(todo, tokenizer, cfg)
-    manifest = mf.merge_manifest(cfg.out_dir, [j.name for j in jobs])
+    names = [j.name for j in jobs]
+    with task_lock(cfg.out_dir, cfg.task_index, cfg.num_tasks):
+        # Round robin rather than contiguous blocks: neighbouring inputs tend to be alike in size.
+        mine = [j for i, j in enumerate(jobs) if i % cfg.num_tasks == cfg.task_index]
+        todo = [j for j in mine if not _already_done(j, tokenizer)]
+        batched_builder_class()  # import megatron-core once, before forking workers and timing
+        t0 = time.time()
+        try:
+            results = _run_jobs(todo, tokenizer, cfg)
+        except BaseException:
+            # Workers are stopped: clear what they left, record what finished, then fail.
+            for job in todo:
+                remove_leftovers(job.out_dir, job.name)
+            with contextlib.suppress(Exception):  # the first failure is the one to report
+                mf.merge_manifest(cfg.out_dir, names)
+            raise
+        manifest = mf.merge_manifest(cfg.out_dir, names)
     elapsed = time.time() - t0
+    if manifest["complete"] and manifest["totals"]["documents"] == 0:
+        skipped = _sum_counts(s.get("skipped_documents", {}) for s in manifest["shards"])
+        raise TokenizeError(
+            f"no documents in any input of {cfg.out_dir} ({len(jobs)} shards; records skipped: "
+            f"{skipped or 'none'}; bad files: {manifest['totals']['skipped_shards']}): check the "
+            "inputs, --format, --text-field and --text-mode"
+        )
     done = [r for r in results if r["status"] == "complete"]
     return {
         "out_dir": cfg.out_dir,
@@ -85,13 +134,55 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     }
 
 
+_TASK_LOCK = ".tokenize-task-{index}-of-{count}.lock"
+
+
+@contextlib.contextmanager
+def task_lock(out_dir: str, index: int, count: int):
+    """Hold this task's lock on out_dir; refuse a running task of another --num-tasks.
+
+    The check of other tasks and the taking of this one's lock happen under the manifest's
+    flock, so two runs starting at once cannot both pass the check.
+    """
+    what = f"tokenize runs of task {index} of {count}"
+    lock = DirectoryLock(out_dir, what, name=_TASK_LOCK.format(index=index, count=count))
+    with mf.manifest_lock(out_dir):
+        pattern = os.path.join(glob.escape(out_dir), _TASK_LOCK.format(index="*", count="*"))
+        for path in glob.glob(pattern):
+            m = re.search(r"-task-(\d+)-of-(\d+)\.lock$", path)
+            if m is None or int(m.group(2)) == count or not _held(path):
+                continue
+            raise TokenizeError(
+                f"{out_dir} is being written by task {m.group(1)} of a run with --num-tasks "
+                f"{m.group(2)}: tasks that split the inputs differently would write the same "
+                f"shards; wait for it to finish, or use --num-tasks {m.group(2)}"
+            )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _held(path: str) -> bool:
+    """Whether another process holds the flock on `path` (taking it for a moment if free)."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def _already_done(job: ShardJob, tokenizer: Tokenizer) -> bool:
+    """Complete shards are kept; a skipped (bad) input is tried again, in case it was fixed."""
     sidecar = mf.read_sidecar(job.out_dir, job.name)
     if not mf.is_complete(job.out_dir, sidecar):
         return False
     expected = shard_fingerprint(job, tokenizer)
     if any(sidecar.get(k) != v for k, v in expected.items()):
-        raise ValueError(
+        raise TokenizeError(
             f"{mf.sidecar_path(job.out_dir, job.name)} was made from other inputs, options or "
             "tokenizer than this run's; write to a new output directory"
         )
@@ -103,61 +194,18 @@ def _run_jobs(jobs: list[ShardJob], tokenizer: Tokenizer, cfg: TokenizeConfig) -
     try:
         if cfg.workers <= 1 or len(jobs) <= 1:
             return [tokenize_shard(j, tokenizer, cfg.skip_bad_files, bar.update) for j in jobs]
-        return _run_pool(jobs, cfg, bar)
-    finally:
-        bar.close()
-
-
-def _run_pool(jobs: list[ShardJob], cfg: TokenizeConfig, bar: _Progress) -> list[dict]:
-    # fork: workers inherit the imported megatron-core (seconds to import, see run_tokenize)
-    # instead of importing it each.
-    ctx = mp.get_context("fork")
-    queue = ctx.SimpleQueue()
-    results: list[dict] = []
-    with ProcessPoolExecutor(
-        min(cfg.workers, len(jobs)), mp_context=ctx, initializer=_worker_init, initargs=(queue,)
-    ) as pool:
         # Largest shards first: the run ends with small shards, so no worker idles long at the end.
         by_size = sorted(jobs, key=lambda j: j.shard.size_bytes(), reverse=True)
-        futures = [pool.submit(_worker_run, j, cfg.skip_bad_files) for j in by_size]
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            while not queue.empty():
-                bar.update(*queue.get())
-            for f in finished:
-                if f.exception() is not None:
-                    for p in pending:
-                        p.cancel()
-                    raise f.exception()
-                results.append(f.result())
-    while not queue.empty():
-        bar.update(*queue.get())
-    return sorted(results, key=lambda r: r["shard"])
-
-
-_worker_state: dict = {}
-
-
-def _worker_init(queue) -> None:
-    # Die with the parent: a killed run must not leave workers writing into the output dir.
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_state["queue"] = queue
-    _worker_state["tokenizers"] = {}
-
-
-def _worker_run(job: ShardJob, skip_bad_files: bool) -> dict:
-    cache = _worker_state["tokenizers"]
-    if job.tokenizer_spec not in cache:
-        cache[job.tokenizer_spec] = load_tokenizer(job.tokenizer_spec)
-    queue = _worker_state["queue"]
-    return tokenize_shard(
-        job, cache[job.tokenizer_spec], skip_bad_files, lambda *inc: queue.put(inc)
-    )
+        results = run_in_workers(
+            by_size,
+            lambda job, progress: tokenize_shard(job, tokenizer, cfg.skip_bad_files, progress),
+            cfg.workers,
+            bar.update,
+            describe=lambda job: f"{job.name} ({', '.join(job.shard.paths)})",
+        )
+        return sorted(results, key=lambda r: r["shard"])
+    finally:
+        bar.close()
 
 
 class _Progress:
@@ -214,4 +262,11 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TokenizeConfig", "run_tokenize", "format_summary", "BadInputFile", "plan_jobs"]
+__all__ = [
+    "TokenizeConfig",
+    "TokenizeError",
+    "run_tokenize",
+    "format_summary",
+    "BadInputFile",
+    "plan_jobs",
+]

@@ -9,19 +9,30 @@ made with another tokenizer.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import os
+import random
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from mtp_dist.files import atomic_write
+from mtp_dist.errors import UserError
+from mtp_dist.files import atomic_write, tmp_name
 
 BYTE_TOKENIZER_NAME = "byte"
 
 # Special ids of the sentencepiece models trained here. pad has its own id so that padding can
 # never be confused with an end-of-document token in a loss mask.
 SPM_UNK_ID, SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID = 0, 1, 2, 3
+
+MAKE_ONE = "make one with `python -m data_prep train-tokenizer`"
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer that cannot be loaded or trained; the message names it and the fix."""
 
 
 class Tokenizer:
@@ -97,16 +108,22 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_path = model_path
         with open(model_path, "rb") as f:
             proto = f.read()
-        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as e:  # sentencepiece reports every failure as RuntimeError
+            raise TokenizerError(
+                f"{model_path} is not a sentencepiece model ({_spm_reason(e)}): give a .model "
+                f"file, or {MAKE_ONE}"
+            ) from e
         self.identity_hash = hashlib.sha256(proto).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.eod_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id()
         self.bos_id = self.sp.bos_id()
         if self.eod_id < 0 or self.pad_id < 0 or self.pad_id == self.eod_id:
-            raise ValueError(
+            raise TokenizerError(
                 f"{model_path}: the model needs distinct eos and pad ids (has eos={self.eod_id}, "
-                f"pad={self.pad_id}); train it with `python -m data_prep train-tokenizer`"
+                f"pad={self.pad_id}); {MAKE_ONE}"
             )
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
@@ -125,10 +142,9 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise TokenizerError(
             f"tokenizer {name_or_path!r} not found: give 'byte', a sentencepiece .model file, "
-            "or a directory with tokenizer.model (make one with `python -m data_prep "
-            "train-tokenizer`)"
+            f"or a directory with tokenizer.model ({MAKE_ONE})"
         )
     return SentencePieceTokenizer(path)
 
@@ -156,36 +172,51 @@ class SentencePieceOptions:
 def train_sentencepiece(sentences: Iterator[str], output_prefix: str, opts: SentencePieceOptions):
     """Train on `sentences` and write OUTPUT_PREFIX.model / .vocab (atomically: temp + rename).
 
-    Deterministic for a seed: the sampler of input sentences is seeded, and training threads are
-    1 by default because the order in which threads merge counts is not fixed.
+    Deterministic for a seed, across processes: sentencepiece's own sampling of input sentences
+    is not (it ignores set_random_generator_seed), so the sample is drawn here with a seeded
+    generator and sentencepiece gets exactly that; training threads are 1 by default because
+    more threads give another model.
     """
     import sentencepiece as spm
 
-    spm.set_random_generator_seed(opts.seed)
-    model = _BytesSink()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences,
-        model_writer=model,
-        vocab_size=opts.vocab_size,
-        model_type=opts.model_type,
-        byte_fallback=opts.byte_fallback,
-        character_coverage=opts.character_coverage,
-        split_digits=opts.split_digits,
-        remove_extra_whitespaces=opts.remove_extra_whitespaces,
-        allow_whitespace_only_pieces=opts.allow_whitespace_only_pieces,
-        add_dummy_prefix=opts.add_dummy_prefix,
-        normalization_rule_name=opts.normalization_rule_name,
-        input_sentence_size=opts.input_sentence_size,
-        shuffle_input_sentence=True,
-        max_sentence_length=opts.max_sentence_length,
-        num_threads=opts.num_threads,
-        unk_id=SPM_UNK_ID,
-        bos_id=SPM_BOS_ID,
-        eos_id=SPM_EOS_ID,
-        pad_id=SPM_PAD_ID,
-        minloglevel=2,
-    )
+    # Fail before training, not after, when the output cannot be written.
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    probe = tmp_name(output_prefix + ".model")
+    open(probe, "wb").close()
+    os.remove(probe)
+    spm.set_random_generator_seed(opts.seed)
+    usable = (s for s in sentences if len(s.encode("utf-8")) <= opts.max_sentence_length)
+    if opts.input_sentence_size > 0:
+        usable = iter(sample_sentences(usable, opts.input_sentence_size, opts.seed))
+    source = _Guarded(usable)
+    model = _BytesSink()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=source,
+            model_writer=model,
+            vocab_size=opts.vocab_size,
+            model_type=opts.model_type,
+            byte_fallback=opts.byte_fallback,
+            character_coverage=opts.character_coverage,
+            split_digits=opts.split_digits,
+            remove_extra_whitespaces=opts.remove_extra_whitespaces,
+            allow_whitespace_only_pieces=opts.allow_whitespace_only_pieces,
+            add_dummy_prefix=opts.add_dummy_prefix,
+            normalization_rule_name=opts.normalization_rule_name,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=opts.max_sentence_length,
+            num_threads=opts.num_threads,
+            unk_id=SPM_UNK_ID,
+            bos_id=SPM_BOS_ID,
+            eos_id=SPM_EOS_ID,
+            pad_id=SPM_PAD_ID,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        source.reraise()  # a failure of our reader, which sentencepiece wraps in RuntimeError
+        raise TokenizerError(_training_problem(e, output_prefix, source.count)) from e
+    source.reraise()
     atomic_write(output_prefix + ".model", model.data)
     tok = SentencePieceTokenizer(output_prefix + ".model")
     vocab = "".join(
@@ -193,6 +224,87 @@ def train_sentencepiece(sentences: Iterator[str], output_prefix: str, opts: Sent
     )
     atomic_write(output_prefix + ".vocab", vocab.encode("utf-8"))
     return tok
+
+
+def sample_sentences(sentences: Iterable[str], k: int, seed: int) -> list[str]:
+    """A uniform sample of k sentences (all if fewer), the same for the same input and seed.
+
+    Reservoir sampling, Algorithm L (Li 1994): it draws O(k log(n/k)) random numbers instead of
+    one per sentence, which matters when the corpus has many more lines than k.
+    """
+    rng = random.Random(seed)
+    it = iter(sentences)
+    sample = list(itertools.islice(it, k))
+    if len(sample) < k:
+        return sample
+
+    def uniform() -> float:  # in (0, 1): logarithms below need it > 0
+        while (u := rng.random()) == 0.0:
+            pass
+        return u
+
+    w = math.exp(math.log(uniform()) / k)
+    while True:
+        denom = math.log1p(-w) if w < 1.0 else -math.inf
+        skip = math.floor(math.log(uniform()) / denom)
+        nxt = next(itertools.islice(it, skip, None), None)
+        if nxt is None:
+            return sample
+        sample[rng.randrange(k)] = nxt
+        w *= math.exp(math.log(uniform()) / k)
+
+
+class _Guarded:
+    """An iterator for sentencepiece that remembers an exception of the underlying iterator:
+    sentencepiece stops at it (at once) but reports it as an opaque RuntimeError, so `reraise`
+    raises the original afterwards (a BadInputFile stays one, Ctrl-C stays KeyboardInterrupt).
+    Counts the sentences passed."""
+
+    def __init__(self, it: Iterator[str]) -> None:
+        self.it, self.error, self.count = it, None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            item = next(self.it)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
+        self.count += 1
+        return item
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _spm_reason(e: RuntimeError) -> str:
+    """sentencepiece's message without its source location: `INTERNAL: src/x.cc(12) [cond] why`."""
+    text = " ".join(str(e).split())
+    m = re.match(r"^\w+: \S+\(\d+\) \[(.*?)\]\s*(.*)$", text)
+    if m is None:
+        return text
+    return m.group(2) or f"failed check {m.group(1)}"
+
+
+def _training_problem(e: RuntimeError, output_prefix: str, sentences: int) -> str:
+    reason = _spm_reason(e)
+    if sentences == 0:
+        fix = "the inputs have no text: check the paths, --format and --text-field"
+    elif "Vocabulary size too high" in reason:
+        fix = "lower --vocab-size, or train on more text"
+    elif "smaller than required_chars" in reason:
+        fix = "raise --vocab-size, or lower --character-coverage"
+    else:
+        fix = "check the options and the inputs"
+    return (
+        f"sentencepiece could not train {output_prefix}.model on {sentences} sentences "
+        f"({reason}): {fix}"
+    )
 
 
 class _BytesSink:

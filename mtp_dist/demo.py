@@ -1,8 +1,10 @@
 """`python -m mtp_dist.demo`: the whole path on one machine, with nothing to download.
 
-1. a corpus from the running Python's standard-library sources (python -m data_prep stdlib-corpus)
-2. a sentencepiece BPE tokenizer trained on it (python -m data_prep train-tokenizer)
-3. memory-mapped shards (python -m data_prep tokenize, 2 workers)
+1. a corpus from the running Python's standard-library sources (python -m data_prep stdlib-corpus),
+   in 4 files
+2. a sentencepiece BPE tokenizer trained on it (python -m data_prep train-tokenizer), the same
+   model on every run (a seeded sample of lines, 1 training thread)
+3. memory-mapped shards (python -m data_prep tokenize, 2 workers: one shard per corpus file)
 4. pretraining of a small n=4 model on CPU with 2 processes (torchrun -m mtp_dist.train)
 
 Each stage is skipped when its output is complete, so a rerun continues (training resumes from
@@ -39,12 +41,15 @@ def main(argv=None) -> int:
     if not (corpus / ".done").exists():
         _run([py, "-m", "data_prep", "stdlib-corpus", str(corpus), "--max-mb", str(args.corpus_mb)])
         (corpus / ".done").write_text("ok")
+    # The corpus files, not the directory: a directory is read as one Hugging Face dataset,
+    # which would make one shard for one worker.
+    files = str(corpus / "*.jsonl")
     if not (tok / "tokenizer.model").exists():
         tok.mkdir(parents=True, exist_ok=True)
-        _run([py, "-m", "data_prep", "train-tokenizer", str(corpus), "--output",
-              str(tok / "tokenizer"), "--vocab-size", str(args.vocab_size), "--threads", "2",
+        _run([py, "-m", "data_prep", "train-tokenizer", files, "--output",
+              str(tok / "tokenizer"), "--vocab-size", str(args.vocab_size), "--threads", "1",
               "--input-sentence-size", "300000"])  # fmt: skip
-    _run([py, "-m", "data_prep", "tokenize", str(corpus), "--output-dir", str(shards),
+    _run([py, "-m", "data_prep", "tokenize", files, "--output-dir", str(shards),
           "--tokenizer", str(tok / "tokenizer.model"), "--workers", "2"])  # fmt: skip
     overrides = [
         f"data.paths=[{shards}]",

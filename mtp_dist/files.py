@@ -71,13 +71,13 @@ class DirectoryBusy(OSError):
 
 
 class DirectoryLock:
-    """An exclusive, non-blocking lock on a directory (flock on DIR/.lock), held until release()
-    or the process ends: the kernel drops it when the process dies, even by kill -9, so a
-    stale lock never blocks a rerun. The holder's pid and command are written into the file
-    for the message of whoever finds it taken."""
+    """An exclusive, non-blocking lock on a directory (flock on DIR/.lock, or DIR/`name`), held
+    until release() or the process ends: the kernel drops it when the process dies, even by
+    kill -9, so a stale lock never blocks a rerun. The holder's pid and command are written into
+    the file for the message of whoever finds it taken."""
 
-    def __init__(self, directory: str | os.PathLike, what: str):
-        self.path = Path(directory) / ".lock"
+    def __init__(self, directory: str | os.PathLike, what: str, name: str = ".lock"):
+        self.path = Path(directory) / name
         self.what = what
         self._file = None
 

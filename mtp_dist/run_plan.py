@@ -26,9 +26,11 @@ class RunPlan:
     dtype: Literal["bf16", "fp32"]
     """Parameters and activations: train.dtype, with auto = bf16 on GPU, fp32 on CPU."""
     train_samples: int
-    """Samples the training dataset must hold: every step of the run."""
+    """Samples the run draws for training (every step). Real data is built for its own size
+    whatever this is, so its order does not depend on the run's length; synthetic data is built
+    for it. The sampler wraps into further epochs either way."""
     eval_samples: int
-    """Samples the validation dataset must hold: every evaluation of the run."""
+    """Samples the run draws for evaluation (every evaluation); 0: no validation set."""
     tokens_per_step: int
 
     @property

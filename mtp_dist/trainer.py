@@ -102,6 +102,7 @@ class Trainer:
             self.dims.dp_rank,
             self.dims.dp,
             consumed,
+            seed=self.cfg.train.seed,
         )
         while True:
             yield list(itertools.islice(it, self.plan.num_microbatches))

@@ -3,6 +3,7 @@ and rerun gives output byte-identical to an uninterrupted run; SLURM tasks share
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -60,11 +61,26 @@ def _kill_when(proc: subprocess.Popen, out: Path, ready, timeout: float = 120) -
         if ready(names):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            _wait_for_workers_to_end(out)
             return
         if proc.poll() is not None:
             pytest.fail(f"run finished before the kill point: {proc.stderr.read().decode()}")
         time.sleep(0.002)
     pytest.fail("kill point never reached")
+
+
+def _wait_for_workers_to_end(out: Path, timeout: float = 30) -> None:
+    """Workers hold the run's lock until they are gone, a moment after their parent."""
+    deadline = time.time() + timeout
+    with open(out / ".tokenize-task-0-of-1.lock", "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.time() > deadline:
+                    pytest.fail("the killed run's workers still hold its lock")
+                time.sleep(0.01)
 
 
 @pytest.mark.slow

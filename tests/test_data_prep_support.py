@@ -69,10 +69,26 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def dir_bytes(path: str) -> dict[str, bytes]:
-    """Every file of a directory (recursively) with its bytes, for byte-identity checks."""
+    """Every file of a directory (recursively) with its bytes, for byte-identity checks; lock
+    files are not output (they name the process that held them)."""
     out = {}
     for root, _, files in os.walk(path):
         for f in files:
+            if f.endswith(".lock"):
+                continue
             full = os.path.join(root, f)
             out[os.path.relpath(full, path)] = Path(full).read_bytes()
     return out
+
+
+def leftovers(root) -> list[str]:
+    """Temp and partial files anywhere under root."""
+    found = []
+    for dirpath, _, files in os.walk(root):
+        found += [os.path.join(dirpath, f) for f in files if ".tmp." in f or ".partial" in f]
+    return found
+
+
+def tokenize_args(inputs, out, tokenizer="byte", *extra):
+    return ["tokenize", *map(str, inputs), "--output-dir", str(out), "--tokenizer", tokenizer,
+            "--no-progress", *extra]  # fmt: skip

@@ -108,9 +108,9 @@ def test_tokenizer_mismatch_is_refused(shards):
 
 def test_incomplete_directory_is_refused(shards, tmp_path):
     write_jsonl(tmp_path / "x.jsonl", stdlib_docs(3))
-    tokenize(
-        [tmp_path / "x.jsonl", tmp_path / "missing.jsonl"], tmp_path / "out", skip_bad_files=True
-    )
+    write_jsonl(tmp_path / "y.jsonl", stdlib_docs(3))
+    # Task 0 of 2: the other task's shard is still missing.
+    tokenize([tmp_path / "*.jsonl"], tmp_path / "out", task_index=0, num_tasks=2)
     with pytest.raises(ValueError, match="incomplete"):
         build_datasets(
             [str(tmp_path / "out")],

@@ -28,6 +28,8 @@ def test_demo_runs_and_every_head_learns(tmp_path):
     env.update(PYTHONWARNINGS="ignore", WANDB_SILENT="true")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = json.loads((work / "shards" / "manifest.json").read_text())
+    assert shards["totals"]["shards"] == 4, "2 workers tokenize the 4 corpus files"
     run = work / "run"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0]["head_losses"], records[-1]["head_losses"]
