@@ -73,12 +73,16 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     is rank 0 of 1."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
+        world_size = int(env["WORLD_SIZE"])
+        # One process without a given port needs no well-known one: concurrent runs must not
+        # collide on 29500.
+        default_port = "29500" if world_size > 1 else str(free_port())
         return LaunchEnv(
             rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
+            world_size=world_size,
             local_rank=int(env.get("LOCAL_RANK", 0)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=env.get("MASTER_PORT", "29500"),
+            master_port=env.get("MASTER_PORT") or default_port,
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = int(env.get("SLURM_JOB_ID", "0"))

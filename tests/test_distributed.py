@@ -39,3 +39,12 @@ def test_lone_process_gets_a_free_port():
     e = read_launch_env({})
     assert (e.rank, e.world_size) == (0, 1)
     assert int(e.master_port) > 0
+
+
+def test_one_process_with_rank_env_but_no_port_gets_a_free_one():
+    """RANK=0 WORLD_SIZE=1 (e.g. left by a launcher) and no MASTER_PORT: two such runs at once
+    must not both take 29500."""
+    a = read_launch_env({"RANK": "0", "WORLD_SIZE": "1"})
+    assert a.world_size == 1 and a.master_port != "29500"
+    many = read_launch_env({"RANK": "1", "WORLD_SIZE": "2"})
+    assert many.master_port == "29500"  # ranks of one job must agree: the launcher's default
