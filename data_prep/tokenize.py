@@ -11,7 +11,6 @@ removes their partial files and merges the manifest of what finished; a rerun go
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import os
 import re
@@ -26,7 +25,7 @@ from data_prep.tokenizers import Tokenizer, load_tokenizer
 from data_prep.workers import run_in_workers
 from mtp_dist.compat.megatron_data import batched_builder_class
 from mtp_dist.errors import UserError
-from mtp_dist.files import DirectoryLock
+from mtp_dist.files import DirectoryLock, is_locked
 
 
 class TokenizeError(UserError, ValueError):
@@ -150,7 +149,7 @@ def task_lock(out_dir: str, index: int, count: int):
         pattern = os.path.join(glob.escape(out_dir), _TASK_LOCK.format(index="*", count="*"))
         for path in glob.glob(pattern):
             m = re.search(r"-task-(\d+)-of-(\d+)\.lock$", path)
-            if m is None or int(m.group(2)) == count or not _held(path):
+            if m is None or int(m.group(2)) == count or not is_locked(path):
                 continue
             raise TokenizeError(
                 f"{out_dir} is being written by task {m.group(1)} of a run with --num-tasks "
@@ -162,17 +161,6 @@ def task_lock(out_dir: str, index: int, count: int):
         yield
     finally:
         lock.release()
-
-
-def _held(path: str) -> bool:
-    """Whether another process holds the flock on `path` (taking it for a moment if free)."""
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
 
 
 def _already_done(job: ShardJob, tokenizer: Tokenizer) -> bool:

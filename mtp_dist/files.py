@@ -114,3 +114,19 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """Whether another process holds the flock on the file `path` (a missing file is not
+    locked; a free lock is taken for a moment and let go)."""
+    import fcntl
+
+    if not os.path.exists(path):
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False

@@ -4,7 +4,6 @@ one output directory takes one run per task at a time."""
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import json
 import os
@@ -28,6 +27,7 @@ from test_data_prep_support import (
 from data_prep.cli import main
 from data_prep.manifest import is_complete, load_manifest, read_sidecar
 from data_prep.stdlib_corpus import write_stdlib_corpus
+from mtp_dist.files import is_locked
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -109,18 +109,6 @@ def _start(corpus: Path, out: Path, tokenizer: str, *extra: str) -> subprocess.P
     )
 
 
-def _held(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
-
-
 def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not ready():
@@ -174,9 +162,9 @@ def _stopped_while_working(corpus: Path, out: Path, *extra: str) -> subprocess.P
     task_lock = out / ".tokenize-task-{}-of-{}.lock".format(*extra[1::2])
     for _ in range(20):
         proc = _start(corpus, out, "byte", *extra)
-        _wait_for(proc, lambda: _held(task_lock), "it took its lock")
+        _wait_for(proc, lambda: is_locked(task_lock), "it took its lock")
         os.killpg(proc.pid, signal.SIGSTOP)
-        if _held(task_lock) and not _held(out / ".manifest.lock"):
+        if is_locked(task_lock) and not is_locked(out / ".manifest.lock"):
             return proc
         os.killpg(proc.pid, signal.SIGCONT)
         proc.communicate(timeout=120)
