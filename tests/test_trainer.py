@@ -282,13 +282,15 @@ def test_train_help():
     assert proc.returncode == 0 and "--config" in proc.stdout
 
 
-def export_step8(run: Path, out: Path) -> dict:
-    """`python -m mtp_dist.export` of the run's last checkpoint, loaded back."""
+def export_step8(run: Path, out: Path, given_as_run_dir: bool = False) -> dict:
+    """`python -m mtp_dist.export` of the run's last checkpoint (step 8), loaded back; the
+    checkpoint given as its step directory, or as the run directory (its `latest`)."""
     import torch
 
+    source = run if given_as_run_dir else run / "checkpoints" / "step_00000008"
     proc = subprocess.run(
-        [sys.executable, "-m", "mtp_dist.export", str(run / "checkpoints" / "step_00000008"),
-         str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "mtp_dist.export", str(source), str(out)],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     return torch.load(out, weights_only=False)
@@ -298,8 +300,8 @@ def test_consolidated_export_is_layout_independent(reference, tp2pp2, tmp_path):
     import torch
 
     a = export_step8(reference, tmp_path / "ref.pt")
-    b = export_step8(tp2pp2, tmp_path / "tp2pp2.pt")
-    assert a["format"] == "mtp-dist-consolidated-v1" and a["step"] == 8
+    b = export_step8(tp2pp2, tmp_path / "tp2pp2.pt", given_as_run_dir=True)
+    assert a["format"] == "mtp-dist-consolidated-v1" and a["step"] == b["step"] == 8
     assert set(a["state"]) == set(b["state"])
     assert a["state"]["trunk.layers.1.mlp.linear_fc1.weight"].shape == (2 * 192, 64)
     for k in a["state"]:
