@@ -256,9 +256,9 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     from data_prep.tokenize import TokenizeConfig, format_summary, run_tokenize, slurm_task
 
     if a.task_index is None or a.num_tasks is None:
-        env_index, env_count = slurm_task()
+        env_index, env_count = slurm_task(num_tasks=a.num_tasks)
         a.task_index = env_index if a.task_index is None else a.task_index
-        a.num_tasks = env_count if a.num_tasks is None else a.num_tasks
+        a.num_tasks = env_count
     cfg = TokenizeConfig(
         inputs=a.inputs,
         out_dir=a.output_dir,

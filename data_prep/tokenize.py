@@ -49,8 +49,10 @@ class TokenizeConfig:
     progress: bool = True
 
 
-def slurm_task(environ=os.environ) -> tuple[int, int]:
-    """(task index, number of tasks) from $SLURM_ARRAY_TASK_ID/COUNT, else (0, 1)."""
+def slurm_task(environ=os.environ, num_tasks: int | None = None) -> tuple[int, int]:
+    """(task index, number of tasks) from $SLURM_ARRAY_TASK_ID/COUNT, else (0, 1). With
+    `num_tasks` given (--num-tasks), only the index comes from the environment: a rerun of some
+    tasks (`sbatch --array=3 ... --num-tasks 8`) keeps the original array's split."""
     values = []
     for var, fallback in (("SLURM_ARRAY_TASK_ID", 0), ("SLURM_ARRAY_TASK_COUNT", 1)):
         raw = environ.get(var, "")
@@ -60,12 +62,13 @@ def slurm_task(environ=os.environ) -> tuple[int, int]:
             raise TokenizeError(
                 f"${var}={raw!r} is not an integer: unset it, or pass --task-index and --num-tasks"
             ) from None
-    index, count = values
+    index, count = values[0], num_tasks or values[1]
     if count < 1 or not 0 <= index < count:
         raise TokenizeError(
-            f"$SLURM_ARRAY_TASK_ID={index} is not in [0, $SLURM_ARRAY_TASK_COUNT={count}): "
-            f"submit the array as --array=0-{max(count - 1, 0)}, or pass --task-index and "
-            "--num-tasks"
+            f"task {index} is not in [0, {count}) ($SLURM_ARRAY_TASK_ID={index}, "
+            f"{'--num-tasks' if num_tasks else '$SLURM_ARRAY_TASK_COUNT'}={count}): submit the "
+            f"array as --array=0-{max(count - 1, 0)}, or pass --task-index and --num-tasks "
+            "(--num-tasks alone for a rerun of some tasks of a larger array)"
         )
     return index, count
 

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Launch mtp_dist.train with torchrun on this node (or, with NNODES>1, one node of many).
+# Launch mtp_dist.train with torchrun on this node, or on each node of several (no SLURM needed).
 # Usage: launch/torchrun.sh CONFIG [dotted.key=value ...]
+# Several nodes: run it on every node with the same NNODES, MASTER_ADDR (the first node's
+# address or name) and MASTER_PORT, and NODE_RANK=0..NNODES-1. The nodes meet at a c10d
+# rendezvous hosted by torchrun on MASTER_ADDR; RDZV_ID names the run (default: the port), so a
+# stale agent from another run cannot join. On many-NIC machines set GLOO_SOCKET_IFNAME /
+# NCCL_SOCKET_IFNAME to the network the nodes share.
 # The checks that need no process group run once first, so a mistake is one `error:` line.
 set -euo pipefail
 fail() { echo "error: $*" >&2; exit 2; }
@@ -18,6 +23,11 @@ done
 
 CONFIG=$1; shift
 python -m mtp_dist.train --check --world-size $((NPROC_PER_NODE * NNODES)) --config "$CONFIG" "$@" >/dev/null
+if [ "$NNODES" -gt 1 ]; then
+    rendezvous=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
+                --rdzv-id="${RDZV_ID:-mtp-$MASTER_PORT}" --node-rank="$NODE_RANK")
+else
+    rendezvous=(--master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
+fi
 exec python -m torch.distributed.run --nproc-per-node="$NPROC_PER_NODE" --nnodes="$NNODES" \
-    --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-    -m mtp_dist.train --config "$CONFIG" "$@"
+    "${rendezvous[@]}" -m mtp_dist.train --config "$CONFIG" "$@"

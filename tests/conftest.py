@@ -48,3 +48,25 @@ def no_process_left_behind():
         except psutil.Error:
             pass
     assert not names, "processes outlived the tests: " + "; ".join(names)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real two-node SLURM cluster (tests/slurm_cluster.py), one for the whole session. Where
+    it cannot start (not root, no apt) the tests that need it skip, except in CI (CI=true),
+    where that is a failure."""
+    from tests.slurm_cluster import SlurmCluster, Unavailable
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Unavailable as e:
+        cluster.stop()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the SLURM test cluster must run in CI but cannot: {e}")
+        pytest.skip(f"no SLURM test cluster on this machine: {e}")
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()

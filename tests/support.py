@@ -3,6 +3,7 @@ workers (CPU, gloo)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,13 @@ def kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=30)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl; the last record of a step wins (a resumed run
+    repeats the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out

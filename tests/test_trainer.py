@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mtp_dist.distributed import free_port
-from tests.support import ROOT, kill_tree
+from tests.support import ROOT, kill_tree, losses
 
 pytestmark = pytest.mark.slow  # torchrun / subprocess trainings
 
@@ -57,15 +57,6 @@ def train(
     )  # fmt: skip
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; the last record of a step wins (a resumed run repeats steps)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
