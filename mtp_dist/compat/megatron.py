@@ -8,11 +8,18 @@
 - The scheduler's load_state_dict steps forward by the saved count from its current count
   instead of setting it.
 - One expected warning of the memory-efficient fully-reshardable checkpoint format.
+- A checkpoint save reports its writers' results through a multiprocessing Manager: a server
+  process spawned at the first save, with default signal handling. SLURM signals every process
+  of a job step, so the preemption signal (USR1) or scancel's TERM kills that server, and the
+  very save the signal asks for fails (BrokenPipeError). Our saves are synchronous: the results
+  are put and read in the saving process itself, so a plain in-process queue serves, with no
+  server to kill.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 
 import torch
 
@@ -34,6 +41,10 @@ UPSTREAM = [
         "self.step(increment=num_steps)",
     ),
     Upstream("megatron.core.dist_checkpointing.validation", "common state dict differs"),
+    Upstream(
+        "megatron.core.dist_checkpointing.strategies.filesystem_async:_get_write_results_queue",
+        "_results_queue = ctx.Manager().Queue()",
+    ),
 ]
 
 _APPLIED = False
@@ -52,6 +63,10 @@ def apply() -> None:
         "_set_main_param_and_optimizer_states",
         _keep_torch_adam_step(Opt._set_main_param_and_optimizer_states),
     )
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # Synchronous saves only (mtp_dist never passes async_sharded_save): see the docstring.
+    filesystem_async._results_queue = queue.Queue()
     logging.getLogger("megatron.core.dist_checkpointing.validation").addFilter(
         _ExpectedCommonStateDiff()
     )
