@@ -163,10 +163,11 @@ class SlurmCluster:
         _run("scancel", f"--signal={sig}", "--batch", str(job_id), env=self.env)
 
     def release(self, job_id: int) -> None:
-        """Start a requeued job now (SLURM holds one for about 2 minutes)."""
+        """Start a requeued job in 2 s (SLURM holds one for about 2 minutes). Not at once: a
+        start in the second of the requeue is refused ("Job credential revoked")."""
         deadline = time.monotonic() + 30
         while True:  # the requeue must have reached PENDING before its start can be moved
-            if _run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False,
+            if _run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False,
                     env=self.env).returncode == 0:  # fmt: skip
                 return
             if time.monotonic() > deadline:

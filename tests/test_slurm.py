@@ -359,8 +359,8 @@ def test_torchrun_across_two_nodes(slurm, single, tmp_path):
         env = job_env(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="node1", NPROC_PER_NODE="2",
                       MASTER_PORT="29411")  # fmt: skip
         log = open(tmp_path / f"{node}.log", "wb")  # noqa: SIM115 (closed below)
-        procs.append((slurm.node_popen(node, f"cd {ROOT} && exec launch/torchrun.sh "
-                      f"configs/tiny.yaml {overrides}", env=env, stdout=log, stderr=log), log))  # fmt: skip
+        cmd = f"cd {ROOT} && exec launch/torchrun.sh configs/tiny.yaml {overrides}"
+        procs.append((slurm.node_popen(node, cmd, env=env, stdout=log, stderr=log), log))
     try:
         for p, _ in procs:
             p.wait(timeout=300)
