@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole path on a cluster, as three chained jobs (each starts only if the one before it
-# succeeded: --dependency=afterok):
+# succeeded: --dependency=afterok; if one fails, the jobs after it are cancelled, not left
+# pending forever: --kill-on-invalid-dep=yes):
 #   1. train the tokenizer on the corpus           (slurm/tokenizer.sbatch)
 #   2. tokenize the corpus, one array task per share (slurm/data_prep.sbatch)
 #   3. pretrain                                     (slurm/train.sbatch)
@@ -31,10 +32,10 @@ read -r -a train_extra <<<"${TRAIN_SBATCH_ARGS:-}"
 tok=$(sbatch --parsable "${common[@]}" "$HERE/tokenizer.sbatch" "$CORPUS" \
       --output "$OUT/tokenizer" --vocab-size "$VOCAB_SIZE")
 tok=${tok%%;*}
-shards=$(sbatch --parsable "${common[@]}" --dependency=afterok:"$tok" --array=0-$((TASKS - 1)) \
+shards=$(sbatch --parsable "${common[@]}" --kill-on-invalid-dep=yes --dependency=afterok:"$tok" --array=0-$((TASKS - 1)) \
          "$HERE/data_prep.sbatch" "$CORPUS" --output-dir "$OUT/shards" --tokenizer "$OUT/tokenizer.model")
 shards=${shards%%;*}
-train=$(sbatch --parsable "${common[@]}" "${train_extra[@]}" --dependency=afterok:"$shards" \
+train=$(sbatch --parsable "${common[@]}" "${train_extra[@]}" --kill-on-invalid-dep=yes --dependency=afterok:"$shards" \
         --nodes="$NODES" "$HERE/train.sbatch" "$CONFIG" "data.paths=[$OUT/shards]" \
         "data.tokenizer=$OUT/tokenizer.model" "model.vocab_size=$VOCAB_SIZE" "run.dir=$OUT/run" "$@")
 train=${train%%;*}

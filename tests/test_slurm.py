@@ -330,7 +330,8 @@ def test_pipeline_chains_three_jobs_to_a_trained_run(slurm, tmp_path):
     )  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run(
-        ["slurm/pipeline.sh", str(corpus / "*.jsonl"), str(out), "configs/tiny.yaml",
+        [str(ROOT / "slurm/pipeline.sh"), str(corpus / "*.jsonl"), str(out),
+         str(ROOT / "configs/tiny.yaml"),
          "data.synthetic=false", "train.steps=4", "logging.wandb=false", "checkpoint.interval=2"],
         cwd=tmp_path, env={**slurm.env, **job_env(TASKS="2", VOCAB_SIZE="512")},
         capture_output=True, text=True, timeout=60,
