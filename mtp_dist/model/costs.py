@@ -96,3 +96,12 @@ def parameter_breakdown(m: ModelConfig) -> dict[str, int]:
         "trunk": trunk,
         "heads": heads,
     }
+
+
+def largest_module_parameters(m: ModelConfig, tensor: int = 1) -> int:
+    """The most parameters any one module holds directly on a tensor-parallel rank (what ZeRO-3
+    gathers at once): the embedding or unembedding, or a layer's qkv, proj, fc1 or fc2."""
+    h, f, hn = m.hidden_size, m.ffn_size, m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    linears = ((m.num_attention_heads + 2 * groups) * hn * h, h * h, 2 * f * h, f * h)
+    return max(embedding_parameters(m, tensor), *(w // tensor for w in linears))

@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("config", help="a YAML config, e.g. configs/paper/13b-n4.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. engine=deepspeed")
     p.add_argument("--gpus", type=int, help="GPUs to plan for (default: --world, else 8)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays in a node")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=8, help="tensor parallelism stays in a node"
+    )
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--gpu-tflops", type=float, default=989.0, help="dense bf16 peak per GPU")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the matmuls (0.4)")

@@ -188,7 +188,9 @@ def dry_run(cfg: Config, run: RunPlan) -> dict:
     total = check_tiling(chunks)
     expected = parameter_breakdown(m)["total"]
     if total != expected:
-        raise DryRunError(f"the sharded state dicts hold {total:,} parameters; planned {expected:,}")
+        raise DryRunError(
+            f"the sharded state dicts hold {total:,} parameters; planned {expected:,}"
+        )
     for prefix in LAST_STAGE_PREFIXES:
         if not any(k.startswith(prefix) for k in chunks) and (
             prefix == "heads." or not m.tie_embeddings

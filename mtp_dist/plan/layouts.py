@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtp_dist.config import Config, ConfigError, from_dict
-from mtp_dist.model.costs import StageCost, embedding_parameters, even_split, stage_costs
-from mtp_dist.model.spec import layer_flops_per_token, layer_parameters
+from mtp_dist.model.costs import StageCost, even_split, largest_module_parameters, stage_costs
+from mtp_dist.model.spec import layer_flops_per_token
 from mtp_dist.plan.memory import GiB, StageMemory, stage_memory
 from mtp_dist.run_plan import RunPlan, resolve
 
@@ -84,7 +84,7 @@ def plan(cfg: Config, run: RunPlan, hw: Hardware) -> LayoutPlan:
     m = cfg.model
     bf16 = run.dtype == "bf16"
     stages = stage_costs(m, run.tp, even_split(m, run.pp))
-    largest = max(layer_parameters(m, run.tp), embedding_parameters(m, run.tp))
+    largest = largest_module_parameters(m, run.tp)
     memory = [
         stage_memory(
             m,
@@ -107,10 +107,9 @@ def plan(cfg: Config, run: RunPlan, hw: Hardware) -> LayoutPlan:
     ]
     tokens_per_microbatch = run.micro_batch_size * m.seq_length
     rate = run.tp * hw.tflops * 1e12 * hw.mfu
+    recompute = layer_flops_per_token(m) / 3 if cfg.train.recompute else 0.0
     slot = max(
-        (s.flops_per_token + (s.trunk_layers * layer_flops_per_token(m) / 3 if cfg.train.recompute else 0))
-        * tokens_per_microbatch
-        / rate
+        (s.flops_per_token + s.trunk_layers * recompute) * tokens_per_microbatch / rate
         for s in stages
     )
     slots = run.num_microbatches + run.pp - 1
@@ -143,14 +142,16 @@ def memory_refusal(p: LayoutPlan, hw: Hardware) -> str:
 
 def candidates(cfg: Config, hw: Hardware) -> tuple[list[LayoutPlan], list[tuple[str, str]]]:
     """Every layout of hw.gpus GPUs (TP within a node): the feasible ones ranked by step time
-    (then memory), and the refused ones with the reason."""
+    (then model parallelism, then memory), and the refused ones with the reason."""
     feasible, refused = [], []
     tps = [t for t in (1, 2, 4, 8, 16) if t <= hw.gpus_per_node and hw.gpus % t == 0]
     for tp in tps:
         for pp in (p for p in range(1, hw.gpus // tp + 1) if hw.gpus % (tp * p) == 0):
             for mb in MICRO_BATCHES:
                 for recompute in (False, True):
-                    name = f"TP{tp} x PP{pp}, micro batch {mb}" + (", recompute" if recompute else "")
+                    name = f"TP{tp} x PP{pp}, micro batch {mb}" + (
+                        ", recompute" if recompute else ""
+                    )
                     try:
                         layout_cfg = with_layout(cfg, tp, pp, mb, recompute)
                         run = check(layout_cfg, hw.gpus)
@@ -162,5 +163,7 @@ def candidates(cfg: Config, hw: Hardware) -> tuple[list[LayoutPlan], list[tuple[
                         feasible.append(p)
                     else:
                         refused.append((name, memory_refusal(p, hw)))
-    feasible.sort(key=lambda p: (p.step_seconds, p.peak_bytes))
+    # Equal estimates go to the least model parallelism: its communication, which the estimate
+    # leaves out, only grows with it.
+    feasible.sort(key=lambda p: (round(p.step_seconds, 6), p.run.tp * p.run.pp, p.peak_bytes))
     return feasible, refused

@@ -47,7 +47,7 @@ def model_states(
     deepspeed: ZeRO's accounting as in DeepSpeed's estimate_zero2/3_model_states_mem_needs
     (16-bit weights and gradients, fp32 gradient partition, fp32 master weights and Adam
     moments), where ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also
-    the weights (plus the largest layer's gathered weights and gradients).
+    the weights (plus the largest module's gathered weights and gradients).
     """
     p, n = params, dp
     w = 2 if bf16 else 4
@@ -69,12 +69,12 @@ def model_states(
     weights = Term("weights", w * p, f"{w} P")
     if zero_stage == 3:
         weights = Term(
-            "weights", w * p / n + w * largest_layer, f"{w} P / N + {w} x largest layer (gathered)"
+            "weights", w * p / n + w * largest_layer, f"{w} P / N + {w} x largest module (gathered)"
         )
         grads = Term(
             "gradients",
             (w + 4) * p / n + w * largest_layer,
-            f"({w} + 4) P / N + {w} x largest layer",
+            f"({w} + 4) P / N + {w} x largest module",
         )
     optimizer = Term("optimizer", 12 * p / n, "12 P / N (fp32 master 4 + Adam moments 8)")
     return [weights, grads, optimizer]

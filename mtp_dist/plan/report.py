@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtp_dist.config import Config
-from mtp_dist.model.costs import parameter_breakdown
+from mtp_dist.model.costs import largest_module_parameters, parameter_breakdown
 from mtp_dist.model.model import flops_per_token
 from mtp_dist.plan import layouts
 from mtp_dist.plan.memory import GiB, logits_bytes, model_states
@@ -66,11 +66,15 @@ def build(cfg: Config, hw: layouts.Hardware) -> dict:
         for s in own.stages
     ]
     peak = own.stages[own.peak_stage]
-    largest = own.memory[own.peak_stage]
     states = {}
     for name, engine, stage in ENGINE_STATES:
         terms = model_states(
-            peak.params_per_rank, run.dp, engine, stage, run.dtype == "bf16", _largest(cfg, run)
+            peak.params_per_rank,
+            run.dp,
+            engine,
+            stage,
+            run.dtype == "bf16",
+            largest_module_parameters(m, run.tp),
         )
         states[name] = {t.name: {"gib": _gib(t.bytes), "formula": t.formula} for t in terms}
     bf16 = run.dtype == "bf16"
@@ -83,14 +87,16 @@ def build(cfg: Config, hw: layouts.Hardware) -> dict:
             "gpu_tflops": hw.tflops,
             "mfu": hw.mfu,
         },
-        "engine": cfg.engine if cfg.engine == "megatron" else f"deepspeed ZeRO-{cfg.deepspeed.zero_stage}",
+        "engine": cfg.engine
+        if cfg.engine == "megatron"
+        else f"deepspeed ZeRO-{cfg.deepspeed.zero_stage}",
         "dtype": run.dtype,
         "params": params,
         "flops_per_token": flops_per_token(m),
         "tokens_per_step": run.tokens_per_step,
         "token_budget": cfg.train.steps * run.tokens_per_step,
         "layout": layout_json(own) | {"fits": layouts.fits(own, hw)},
-        "model_states_peak_stage": {"stage": largest.stage, "per_engine": states},
+        "model_states_peak_stage": {"stage": peak.index, "per_engine": states},
         "logits_gib": {
             "sequential_one_head": _gib(logits_bytes(m, run.tp, run.micro_batch_size, bf16, 1)),
             "joint_all_heads": _gib(
@@ -100,13 +106,6 @@ def build(cfg: Config, hw: layouts.Hardware) -> dict:
         "layouts": [layout_json(p) for p in feasible],
         "refused": [{"layout": name, "reason": why} for name, why in refused],
     }
-
-
-def _largest(cfg: Config, run) -> int:
-    from mtp_dist.model.costs import embedding_parameters
-    from mtp_dist.model.spec import layer_parameters
-
-    return max(layer_parameters(cfg.model, run.tp), embedding_parameters(cfg.model, run.tp))
 
 
 def text(r: dict, top: int) -> str:
@@ -141,8 +140,10 @@ def text(r: dict, top: int) -> str:
         for t in m["terms"]:
             lines.append(f"    {t['name']:<17} {t['gib']:9.2f} GiB   {t['formula']}")
     fit = "fits" if lay["fits"] else "does NOT fit"
-    lines.append(f"  peak {lay['peak_gib']:.2f} GiB on stage {lay['peak_stage']}: {fit} "
-                 f"{r['hardware']['gpu_memory_gib']:g} GiB")
+    lines.append(
+        f"  peak {lay['peak_gib']:.2f} GiB on stage {lay['peak_stage']}: {fit} "
+        f"{r['hardware']['gpu_memory_gib']:g} GiB"
+    )
     lines.append(f"  model states on stage {r['model_states_peak_stage']['stage']} by engine:")
     for name, terms in r["model_states_peak_stage"]["per_engine"].items():
         parts = ", ".join(f"{k} {v['gib']:.2f}" for k, v in terms.items())
@@ -193,5 +194,3 @@ def dry_run_text(layout: layouts.LayoutPlan, result: dict) -> str:
             f"elements per rank on the largest stage ({z['padding_max']:,} padding)"
         )
     return "\n".join(lines)
-
-
