@@ -49,6 +49,7 @@ def test_the_paper_configs_are_all_there_and_parameter_matched():
     )
 
 
+@pytest.mark.slow  # one process, about 20 s
 def test_parameters_are_exact_at_every_layout_of_every_paper_config():
     """Each paper config parses, validates and builds on the meta device at every layout of
     the worker's list it accepts (at least two each), stage by stage on a fake process group;
@@ -183,20 +184,29 @@ def test_plan_text_names_each_terms_formula(capsys):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("world", "overrides", "message"),
     [
-        (["parallel.pipeline=2"], "model.num_layers=39 is not divisible by parallel.pipeline=2"),
-        (["parallel.tensor=16"], "must divide the attention heads / query groups (40)"),
-        (["parallel.tensor=8", "model.vocab_multiple=100"], "padded vocabulary 32000 is not"),
-        (["parallel.tensor=1", "parallel.pipeline=1"], "exceeds the GPU's 80 GiB"),
         (
+            64,
+            ["parallel.pipeline=2"],
+            "model.num_layers=39 is not divisible by parallel.pipeline=2",
+        ),
+        (64, ["parallel.tensor=16"], "must divide the attention heads / query groups (40)"),
+        (
+            64,
+            ["parallel.tensor=8", "model.vocab_size=32001", "model.vocab_multiple=100"],
+            "the padded vocabulary 32100 is not divisible by parallel.tensor=8",
+        ),
+        (64, ["parallel.tensor=1", "parallel.pipeline=1"], "exceeds the GPU's 80 GiB"),
+        (
+            48,
             ["parallel.pipeline=3", "engine=deepspeed", "deepspeed.zero_stage=3"],
             "DeepSpeed supports pipelines with ZeRO-1 only",
         ),
     ],
 )
-def test_an_impossible_layout_is_refused_with_the_reason(capsys, overrides, message):
-    argv = ["configs/paper/13b-n1.yaml", "--dry-run", "--world", "48", *overrides]
+def test_an_impossible_layout_is_refused_with_the_reason(capsys, world, overrides, message):
+    argv = ["configs/paper/13b-n1.yaml", "--dry-run", "--world", str(world), *overrides]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -224,6 +234,7 @@ def test_dry_run_13b_tp8_pp4_on_64_ranks():
     assert {p["rank"] for p in r["positions"] if p["pp_rank"] == 3} == set(range(48, 56))
 
 
+@pytest.mark.slow  # two dry runs in their own processes, about 15 s
 def test_dry_run_7b_tp4_pp2_on_16_ranks_and_zero3_partitions():
     r = _dry_run("configs/paper/7b-n4.yaml", "--world", "16", "parallel.tensor=4",
                  "parallel.pipeline=2")  # fmt: skip
