@@ -160,13 +160,21 @@ def stage_memory(
             f"{B} a s^2 b/t (megatron-core's reused buffer for the scores matmul)",
         )
     )
+    n = m.n_future_tokens
+    head = layer + (8 + B) * sbh  # a head's layer and the shared final norm
+    sequential_last = last and m.head_backward == "sequential"
+    head_transient = head + logits_bytes(m, tensor, micro_batch, bf16, 1)
     if recompute:
+        # The recomputed layer lives in the backward pass; sequential heads free their own
+        # transient in the forward pass, so only what exceeds it adds to the peak.
+        again = max(0.0, layer - head_transient) if sequential_last else layer
         terms.append(
             Term(
                 "activations",
-                in_flight * trunk_layers * B * sbh + layer,
+                in_flight * trunk_layers * B * sbh + again,
                 f"{in_flight} microbatches x {trunk_layers} layers x {B} sbh (each layer's "
-                "input) + one layer recomputed",
+                "input) + one layer recomputed"
+                + (" (within the heads' transient)" if sequential_last else ""),
             )
         )
     else:
@@ -179,9 +187,7 @@ def stage_memory(
             )
         )
     if last:
-        n = m.n_future_tokens
-        head = layer + (8 + B) * sbh  # its layer and the shared final norm
-        if m.head_backward == "sequential":
+        if sequential_last:
             terms.append(
                 Term(
                     "heads",
