@@ -246,7 +246,8 @@ def test_dry_run_7b_tp4_pp2_on_16_ranks_and_zero3_partitions():
     (numel,), (padding,) = z["zero3"]["partition_numel_per_stage"], z["zero3"]["padding_per_stage"]
     assert z["zero3"]["dp"] == 4
     assert numel * 4 - padding == per_rank.params_per_rank
-    assert 0 <= padding < 4 * sum(1 for _ in build_model(m, device="meta").parameters())
+    tensors = 9 * (m.num_layers + m.n_future_tokens) + 3  # each pads by less than dp
+    assert 0 <= padding < 4 * tensors
 
 
 def test_help():
