@@ -9,7 +9,7 @@ Layers, bottom to top (README, Layout):
   step        schedule, data, checkpointing, metrics
   engines     engines              megatron-core and DeepSpeed behind one table
   trainer     trainer, preflight (the checks before any process group)
-  commands    train, export, report, demo
+  commands    train, export, report, demo, plan
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ LAYERS = [
     ("mtp_dist.schedule", "mtp_dist.data", "mtp_dist.checkpointing", "mtp_dist.metrics"),
     ("mtp_dist.engines",),
     ("mtp_dist.trainer", "mtp_dist.preflight"),
-    ("mtp_dist.train", "mtp_dist.export", "mtp_dist.report", "mtp_dist.demo"),
+    ("mtp_dist.train", "mtp_dist.export", "mtp_dist.report", "mtp_dist.demo", "mtp_dist.plan"),
 ]
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mtp_dist.config import ModelConfig
 from mtp_dist.distributed import collective_device
-from mtp_dist.model.spec import LAYER_KEYS, layer_flops_per_token
+from mtp_dist.model.spec import LAYER_KEYS, layer_flops_per_token, layer_parameters
 
 
 class HeadOutput(NamedTuple):
@@ -134,7 +134,7 @@ class MTPHeads(MegatronModule):
 
     The class states the facts that the rest of the model derives from the head type (the
     model's depth, its FLOPs, checkpoint compatibility), so that another head type is one
-    class: `num_layers`, `flops_per_token` and `CONFIG_KEYS`.
+    class: `num_layers`, `flops_per_token`, `num_parameters` and `CONFIG_KEYS`.
     """
 
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("n_future_tokens", *LAYER_KEYS)
@@ -152,6 +152,12 @@ class MTPHeads(MegatronModule):
         shared unembedding once per head (each head's logits feed its own cross-entropy)."""
         unembed = 2 * m.hidden_size * m.padded_vocab_size
         return cls.num_layers(m) * layer_flops_per_token(m) + 3.0 * unembed * m.n_future_tokens
+
+    @classmethod
+    def num_parameters(cls, m: ModelConfig, tensor: int = 1) -> int:
+        """Parameters on one tensor-parallel rank: the head layers and the shared final norm
+        (the unembedding belongs to the model: it may be tied to the embedding)."""
+        return cls.num_layers(m) * layer_parameters(m, tensor) + m.hidden_size
 
     def __init__(
         self,

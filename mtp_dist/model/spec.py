@@ -88,6 +88,16 @@ def attention_score_flops_per_token(m: ModelConfig) -> float:
     return 3.0 * 2 * 2 * m.seq_length * m.hidden_size
 
 
+def layer_parameters(m: ModelConfig, tensor: int = 1) -> int:
+    """Parameters of one layer on one tensor-parallel rank: the column-parallel qkv and fc1 and
+    the row-parallel proj and fc2 split over `tensor`; the two RMSNorms replicated."""
+    h, f, hn = m.hidden_size, m.ffn_size, m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    qkv = (m.num_attention_heads + 2 * groups) * hn * h
+    proj = m.num_attention_heads * hn * h
+    return (qkv + proj + 3 * h * f) // tensor + 2 * h
+
+
 def layer_flops_per_token(m: ModelConfig) -> float:
     """Training FLOPs per token of one layer: 6 per weight of its matmuls (qkv, proj, SwiGLU;
     2 forward, 4 backward), plus the attention scores."""
