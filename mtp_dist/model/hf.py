@@ -35,9 +35,6 @@ HEADS_WEIGHTS = "mtp_heads.safetensors"
 HEADS_JSON = "mtp_heads.json"
 HEADS_FORMAT = "mtp-dist-heads-v1"
 
-VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
-"""Global names whose rows are the (padded) vocabulary."""
-
 _SAME = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
