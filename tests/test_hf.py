@@ -237,8 +237,9 @@ def check_run(tmp_path, capsys, source, *overrides) -> tuple[int, str]:
     from mtp_dist.train import main
 
     model = [f"model.{k}={'null' if v is None else v}" for k, v in GQA.items()]
-    code = main(["--check", *model, "model.n_future_tokens=2", "data.synthetic=true",
-                 f"run.dir={tmp_path / 'run'}", f"model.init_from={source}", *overrides])  # fmt: skip
+    run = [f"run.dir={tmp_path / 'run'}", f"model.init_from={source}"]
+    code = main(["--check", *model, "model.n_future_tokens=2", "data.synthetic=true", *run,
+                 *overrides])  # fmt: skip
     return code, capsys.readouterr()
 
 
@@ -289,7 +290,9 @@ def test_damaged_directories_are_refused(megatron_1proc, tmp_path, capsys):
     for bad in (tmp_path / "nothing", tmp_path / "run"):
         bad.mkdir(exist_ok=True)
         code, (_, stderr) = check_run(tmp_path, capsys, bad)
-        assert code == 2 and "no Hugging Face directory" in stderr and "no such checkpoint" in stderr
+        assert (
+            code == 2 and "no Hugging Face directory" in stderr and "no such checkpoint" in stderr
+        )
     code, (_, stderr) = check_run(tmp_path, capsys, out, "train.resume=elsewhere")
     assert code == 2 and "set one of them" in stderr
 
@@ -310,3 +313,17 @@ def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
     assert "is a directory that is not empty" in proc.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_a_source_trained_with_another_tokenizer_is_refused(megatron_1proc, tmp_path, tokenizer):
+    from mtp_dist.config import Config, ConfigError, DataConfig
+
+    m = CONFIGS["n3_gqa_untied"]
+    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer)
+    source = init_from.inspect(out)
+    assert source.tokenizer_hash == tokenizer.identity_hash
+    cfg = Config(model=m, data=DataConfig(synthetic=True))
+    init_from.check(source, cfg, tokenizer.identity_hash)
+    init_from.check(source, cfg, None)  # synthetic data: no tokenizer to compare
+    with pytest.raises(ConfigError, match=f"tokenizer {tokenizer.identity_hash[:12]} but the"):
+        init_from.check(source, cfg, "0" * 64)
