@@ -147,7 +147,7 @@ def test_llama_conversion_inverts(name):
             continue
         state[k] = torch.randn(shape, generator=gen)
     llama_tensors, extra = hf.to_llama(state, m)
-    assert set(llama_tensors) == hf.expected_llama_names(m)
+    assert {k: tuple(v.shape) for k, v in llama_tensors.items()} == hf.llama_shapes(m)
     assert len(extra) == (m.n_future_tokens - 1) * 9
     back = hf.from_llama(llama_tensors, extra, m)
     assert set(back) == set(state)
@@ -197,6 +197,20 @@ def test_heads_added_and_dropped_on_import(megatron_1proc, tmp_path):
     loaded = init_from.load(init_from.inspect(plain), ModelConfig(**{**GQA, "n_future_tokens": 2}))
     for k, v in head(loaded, 1).items():
         assert torch.equal(v, head(state, 0)[k])
+
+
+def test_a_llama_saved_by_transformers_imports_as_exported(megatron_1proc, tmp_path):
+    """save_pretrained's own config (transformers' version of it) and sharded files."""
+    m = CONFIGS["n1_mha_tied"]
+    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
+    llama(out).save_pretrained(tmp_path / "saved", max_shard_size="100KB")
+    assert (tmp_path / "saved" / hf.WEIGHTS_INDEX).is_file()
+    saved = init_from.inspect(tmp_path / "saved")
+    assert hf.effective_fields(saved.model) == hf.effective_fields(m)  # rope_theta 5000 etc.
+    ours, theirs = (init_from.load(init_from.inspect(p), m) for p in (out, tmp_path / "saved"))
+    assert set(ours) == set(theirs)
+    for k, v in ours.items():
+        assert torch.equal(theirs[k], v), k
 
 
 def test_import_fills_any_vocabulary_padding_and_loads_exactly(megatron_1proc, tmp_path):
@@ -286,6 +300,10 @@ def test_damaged_directories_are_refused(megatron_1proc, tmp_path, capsys):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, out / hf.WEIGHTS, {"format": "pt"})
     with pytest.raises(hf.HFFormatError, match="lacks model.layers.1.mlp.up_proj.weight"):
+        hf.load_dir(hf.read_dir(out), m)
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(192, 63)
+    save_file(tensors, out / hf.WEIGHTS, {"format": "pt"})
+    with pytest.raises(hf.HFFormatError, match=r"up_proj.weight has shape \(192, 63\)"):
         hf.load_dir(hf.read_dir(out), m)
     for bad in (tmp_path / "nothing", tmp_path / "run"):
         bad.mkdir(exist_ok=True)

@@ -31,6 +31,7 @@ from mtp_dist.files import atomic_path, atomic_write_json, fsync_dir, tmp_name
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 HEADS_WEIGHTS = "mtp_heads.safetensors"
 HEADS_JSON = "mtp_heads.json"
 HEADS_FORMAT = "mtp-dist-heads-v1"
@@ -43,14 +44,6 @@ _SAME = {
 }
 _QKV = "self_attention.linear_qkv.weight"
 _FC1 = "mlp.linear_fc1.weight"
-_LLAMA_LAYER = (
-    *_SAME.values(),
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-)
 
 
 class HFFormatError(UserError, ValueError):
@@ -137,10 +130,47 @@ def from_llama(llama: dict[str, Tensor], extra: dict[str, Tensor], m: ModelConfi
     return state
 
 
-def expected_llama_names(m: ModelConfig) -> set[str]:
-    names = {f"model.layers.{j}.{k}" for j in range(m.num_layers + 1) for k in _LLAMA_LAYER}
-    names |= {"model.embed_tokens.weight", "model.norm.weight"}
-    return names if m.tie_embeddings else names | {"lm_head.weight"}
+def llama_layer_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of one Llama layer (extra heads included) and their shapes."""
+    heads, groups, dim = _attention(m)
+    h, f = m.hidden_size, m.ffn_size
+    return {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (heads * dim, h),
+        "self_attn.k_proj.weight": (groups * dim, h),
+        "self_attn.v_proj.weight": (groups * dim, h),
+        "self_attn.o_proj.weight": (h, heads * dim),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+
+
+def llama_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of the Llama that holds the trunk and head 1, and their shapes."""
+    layer = llama_layer_shapes(m)
+    shapes = {f"model.layers.{j}.{k}": s for j in range(m.num_layers + 1) for k, s in layer.items()}
+    shapes["model.embed_tokens.weight"] = (m.vocab_size, m.hidden_size)
+    shapes["model.norm.weight"] = (m.hidden_size,)
+    if not m.tie_embeddings:
+        shapes["lm_head.weight"] = (m.vocab_size, m.hidden_size)
+    return shapes
+
+
+def _check_tensors(tensors: dict[str, Tensor], shapes: dict, where: Path) -> None:
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise HFFormatError(
+            f"{where} lacks {missing[0]} (and {len(missing) - 1} more): not the model its "
+            f"{CONFIG} describes"
+        )
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise HFFormatError(
+                f"{where}: {name} has shape {tuple(tensors[name].shape)}, its {CONFIG} says "
+                f"{shape}: not the model its {CONFIG} describes"
+            )
 
 
 def llama_config(m: ModelConfig, special_ids: dict[str, int] | None = None) -> dict:
@@ -270,6 +300,8 @@ class LlamaDir:
     """1 + the heads in its sidecar."""
     tokenizer_hash: str | None
     """The identity hash of its tokenizer.model (as data_prep records tokenizers), if any."""
+    weight_files: list[str]
+    """model.safetensors, or the shards of a sharded save."""
 
 
 def read_dir(path: str | os.PathLike) -> LlamaDir:
@@ -288,11 +320,7 @@ def read_dir(path: str | os.PathLike) -> LlamaDir:
         fields = model_fields(cfg, where)
     except KeyError as e:
         raise HFFormatError(f"{path / CONFIG} lacks {e}: it is not a complete Llama config") from e
-    if not (path / WEIGHTS).is_file():
-        raise HFFormatError(
-            f"{where} has no {WEIGHTS}: export it with `python -m mtp_dist.export ... --format "
-            "hf` or save it with safe_serialization (one file)"
-        )
+    weight_files = _weight_files(path, where)
     n = 1
     if (path / HEADS_WEIGHTS).is_file():
         try:
@@ -308,7 +336,27 @@ def read_dir(path: str | os.PathLike) -> LlamaDir:
             )
     tok = path / "tokenizer.model"
     tokenizer_hash = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
-    return LlamaDir(path, cfg, fields, n, tokenizer_hash)
+    return LlamaDir(path, cfg, fields, n, tokenizer_hash, weight_files)
+
+
+def _weight_files(path: Path, where: str) -> list[str]:
+    """model.safetensors, or the shards its index names."""
+    if (path / WEIGHTS).is_file():
+        return [WEIGHTS]
+    index = path / WEIGHTS_INDEX
+    if not index.is_file():
+        raise HFFormatError(
+            f"{where} has neither {WEIGHTS} nor {WEIGHTS_INDEX}: give a directory saved with "
+            "safetensors (save_pretrained's default)"
+        )
+    try:
+        files = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HFFormatError(f"{index} is not a safetensors index ({e}): re-save the model") from e
+    absent = [f for f in files if not (path / f).is_file()]
+    if absent:
+        raise HFFormatError(f"{where} lacks {absent[0]}, which {WEIGHTS_INDEX} names")
+    return files
 
 
 def load_dir(d: LlamaDir, m: ModelConfig) -> dict[str, Tensor]:
@@ -322,22 +370,19 @@ def load_dir(d: LlamaDir, m: ModelConfig) -> dict[str, Tensor]:
 
     source = dataclasses.replace(m, n_future_tokens=d.n_future_tokens)
     try:
-        llama = load_file(d.path / WEIGHTS)
+        llama = {}
+        for name in d.weight_files:
+            llama.update(load_file(d.path / name))
         extra = load_file(d.path / HEADS_WEIGHTS) if d.n_future_tokens > 1 else {}
     except SafetensorError as e:
         raise HFFormatError(f"{d.path}: a weights file is not safetensors ({e})") from e
-    missing = sorted(expected_llama_names(source) - set(llama))
-    if missing:
-        raise HFFormatError(
-            f"{d.path / WEIGHTS} lacks {missing[0]} (and {len(missing) - 1} more): not the "
-            f"Llama its {CONFIG} describes"
-        )
-    try:
-        state = from_llama(llama, extra, source)
-    except (KeyError, RuntimeError) as e:
-        raise HFFormatError(
-            f"{d.path}: a tensor is missing or has the wrong shape for its {CONFIG} ({e})"
-        ) from e
+    _check_tensors(llama, llama_shapes(source), d.path)
+    layer = llama_layer_shapes(source)
+    heads = {
+        f"heads.{k}.{n}": s for k in range(2, source.n_future_tokens + 1) for n, s in layer.items()
+    }
+    _check_tensors(extra, heads, d.path / HEADS_WEIGHTS)
+    state = from_llama(llama, extra, source)
     return {k: v.float() for k, v in state.items()}
 
 
