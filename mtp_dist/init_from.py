@@ -139,7 +139,7 @@ def checkpoint_model(checkpoint: Path, meta: dict):
     engine = engine_class(meta.get("engine", "megatron"))
     try:
         engine.load_full_weights(checkpoint / "engine", model)
-    except ckpt.LOAD_ERRORS as e:
+    except (*ckpt.LOAD_ERRORS, NotImplementedError) as e:  # the latter: a layout not read
         raise ckpt.CheckpointError(f"checkpoint {checkpoint} cannot be loaded: {e}") from e
     return model
 

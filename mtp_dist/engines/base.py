@@ -85,4 +85,4 @@ class Engine(Protocol):
     @staticmethod
     def load_full_weights(directory: str | os.PathLike, model: MTPModel) -> None:
         """The weights save() wrote into `directory`, loaded into a single-process (TP1 x PP1)
-        model: for the consolidated export."""
+        model: for the exports and model.init_from."""
