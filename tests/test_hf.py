@@ -315,9 +315,8 @@ def test_damaged_directories_are_refused(megatron_1proc, tmp_path, capsys):
     assert code == 2 and "set one of them" in stderr
 
 
-def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path):
-    import subprocess
-    import sys
+def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path, capsys):
+    from mtp_dist.export import main
 
     step = tmp_path / "ckpt" / "step_00000001"
     step.mkdir(parents=True)
@@ -325,11 +324,10 @@ def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path):
     (step / ckpt.META).write_text(json.dumps(meta))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    cmd = [sys.executable, "-m", "mtp_dist.export", str(step), str(tmp_path / "out"), "--format",
-           "hf"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
-    assert "is a directory that is not empty" in proc.stderr
+    code = main([str(step), str(tmp_path / "out"), "--format", "hf"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1, stderr
+    assert "is a directory that is not empty" in stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
