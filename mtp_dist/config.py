@@ -53,6 +53,12 @@ class ModelConfig:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     init_std: float = 0.02
+    init_from: str | None = None
+    """Start from another model's weights instead of random ones (a new run: fresh optimizer,
+    step 0): a Hugging Face Llama directory (`python -m mtp_dist.export ... --format hf`, or
+    any Llama whose shapes match this config), an mtp-dist export (.pt) or checkpoint. Its
+    layers become the trunk and head 1; heads 2..n come from its extra heads where it has them,
+    else are copies of head 1. Ignored when the run resumes from its own checkpoint."""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -228,6 +234,12 @@ def validate(c: Config) -> None:
     """Every field, and every combination, checked without I/O."""
     _validate_model(c.model, c.parallel)
     _validate_train(c.train)
+    _need(
+        c.model.init_from is None or c.train.resume in ("auto", "none"),
+        f"model.init_from starts a new run from other weights, and train.resume={c.train.resume}"
+        " continues a run from its checkpoint: set one of them (train.resume=auto still resumes "
+        "a restarted run)",
+    )
     d = c.data
     if not d.synthetic:
         _need(
@@ -310,6 +322,11 @@ def _validate_model(m: ModelConfig, p: ParallelConfig) -> None:
             f"model.n_future_tokens={m.n_future_tokens}: give one weight per head",
         )
     _weights(m.head_loss_weights, "model.head_loss_weights")
+    _need(
+        m.init_from is None or bool(m.init_from.strip()),
+        "model.init_from is empty: give a Hugging Face directory, an export or a checkpoint "
+        "(or null for random weights)",
+    )
 
 
 def _validate_train(t: TrainConfig) -> None:

@@ -12,6 +12,8 @@ import os
 import random
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -125,18 +127,8 @@ def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> Pa
     from megatron.core import parallel_state
 
     launch = read_launch_env()
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(launch.local_rank)
-        device = torch.device("cuda", launch.local_rank)
-    else:
-        from mtp_dist.compat import cpu
-
-        cpu.apply()
-        device = torch.device("cpu")
-    from mtp_dist.compat import megatron as megatron_fixes
-
-    megatron_fixes.apply()
+    device = prepare_device(launch.local_rank)
+    use_cuda = device.type == "cuda"
     # Libraries that read the environment (DeepSpeed) see the same layout under srun or alone.
     os.environ.setdefault("RANK", str(launch.rank))
     os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
@@ -170,6 +162,50 @@ def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> Pa
     )
     seed_all(seed)
     return dims
+
+
+def prepare_device(local_rank: int) -> torch.device:
+    """This process's device: its CUDA device if there is one, else the CPU with megatron-core's
+    CPU shims; the fixes of upstream bugs apply on both."""
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        from mtp_dist.compat import cpu
+
+        cpu.apply()
+        device = torch.device("cpu")
+    from mtp_dist.compat import megatron as megatron_fixes
+
+    megatron_fixes.apply()
+    return device
+
+
+@contextmanager
+def single_process(seed: int, timeout_minutes: int = 30) -> Iterator[torch.device]:
+    """torch.distributed and megatron-core's groups (TP1 x PP1) for this process alone, over an
+    in-memory store (no port, no launcher variables): whole-model work outside a run's world,
+    such as the export, or reading model.init_from before the run's own group exists.
+    Everything is torn down on exit."""
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        raise RuntimeError("single_process: this process already has a process group")
+    device = prepare_device(0)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    try:
+        parallel_state.initialize_model_parallel(distributed_timeout_minutes=timeout_minutes)
+        seed_all(seed)
+        yield device
+    finally:
+        destroy()
 
 
 def seed_all(seed: int) -> None:

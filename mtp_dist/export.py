@@ -1,8 +1,11 @@
-"""`python -m mtp_dist.export CHECKPOINT OUT.pt`: a checkpoint (any TP/PP/DP layout) to one file
-of full tensors by global parameter name, with the model config: the format inference and
-inspection read, whichever engine trained the model.
+"""`python -m mtp_dist.export CHECKPOINT OUT [--format pt|hf]`: a checkpoint (any TP/PP/DP
+layout, either engine) as
 
-Runs as one process: megatron-core's dist_checkpointing reshards the model to TP1 x PP1.
+- pt (default): one file of full tensors by global parameter name, with the model config;
+- hf: a Hugging Face directory that transformers loads as LlamaForCausalLM (the trunk and head
+  1), heads 2..n in mtp_heads.safetensors, and the tokenizer the run recorded (model/hf.py).
+
+Runs as one process: the checkpoint is resharded to TP1 x PP1.
 """
 
 from __future__ import annotations
@@ -11,32 +14,64 @@ import argparse
 import sys
 from pathlib import Path
 
-from mtp_dist.errors import run_cli
+from mtp_dist.errors import UserError, run_cli
 
 
-def export(checkpoint: Path, out: Path) -> Path:
+def export(checkpoint: Path, out: Path, fmt: str = "pt", tokenizer: str | None = None) -> Path:
+    """tokenizer (hf only): a tokenizer to write instead of the one the run recorded, or
+    "none" for no tokenizer files."""
     from mtp_dist import checkpointing as ckpt
     from mtp_dist import config as config_mod
     from mtp_dist import distributed
-    from mtp_dist.engines import engine_class
-    from mtp_dist.model.model import build_model
+    from mtp_dist.init_from import checkpoint_model
+    from mtp_dist.model import hf
+    from mtp_dist.model.weights import full_state
 
     checkpoint = ckpt.find_checkpoint(checkpoint)
     meta = ckpt.read_meta(checkpoint)
-    data = meta["config"]
-    data["parallel"] = {"tensor": 1, "pipeline": 1}
-    cfg = config_mod.from_dict(data)
-    engine = engine_class(meta.get("engine", "megatron"))
-    distributed.init(1, 1, seed=cfg.train.seed)
+    cfg = config_mod.from_dict(dict(meta["config"], parallel={"tensor": 1, "pipeline": 1}))
+    if fmt == "hf":
+        hf.check_empty(out)
+        tok = run_tokenizer(meta, tokenizer)
+    with distributed.single_process(cfg.train.seed):
+        model = checkpoint_model(checkpoint, meta)
+        if fmt == "pt":
+            return ckpt.export_consolidated(model, out, cfg.to_dict(), meta["step"])
+        state = full_state(model)
+    return hf.write_dir(out, state, cfg.model, tok, cfg.to_dict()["model"])
+
+
+def run_tokenizer(meta: dict, given: str | None):
+    """The tokenizer to export: `given` ("none": no tokenizer), else data.tokenizer as the run
+    recorded it, if it is still the file the run trained with."""
+    from data_prep.tokenizers import TokenizerError, load_tokenizer
+
+    if given == "none":
+        return None
+    if given is not None:
+        return load_tokenizer(given)
+    recorded = meta["config"].get("data", {}).get("tokenizer")
+    if recorded is None:
+        if meta.get("tokenizer_hash") is None:  # synthetic data: there is no tokenizer
+            return None
+        raise UserError(
+            "the checkpoint records no tokenizer file (its data.tokenizer was not set): pass "
+            "--tokenizer PATH (the .model the shards were made with), or --tokenizer none"
+        )
     try:
-        model = build_model(cfg.model)
-        try:
-            engine.load_full_weights(checkpoint / "engine", model)
-        except ckpt.LOAD_ERRORS as e:
-            raise ckpt.CheckpointError(f"checkpoint {checkpoint} cannot be loaded: {e}") from e
-        return ckpt.export_consolidated(model, out, cfg.to_dict(), meta["step"])
-    finally:
-        distributed.destroy()
+        tok = load_tokenizer(recorded)
+    except TokenizerError as e:
+        raise UserError(
+            f"the run's tokenizer cannot be read ({e}); pass --tokenizer PATH, or --tokenizer none"
+        ) from e
+    saved = meta.get("tokenizer_hash")
+    if saved is not None and tok.identity_hash != saved:
+        raise UserError(
+            f"the run's tokenizer {recorded} has changed since training ({tok.identity_hash[:12]}"
+            f", trained with {saved[:12]}): pass --tokenizer with the original, or --tokenizer "
+            "none"
+        )
+    return tok
 
 
 def main(argv=None) -> int:
@@ -47,7 +82,18 @@ def main(argv=None) -> int:
         help="a step_* checkpoint directory, a checkpoints directory or a run directory (both: "
         "their latest checkpoint)",
     )
-    p.add_argument("out", type=Path, help="output .pt file")
+    p.add_argument("out", type=Path, help="output .pt file (pt) or a new directory (hf)")
+    p.add_argument(
+        "--format",
+        choices=("pt", "hf"),
+        default="pt",
+        help="pt: one file of full tensors; hf: a Hugging Face Llama directory",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="hf: the tokenizer to include (a sentencepiece .model or 'none'); default: the one "
+        "the run recorded (data.tokenizer)",
+    )
     args = p.parse_args(argv)
     return run_cli(lambda: _main(args))
 
@@ -56,7 +102,9 @@ def _main(args) -> int:
     from mtp_dist.compat import ignore_known_warnings
 
     ignore_known_warnings()
-    path = export(args.checkpoint, args.out)
+    if args.tokenizer is not None and args.format != "hf":
+        raise UserError("--tokenizer goes with --format hf (a .pt export holds no tokenizer)")
+    path = export(args.checkpoint, args.out, args.format, args.tokenizer)
     print(f"exported {args.checkpoint} -> {path}")
     return 0
 

@@ -7,7 +7,8 @@
 - the checkpoint directory: writable, not in use by another training (a lock, taken by rank 0
   and held for the run), and never silently overwritten;
 - the resume point: found, compatible, not already finished, and continued on the same
-  schedule horizon, seed, sequence length and data.
+  schedule horizon, seed, sequence length and data;
+- else model.init_from, if given: a model of the configured shapes and tokenizer.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtp_dist import checkpointing as ckpt
+from mtp_dist import init_from
 from mtp_dist.config import Config, ConfigError
 from mtp_dist.engines.optim import decay_steps
 from mtp_dist.files import DirectoryLock
+from mtp_dist.init_from import Source
 from mtp_dist.run_plan import RunPlan, resolve
 
 SYNTHETIC = "synthetic"
@@ -49,6 +52,8 @@ class Preflight:
     tokenizer_hash: str | None
     data_fingerprint: str
     locks: list[DirectoryLock]
+    init_from: Source | None = None
+    """The weights a new run starts from (model.init_from; None when the run resumes)."""
 
 
 def preflight(cfg: Config, world_size: int, rank: int, on_gpu: bool) -> Preflight:
@@ -89,8 +94,12 @@ def preflight(cfg: Config, world_size: int, rank: int, on_gpu: bool) -> Prefligh
                 "is finished, nothing to do (raise train.steps to train on)"
             )
     manager.check_no_overwrite(resume, meta["step"] if meta else 0)
+    source = None
+    if resume is None and cfg.model.init_from is not None:
+        source = init_from.inspect(cfg.model.init_from)
+        init_from.check(source, cfg, tokenizer_hash)
     plan = resolve(cfg, world_size, on_gpu)
-    return Preflight(cfg, plan, manager, resume, meta, tokenizer_hash, fingerprint, locks)
+    return Preflight(cfg, plan, manager, resume, meta, tokenizer_hash, fingerprint, locks, source)
 
 
 def _continued(cfg: Config, meta: dict, path: Path, fingerprint: str) -> Config:

@@ -83,6 +83,8 @@ def check(cfg, world_size: int) -> int:
         print(f"done: {e}")
         return 0
     start = f"resumes {pre.resume} at step {pre.meta['step']}" if pre.resume else "starts afresh"
+    if pre.init_from is not None:
+        start += f" from the weights of {pre.init_from.describe()}"
     print(
         f"ok: {world_size} processes as TP{pre.plan.tp} x PP{pre.plan.pp} x DP{pre.plan.dp}, "
         f"{pre.plan.num_microbatches} microbatches per step, {pre.plan.dtype}; the run {start}"
@@ -93,7 +95,7 @@ def check(cfg, world_size: int) -> int:
 def run(cfg) -> int:
     import torch
 
-    from mtp_dist import distributed, engines
+    from mtp_dist import distributed, engines, init_from
     from mtp_dist.data import build_datasets
     from mtp_dist.engines.optim import decay_steps
     from mtp_dist.metrics import Metrics
@@ -111,6 +113,11 @@ def run(cfg) -> int:
     cfg, plan = pre.cfg, pre.plan
     run_dir = Path(cfg.run.dir)
     watchdog = Watchdog(cfg.train.watchdog_seconds, launch.rank).start()
+    source = None
+    if pre.init_from is not None:
+        # Before the run's process group: a checkpoint is read in a group of this rank alone.
+        watchdog.progress(f"reading {pre.init_from.describe()}")
+        source = init_from.load(pre.init_from, cfg.model, cfg.train.seed)
     watchdog.progress(f"creating the process group (world size {launch.world_size})")
     dims = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
     _log_to_stdout(dims.is_main)
@@ -119,22 +126,25 @@ def run(cfg) -> int:
         if dims.is_main:
             cfg.dump(run_dir / "config.yaml")
         # The engine decides how parameters are created (ZeRO-3: partitioned as they are built).
-        model = engines.build_model(cfg, plan, dims)
+        model = engines.build_model(cfg, plan, dims, source)
+        del source  # the engine has copied what this rank holds
         engine = engines.build_engine(cfg, plan, dims, model)
         watchdog.progress("building the datasets")
-        train_ds, valid_ds, _ = build_datasets(
-            cfg.data.paths,
-            cfg.data.weights,
-            cfg.data.split,
-            cfg.model.seq_length,
-            cfg.model.n_future_tokens,
-            cfg.train.seed,
-            (plan.train_samples, plan.eval_samples, 0),
-            cfg.model.vocab_size,
-            pre.tokenizer_hash,
-            synthetic=cfg.data.synthetic,
-            cache_dir=cfg.data.cache_dir,
-        )
+        train_ds = valid_ds = None  # train.steps=0 (e.g. a model.init_from conversion) reads none
+        if cfg.train.steps > 0:
+            train_ds, valid_ds, _ = build_datasets(
+                cfg.data.paths,
+                cfg.data.weights,
+                cfg.data.split,
+                cfg.model.seq_length,
+                cfg.model.n_future_tokens,
+                cfg.train.seed,
+                (plan.train_samples, plan.eval_samples, 0),
+                cfg.model.vocab_size,
+                pre.tokenizer_hash,
+                synthetic=cfg.data.synthetic,
+                cache_dir=cfg.data.cache_dir,
+            )
         provenance = {
             "tokenizer_hash": pre.tokenizer_hash,
             "data_fingerprint": pre.data_fingerprint,

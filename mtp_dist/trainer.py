@@ -62,6 +62,7 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.stop_signal: int | None = None
+        self.resumed = False
         self.flops_per_token = flops_per_token(cfg.model)
 
     def state_dict(self) -> dict:
@@ -139,6 +140,7 @@ class Trainer:
         except (*ckpt.LOAD_ERRORS, OSError) as e:
             raise ckpt.CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
         self.load_state_dict(meta)
+        self.resumed = True
         layout = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}
         # Per-rank RNG streams only mean the same thing at the same layout.
         if not (meta.get("layout") == layout and ckpt.load_rng(path, self.dims.rank)):
@@ -204,7 +206,9 @@ class Trainer:
         t = self.cfg.train
         batches = self._batches(self.train_data, self.consumed_samples)
         start_step, start_time = self.step, time.perf_counter()
-        saved_at = start_step  # a resumed run's state is already saved
+        # A resumed run's state is already saved; a new one saves its end even at step 0 (a
+        # run of train.steps=0 from model.init_from converts a model into a checkpoint).
+        saved_at = start_step if self.resumed else None
         while self.step < t.steps:
             self.progress(f"step {self.step + 1} (data, forward, backward, optimizer)")
             record = self.train_step(next(batches))

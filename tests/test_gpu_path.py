@@ -74,13 +74,16 @@ def test_fused_softmax_is_off_on_gpu_without_its_kernels():
 
 
 def test_upstream_fixes_are_applied_whatever_the_device(megatron_1proc):
-    """distributed.init applies compat.megatron (a bug fix) outside the no-GPU branch."""
+    """distributed.prepare_device (distributed.init's, single_process's) applies compat.megatron
+    (a bug fix) outside the no-GPU branch."""
     import inspect
 
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     assert getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "mtp_dist_fix", 0)
-    lines = inspect.getsource(distributed.init).splitlines()
+    assert "prepare_device(" in inspect.getsource(distributed.init)
+    assert "prepare_device(" in inspect.getsource(distributed.single_process)
+    lines = inspect.getsource(distributed.prepare_device).splitlines()
     indent = lambda text: next(ln for ln in lines if text in ln).index(text.strip()[0])  # noqa: E731
     # The fix sits at the level of `if use_cuda:`, not inside either branch.
     assert indent("megatron_fixes.apply()") == indent("if use_cuda:")

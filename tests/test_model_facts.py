@@ -110,6 +110,7 @@ ALTERNATIVES = {
     "rotary_base": 500000.0,
     "norm_epsilon": 1e-6,
     "init_std": 0.01,
+    "init_from": "elsewhere",
 }
 
 

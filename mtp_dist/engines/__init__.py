@@ -32,9 +32,10 @@ def check_config(cfg: Config, plan) -> None:
     engine_class(cfg.engine).check_config(cfg, plan)
 
 
-def build_model(cfg: Config, plan, dims):
-    """This stage's model with its initial weights, built and initialised the way the engine
-    holds parameters (collective)."""
+def build_model(cfg: Config, plan, dims, source=None):
+    """This stage's model with its initial weights (random, or the full tensors of `source`:
+    model.init_from), built and initialised the way the engine holds parameters
+    (collective)."""
     from mtp_dist.model.model import build_model as build
 
     engine = engine_class(cfg.engine)
@@ -48,7 +49,7 @@ def build_model(cfg: Config, plan, dims):
             device=dims.device,
             recompute=cfg.train.recompute,
         )
-    engine.init_weights(cfg, dims, model)
+    engine.init_weights(cfg, dims, model, source)
     return model
 
 

@@ -5,6 +5,7 @@ initialised, train/eval steps, save/load, and reading full weights for the expor
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,9 +55,16 @@ class Engine(Protocol):
         as its module is built, so that no rank ever holds the whole model; others: a no-op."""
 
     @classmethod
-    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel) -> None:
+    def init_weights(
+        cls,
+        cfg: Config,
+        dims: ParallelDims,
+        model: MTPModel,
+        source: Mapping[str, Tensor] | None = None,
+    ) -> None:
         """Write weights.init_parameter's values (the same full weights for the same seed at
-        any layout) into the parameters as model_construction left them (collective)."""
+        any layout, or the full tensors of `source`: model.init_from) into the parameters as
+        model_construction left them (collective)."""
 
     def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel): ...
 
@@ -77,4 +85,4 @@ class Engine(Protocol):
     @staticmethod
     def load_full_weights(directory: str | os.PathLike, model: MTPModel) -> None:
         """The weights save() wrote into `directory`, loaded into a single-process (TP1 x PP1)
-        model: for the consolidated export."""
+        model: for the exports and model.init_from."""

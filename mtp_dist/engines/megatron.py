@@ -50,8 +50,8 @@ class MegatronEngine:
         return contextlib.nullcontext()
 
     @classmethod
-    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel) -> None:
-        weights.init_weights(model, cfg.train.seed)
+    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel, source=None) -> None:
+        weights.init_weights(model, cfg.train.seed, source)
 
     def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel):
         self.cfg = cfg

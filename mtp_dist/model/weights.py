@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ from mtp_dist.distributed import collective_device
 from mtp_dist.model.model import MTPModel, total_layers
 
 _TRUNK_LAYER = re.compile(r"^trunk\.layers\.(\d+)\.")
+
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+"""Global names whose rows are the (padded) vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -95,29 +99,51 @@ def _init_std(model: MTPModel, name: str) -> float | None:
 
 
 @torch.no_grad()
-def init_parameter(model: MTPModel, name: str, seed: int) -> None:
+def init_parameter(
+    model: MTPModel, name: str, seed: int, source: Mapping[str, Tensor] | None = None
+) -> None:
     """Initialise local parameter `name` from a full tensor drawn from a generator keyed by
     (seed, global name), keeping this rank's TP shard: identical full weights at any layout.
     The parameter must hold its TP-local values (an engine that partitions parameters
-    gathers it around this call); only this one full tensor is ever materialised."""
+    gathers it around this call); only this one full tensor is ever materialised.
+
+    source: full tensors by global name (model.init_from) that replace the drawn ones; a
+    vocabulary tensor may have fewer rows (no padding, or another vocab_multiple's): the drawn
+    values stay in the rows it lacks, which no token id reaches."""
     p = model.get_parameter(name)
     layout = param_layout(model, name, p)
     std = _init_std(model, layout.global_name)
     if std is None:
-        p.fill_(1.0)
-        return
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed * 1_000_003 + zlib.crc32(layout.global_name.encode()))
-    full = torch.empty(layout.full_shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        full = torch.ones(layout.full_shape, dtype=torch.float32)
+    else:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed * 1_000_003 + zlib.crc32(layout.global_name.encode()))
+        full = torch.empty(layout.full_shape, dtype=torch.float32)
+        full.normal_(0.0, std, generator=gen)
+    if source is not None:
+        _copy_source(full, layout.global_name, source)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     p.copy_(shard(full, layout, tp_rank, tp).to(p.dtype))
 
 
-def init_weights(model: MTPModel, seed: int) -> None:
+def _copy_source(full: Tensor, name: str, source: Mapping[str, Tensor]) -> None:
+    if name not in source:
+        raise KeyError(f"the initial weights lack {name}")
+    given = source[name]
+    rows = full.shape[0] if name not in VOCAB_PARAMS else min(given.shape[0], full.shape[0])
+    if tuple(given.shape) != (rows, *full.shape[1:]):
+        raise ValueError(
+            f"{name}: shape {tuple(given.shape)} in the initial weights, {tuple(full.shape)} in "
+            "the model"
+        )
+    full[:rows] = given
+
+
+def init_weights(model: MTPModel, seed: int, source: Mapping[str, Tensor] | None = None) -> None:
     """init_parameter for every parameter of a model whose parameters hold their values."""
     for name, _ in model.named_parameters():
-        init_parameter(model, name, seed)
+        init_parameter(model, name, seed, source)
 
 
 @torch.no_grad()

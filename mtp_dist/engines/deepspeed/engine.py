@@ -244,19 +244,19 @@ class DeepSpeedEngine:
         return _partitioned_in(init, plan.torch_dtype)
 
     @classmethod
-    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel) -> None:
+    def init_weights(cls, cfg: Config, dims: ParallelDims, model: MTPModel, source=None) -> None:
         """ZeRO-3: one parameter at a time is gathered, written by one data-parallel rank (in
         turn, so the ranks share the drawing) and scattered back: the peak is one full
         parameter. The values are weights.init_parameter's, as without partitioning."""
         if cfg.deepspeed.zero_stage < 3:
-            weights.init_weights(model, cfg.train.seed)
+            weights.init_weights(model, cfg.train.seed, source)
             return
         deepspeed = _import_deepspeed(dims)
         for i, (name, p) in enumerate(model.named_parameters()):
             writer = i % dims.dp
             with deepspeed.zero.GatheredParameters([p], modifier_rank=writer):
                 if dims.dp_rank == writer:
-                    weights.init_parameter(model, name, cfg.train.seed)
+                    weights.init_parameter(model, name, cfg.train.seed, source)
 
     def __init__(self, cfg: Config, plan: RunPlan, dims: ParallelDims, model: MTPModel):
         deepspeed = _import_deepspeed(dims)
