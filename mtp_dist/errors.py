@@ -59,7 +59,7 @@ def run_cli(main: Callable[[], int]) -> int:
     try:
         return main()
     except (UserError, OSError) as e:
-        if isinstance(e, OSError) and e.filename is None:
+        if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename is None:
             # No path to name (a pipe, a socket): the line alone cannot say where it happened.
             traceback.print_exc()
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mtp_dist.errors import UserError
+
 TMP_INFIX = ".tmp."
 """Temporary files are NAME.tmp.PID; a glob of NAME.tmp.* finds a killed writer's leftovers."""
 
@@ -66,8 +68,8 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-class DirectoryBusy(OSError):
-    """Another process holds the directory's lock."""
+class DirectoryBusy(UserError, OSError):
+    """Another process holds the directory's lock (its message names the holder)."""
 
 
 class DirectoryLock:

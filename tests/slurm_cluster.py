@@ -158,9 +158,11 @@ class SlurmCluster:
         proc = _run("sbatch", "--parsable", *args, cwd=cwd, env={**self.env, **(env or {})})
         return int(proc.stdout.strip().split(";")[0])
 
-    def signal_batch(self, job_id: int, sig: str) -> None:
-        """Signal the job's batch shell, as SLURM does `--signal=B:SIG@T` before a time limit."""
-        _run("scancel", f"--signal={sig}", "--batch", str(job_id), env=self.env)
+    def signal_batch(self, job_id: int, sig: str, check: bool = True) -> bool:
+        """Signal the job's batch shell, as SLURM does `--signal=B:SIG@T` before a time limit.
+        Whether it was delivered (check=False: a job that has just ended is not an error)."""
+        proc = _run("scancel", f"--signal={sig}", "--batch", str(job_id), check=check, env=self.env)
+        return proc.returncode == 0
 
     def release(self, job_id: int) -> None:
         """Start a requeued job in 2 s (SLURM holds one for about 2 minutes). Not at once: a

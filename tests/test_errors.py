@@ -193,8 +193,8 @@ def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
             {"NPROC_PER_NODE": "3"},
             ["does not divide the world size 3"],
         ),
-        ("deepspeed.sh", ["2"], {}, ["usage: launch/deepspeed.sh NPROC CONFIG"]),
-        ("deepspeed.sh", ["two", "configs/tiny.yaml"], {}, ["NPROC=two"]),
+        ("deepspeed.sh", ["2"], {}, ["usage: launch/deepspeed.sh NPROC_PER_NODE CONFIG"]),
+        ("deepspeed.sh", ["two", "configs/tiny.yaml"], {}, ["NPROC_PER_NODE=two"]),
         (
             "deepspeed.sh",
             ["2", "configs/tiny.yaml", "deepspeed.zero_stage=0"],

@@ -271,9 +271,16 @@ def test_node_failure_ends_the_job_and_a_resubmit_resumes_exactly(slurm, two_nod
     assert 8 <= saved < STEPS
 
     again = submit_train(slurm, run, *TP2PP2)  # the same command
+    # A preemption signal after the last step (the final save under way) must not requeue a
+    # finished run. The window is the final save and shutdown: seconds on this machine.
+    wait_until(lambda: logged(run)[-1]["step"] == STEPS, "the last step")
+    signalled = slurm.signal_batch(again, "USR1", check=False)
     info = slurm.wait(again, timeout=300)
-    assert info["JobState"] == "COMPLETED", log_of(run, again)
-    assert f"at step {saved}" in log_of(run, again)
+    log = log_of(run, again)
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts", "0") == "0", log
+    assert f"at step {saved}" in log
+    if signalled:
+        assert "all steps done: not requeued" in log, log
     assert losses(run) == losses(two_nodes[0]), "losses differ from the uninterrupted job"
 
 
