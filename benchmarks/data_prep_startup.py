@@ -36,13 +36,13 @@ from data_prep.stdlib_corpus import write_stdlib_corpus  # noqa: E402
 # Runs the CLI with data_prep.shards._write_batch wrapped to print when the first batch reaches
 # the tokenizer; forked workers inherit the wrapper and print their own first batch.
 FIRST_TOKEN = """
-import sys, time
+import os, sys, time
 from data_prep import shards
 _write_batch = shards._write_batch
 def first(*args, **kw):
     if not first.seen:
         first.seen = True
-        print(f"first-token {time.time():.6f}", file=sys.stderr, flush=True)
+        os.write(2, f"first-token {time.time():.6f}\n".encode())  # one write: workers interleave
     return _write_batch(*args, **kw)
 first.seen = False
 shards._write_batch = first
