@@ -42,7 +42,7 @@ _write_batch = shards._write_batch
 def first(*args, **kw):
     if not first.seen:
         first.seen = True
-        os.write(2, f"first-token {time.time():.6f}\n".encode())  # one write: workers interleave
+        os.write(2, f"first-token {time.time():.6f}\\n".encode())  # one write: workers interleave
     return _write_batch(*args, **kw)
 first.seen = False
 shards._write_batch = first
