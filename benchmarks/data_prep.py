@@ -5,7 +5,8 @@ shards, trains an 8k BPE tokenizer, then measures
   - raw: sentencepiece `encode(list_of_documents, num_threads=T)` on the documents in memory
     (int lists, as most callers use it, and numpy buffers, as data_prep uses it);
   - end to end: data_prep's tokenize (read JSONL, encode, append eod, write .bin/.idx, checksum,
-    manifest) with W worker processes, megatron-core already imported.
+    manifest) with W worker processes, called in this process (the command's start-up:
+    benchmarks/data_prep_startup.py).
 Prints a table and writes benchmarks/results/data_prep.json.
 
     python benchmarks/data_prep.py [--work-dir DIR] [--vocab-size 8000] [--shards 16]
@@ -30,7 +31,6 @@ from data_prep.tokenizers import (  # noqa: E402
     SentencePieceOptions,
     train_sentencepiece,
 )
-from mtp_dist.compat.megatron_data import batched_builder_class  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -77,9 +77,6 @@ def main() -> None:
                 }
             )
 
-    t0 = time.perf_counter()
-    batched_builder_class()  # megatron-core's import (a CLI run pays it once) is not timed below
-    import_s = time.perf_counter() - t0
     for workers in (1, 2):
         times = []
         for _ in range(a.repeats):
@@ -127,7 +124,6 @@ def main() -> None:
             "python": platform.python_version(),
             "load_avg_1m": os.getloadavg()[0],
         },
-        "import_seconds_excluded": import_s,
         "rows": rows,
     }
     os.makedirs(os.path.dirname(a.output), exist_ok=True)

@@ -324,8 +324,5 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtp_dist.compat import ignore_known_warnings
-
-    ignore_known_warnings()  # megatron-core's import notes that Apex/TE are absent
     a = build_parser().parse_args(argv)
     return run_cli(lambda: COMMANDS[a.command](a))

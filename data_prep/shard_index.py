@@ -1,10 +1,18 @@
-"""The .idx of a shard (megatron-core's IndexedDataset format), read and checked without the .bin.
+"""A shard's .bin/.idx (megatron-core's IndexedDataset format): written, and read and checked
+without the .bin.
 
 Layout of NAME.idx: the magic `MMIDIDX\\0\\0`, version (u64, 1), dtype code (u8), sequence count S
 (u64), document count D (u64), then S int32 sequence lengths (in tokens), S int64 sequence
-pointers (byte offsets into NAME.bin) and D int64 document indices (into the sequences). The
-shards written here hold one sequence per document, so D = S + 1 and the document indices are
-0..S. tests/test_shard_index.py checks this reading against megatron-core's own writer.
+pointers (byte offsets into NAME.bin) and D int64 document indices (into the sequences). NAME.bin
+is the tokens, back to back. The shards written here hold one sequence per document, so D = S + 1
+and the document indices are 0..S.
+
+`ShardWriter` writes the format itself, not through megatron-core's IndexedDatasetBuilder: that
+module imports torch (1-1.5 s here) and megatron-core's package (2-3 s more; its own imports need
+the package: megatron.core.utils and parallel_state import each other), which every tokenize run,
+such as each small task of a SLURM array, would pay before its first token.
+tests/test_data_prep_shard_format.py checks that both writers give the same bytes, and that
+megatron-core's reader reads every document back.
 
 A damaged .idx makes megatron-core misbehave rather than fail: lengths of zero make GPTDataset
 loop forever, pointers past the end of the .bin read garbage. `open_index` checks what can be
@@ -35,6 +43,7 @@ DTYPES = {
     8: np.uint16,
 }
 """megatron-core's DType codes."""
+_CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 _CHUNK = 1 << 20  # sequences per step of check_index: bounded memory for any shard size
 
 
@@ -57,6 +66,45 @@ class ShardError(UserError, ValueError):
 def token_dtype(vocab_size: int):
     """The smallest dtype the shards of a vocabulary are written with."""
     return np.uint16 if vocab_size <= 65535 else np.int32
+
+
+class ShardWriter:
+    """Writes one shard: `add_documents` appends tokens to the .bin as they come, `finalize`
+    writes the .idx. The lengths are kept as one int32 array per batch (4 bytes a document)."""
+
+    def __init__(self, bin_path: str, dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _CODES:
+            raise ValueError(f"megatron-core's format has no code for {self.dtype}")
+        self.data_file = open(bin_path, "wb")
+        self._lengths: list[np.ndarray] = []
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents of `lengths` tokens each, concatenated in `tokens`."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"the lengths add up to {int(lengths.sum())}, not {tokens.size}")
+        self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._lengths.append(lengths.astype(np.int32))
+
+    def finalize(self, idx_path: str) -> None:
+        """Close the .bin and write the .idx (native byte order for the arrays, like
+        megatron-core's writer; little-endian header)."""
+        self.data_file.close()
+        lengths = np.concatenate([np.zeros(0, np.int32), *self._lengths])
+        pointers = np.zeros(lengths.size, dtype=np.int64)
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= self.dtype.itemsize
+        sequences = lengths.size
+        with open(idx_path, "wb") as f:
+            f.write(MAGIC + struct.pack("<QBQQ", 1, _CODES[self.dtype], sequences, sequences + 1))
+            f.write(lengths.tobytes())
+            f.write(pointers.tobytes())
+            f.write(np.arange(sequences + 1, dtype=np.int64).tobytes())
+
+    def close(self) -> None:
+        """Close the .bin without an .idx (a failed shard)."""
+        self.data_file.close()
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,8 @@ import numpy as np
 
 from data_prep import manifest as mf
 from data_prep.readers import BadInputFile, DocumentReader, InputShard, ReadOptions, ReadStats
-from data_prep.shard_index import token_dtype
+from data_prep.shard_index import ShardWriter, token_dtype
 from data_prep.tokenizers import Tokenizer
-from mtp_dist.compat.megatron_data import batched_builder_class
 from mtp_dist.files import atomic_write_json
 
 # Documents are encoded in batches of about this many characters: large enough that
@@ -62,7 +61,7 @@ def tokenize_shard(
     remove_leftovers(job.out_dir, job.name, keep_complete=False)
     stats = ReadStats()
     reader = DocumentReader(job.shard, job.read_opts, stats)
-    builder = batched_builder_class()(partial["bin"], dtype=token_dtype(tokenizer.vocab_size))
+    writer = ShardWriter(partial["bin"], token_dtype(tokenizer.vocab_size))
     tokens = 0
     sent = [0, 0, 0]
     try:
@@ -72,17 +71,17 @@ def tokenize_shard(
             batch.append(doc)
             chars += len(doc)
             if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-                tokens += _write_batch(builder, tokenizer, batch, job.threads)
+                tokens += _write_batch(writer, tokenizer, batch, job.threads)
                 batch, chars = [], 0
                 sent = _report(progress, sent, reader.consumed_bytes, stats.documents, tokens)
         if batch:
-            tokens += _write_batch(builder, tokenizer, batch, job.threads)
-        builder.finalize(partial["idx"])
+            tokens += _write_batch(writer, tokenizer, batch, job.threads)
+        writer.finalize(partial["idx"])
         _report(progress, sent, reader.consumed_bytes, stats.documents, tokens)
     except BaseException as err:
         # A bad file, a full disk, Ctrl-C: no partial data stays behind.
         with contextlib.suppress(OSError):  # flushing the rest may fail again (a full disk)
-            builder.data_file.close()
+            writer.close()
         for path in partial.values():
             if os.path.exists(path):
                 os.remove(path)
@@ -142,13 +141,13 @@ def remove_leftovers(out_dir: str, name: str, keep_complete: bool = True) -> Non
     mf.remove_stale_tmp(mf.sidecar_path(out_dir, name))
 
 
-def _write_batch(builder, tokenizer: Tokenizer, batch: list[str], threads: int) -> int:
+def _write_batch(writer: ShardWriter, tokenizer: Tokenizer, batch: list[str], threads: int) -> int:
     """Encode a batch and append it, an end-of-document token after each document."""
     flat, lengths = tokenizer.encode_flat(batch, threads)
     # np.insert at each document's end offset places one eod after every document at once.
     ends = np.cumsum(lengths)
     with_eod = np.insert(flat, ends, tokenizer.eod_id)
-    builder.add_documents(with_eod, lengths + 1)
+    writer.add_documents(with_eod, lengths + 1)
     return int(with_eod.size)
 
 

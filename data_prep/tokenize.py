@@ -23,7 +23,6 @@ from data_prep.readers import BadInputFile, ReadOptions, plan_input_shards
 from data_prep.shards import ShardJob, remove_leftovers, shard_fingerprint, tokenize_shard
 from data_prep.tokenizers import Tokenizer, load_tokenizer
 from data_prep.workers import run_in_workers
-from mtp_dist.compat.megatron_data import batched_builder_class
 from mtp_dist.errors import UserError
 from mtp_dist.files import DirectoryLock, is_locked
 
@@ -98,7 +97,6 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
         # Round robin rather than contiguous blocks: neighbouring inputs tend to be alike in size.
         mine = [j for i, j in enumerate(jobs) if i % cfg.num_tasks == cfg.task_index]
         todo = [j for j in mine if not _already_done(j, tokenizer)]
-        batched_builder_class()  # import megatron-core once, before forking workers and timing
         t0 = time.time()
         try:
             results = _run_jobs(todo, tokenizer, cfg)

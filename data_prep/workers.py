@@ -36,8 +36,8 @@ def run_in_workers(
     """[work(job, progress) for job in jobs], run in up to `workers` forked processes; results
     in the order the jobs finish. The first failure (an exception in a worker, a worker's death,
     KeyboardInterrupt in the parent) terminates the running workers, starts no more, and is
-    raised. Fork: workers inherit what the parent imported and loaded (megatron-core, the
-    tokenizer) instead of loading it each."""
+    raised. Fork: workers inherit what the parent imported and loaded (the tokenizer) instead
+    of loading it each."""
     ctx = mp.get_context("fork")
     queue = list(jobs)
     running: dict = {}  # receiving end of a worker's pipe -> (process, job)

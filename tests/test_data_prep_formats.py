@@ -7,7 +7,6 @@ import gzip
 import json
 import os
 
-import numpy as np
 import pytest
 import zstandard
 from test_data_prep_support import read_shard, spm_model, stdlib_docs
@@ -129,24 +128,6 @@ def test_manifest_records_shards_and_tokenizer(tmp_path):
         len(ids) for ids in read_shard(str(tmp_path / "out" / "shard-00000"))
     )
     assert len(shard["sha256"]) == 64 and shard["skipped_documents"] == {}
-
-
-def test_batched_builder_matches_add_document(tmp_path):
-    """add_documents relies on IndexedDatasetBuilder internals: same bytes as add_document."""
-    from mtp_dist.compat.megatron_data import batched_builder_class
-
-    cls = batched_builder_class()
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(0, 400, size=n).astype(np.uint16) for n in (5, 1, 17, 3)]
-    a = cls(str(tmp_path / "a.bin"), dtype=np.uint16)
-    for d in docs:
-        a.add_document(d, [d.size])
-    a.finalize(str(tmp_path / "a.idx"))
-    b = cls(str(tmp_path / "b.bin"), dtype=np.uint16)
-    b.add_documents(np.concatenate(docs), np.array([d.size for d in docs]))
-    b.finalize(str(tmp_path / "b.idx"))
-    for ext in ("bin", "idx"):
-        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()
 
 
 def test_sentencepiece_training_is_deterministic(tmp_path):

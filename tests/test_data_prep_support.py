@@ -46,9 +46,9 @@ def spm_model(vocab_size: int = 400) -> str:
 
 def read_shard(prefix: str) -> list[np.ndarray]:
     """Every document of a .bin/.idx shard, read with megatron-core's own reader."""
-    from mtp_dist.compat.megatron_data import batched_builder_class
+    from mtp_dist.compat import ignore_known_warnings
 
-    batched_builder_class()  # quiet import of megatron.core
+    ignore_known_warnings()  # megatron-core's import notes that Apex/TE are absent
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
