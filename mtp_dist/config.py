@@ -111,6 +111,14 @@ class TrainConfig:
     watchdog_seconds: float = 1800.0
     """A rank that makes no progress (no step, no evaluation, no checkpoint) for this long prints
     where every thread is and exits with status 4. 0 turns the watchdog off."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce the data-parallel gradients in buckets while the backward still runs (megatron
+    DDP's overlap_grad_reduce; DeepSpeed's zero_optimization.overlap_comm). null: on on GPU,
+    off on CPU (where the result is the same and the async path only costs)."""
+    overlap_param_gather: bool | None = None
+    """engine=megatron: all-gather the distributed optimizer's updated parameters during the
+    next forward instead of at the end of the step; needs train.overlap_grad_reduce. null: on
+    wherever train.overlap_grad_reduce is (megatron engine only)."""
 
 
 @dataclass
@@ -249,6 +257,7 @@ def validate(c: Config) -> None:
             f"train.eval_interval={c.train.eval_interval} but data.split={d.split!r} has no "
             "validation part: give it one (e.g. 98,1,1) or set train.eval_interval=0",
         )
+    _validate_overlap(c)
     _need(c.checkpoint.interval >= 0, "checkpoint.interval must be >= 0 (0: only at the end)")
     _need(c.checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (the last K are kept)")
     _need(c.logging.interval >= 1, "logging.interval must be >= 1 (print every N steps)")
@@ -310,6 +319,22 @@ def _validate_model(m: ModelConfig, p: ParallelConfig) -> None:
             f"model.n_future_tokens={m.n_future_tokens}: give one weight per head",
         )
     _weights(m.head_loss_weights, "model.head_loss_weights")
+
+
+def _validate_overlap(c: Config) -> None:
+    """The explicit combinations; run_plan.resolve checks the ones the device's defaults make."""
+    t = c.train
+    if t.overlap_param_gather and c.engine != "megatron":
+        raise ConfigError(
+            f"train.overlap_param_gather=true needs megatron's distributed optimizer, but "
+            f"engine={c.engine}: set engine=megatron or train.overlap_param_gather=false"
+        )
+    if t.overlap_param_gather and t.overlap_grad_reduce is False:
+        raise ConfigError(
+            "train.overlap_param_gather=true needs train.overlap_grad_reduce (megatron-core "
+            "overlaps the parameter all-gather only with it): set train.overlap_grad_reduce=true "
+            "or train.overlap_param_gather=false"
+        )
 
 
 def _validate_train(t: TrainConfig) -> None:

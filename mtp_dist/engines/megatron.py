@@ -5,6 +5,7 @@ and DP)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -38,6 +39,35 @@ def checkpoint_metadata(on_gpu: bool) -> dict:
     }
 
 
+@contextlib.contextmanager
+def heads_grad_sync(ddp: DistributedDataParallel, is_last: bool):
+    """Around one microbatch's forward: megatron DDP registers a gradient as ready (for the
+    overlapped bucket reduction) only where its bucket's is_last_microbatch is set, the flag
+    that `no_sync` clears. The sequential heads run their backward inside the forward, and
+    megatron-core's schedules do not keep that flag right for it: the 1F1B schedule runs the
+    last microbatch's forward with the reduction still disabled, so the heads' gradients
+    would never be registered and a bucket that also holds trunk parameters would never be
+    complete; a bucket of heads only would wait for the end of the step. Here the flag is
+    set for the duration of the forward from the microbatch count, whatever the schedule,
+    so the heads' parameters (and the unembedding's and the final norm's, whose hooks fire
+    once per head) are registered once per step, in the last microbatch, after all their
+    gradients have been accumulated: megatron counts each parameter's hook calls in the
+    first step and, from the second on, reduces a bucket once every parameter in it has
+    reached its count. A bucket of heads' parameters thus starts reducing as soon as the
+    last head's backward is done, overlapping the trunk's backward of the last
+    microbatch. The trunk's own hooks fire in the schedule's backward, after the flag is
+    restored. On other microbatches the flag is cleared, as the schedule's no_sync does."""
+    groups = ddp.bucket_groups + ddp.expert_parallel_bucket_groups
+    saved = [g.is_last_microbatch for g in groups]
+    for g in groups:
+        g.is_last_microbatch = is_last
+    try:
+        yield
+    finally:
+        for g, flag in zip(groups, saved, strict=True):
+            g.is_last_microbatch = flag
+
+
 class MegatronEngine:
     @classmethod
     def check_config(cls, cfg: Config, plan: RunPlan) -> None:
@@ -58,9 +88,11 @@ class MegatronEngine:
         self.dims = dims
         self.model = model
         tcfg = model.config
+        self.overlap_param_gather = plan.overlap_param_gather
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=plan.overlap_grad_reduce,
+            overlap_param_gather=plan.overlap_param_gather,
             use_distributed_optimizer=True,
             check_for_nan_in_grad=False,
         )
@@ -84,6 +116,9 @@ class MegatronEngine:
         tcfg.no_sync_func = self.ddp.no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
         tcfg.grad_scale_func = None
+        self.forward_grad_sync = (
+            functools.partial(heads_grad_sync, self.ddp) if plan.overlap_grad_reduce else None
+        )
 
     @property
     def lr(self) -> float:
@@ -98,11 +133,26 @@ class MegatronEngine:
         dist.all_reduce(bad)
         return bad.item() == 0
 
-    def train_step(self, microbatches) -> TrainStepResult:
+    def forward_backward(self, microbatches) -> StepResult:
+        """The step's gradients, reduced over data-parallel ranks into the grad buffers."""
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.ddp.train()
-        result = run_schedule(self.ddp, microbatches, self.cfg.model.seq_length)
+        return run_schedule(
+            self.ddp,
+            microbatches,
+            self.cfg.model.seq_length,
+            forward_grad_sync=self.forward_grad_sync,
+        )
+
+    def sync_params(self) -> None:
+        """With overlap_param_gather the optimizer step leaves each rank's parameters
+        partly stale until the next forward gathers them: gather them now (for a save)."""
+        if self.overlap_param_gather:
+            self.ddp.start_param_sync(force_sync=True)
+
+    def train_step(self, microbatches) -> TrainStepResult:
+        result = self.forward_backward(microbatches)
         lr = self.lr
         applied, norm = False, float("nan")
         if self._grads_finite():
@@ -133,6 +183,7 @@ class MegatronEngine:
         return state
 
     def save(self, directory: str) -> None:
+        self.sync_params()
         fixes.ensure_optimizer_state(self.optimizer)
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
