@@ -113,8 +113,10 @@ class TrainConfig:
     where every thread is and exits with status 4. 0 turns the watchdog off."""
     overlap_grad_reduce: bool | None = None
     """Reduce the data-parallel gradients in buckets while the backward still runs (megatron
-    DDP's overlap_grad_reduce; DeepSpeed's zero_optimization.overlap_comm). null: on on GPU,
-    off on CPU (where the result is the same and the async path only costs)."""
+    DDP's overlap_grad_reduce: the heads' bucket reduces during the trunk's backward of the
+    last microbatch). engine=deepspeed: zero_optimization.overlap_comm, which overlaps the
+    bucket reductions with each other only, since that engine reduces once after the last
+    backward. null: on on GPU, off on CPU (same results there; the async path only costs)."""
     overlap_param_gather: bool | None = None
     """engine=megatron: all-gather the distributed optimizer's updated parameters during the
     next forward instead of at the end of the step; needs train.overlap_grad_reduce. null: on

@@ -39,33 +39,44 @@ def checkpoint_metadata(on_gpu: bool) -> dict:
     }
 
 
-@contextlib.contextmanager
+HEADS_PREFIXES = ("heads.", "output_layer.")
+"""The parameters whose gradients the sequential heads produce inside the forward (the
+unembedding when it is not tied to the input embedding, which the trunk's backward reaches)."""
+
+
 def heads_grad_sync(ddp: DistributedDataParallel, is_last: bool):
-    """Around one microbatch's forward: megatron DDP registers a gradient as ready (for the
-    overlapped bucket reduction) only where its bucket's is_last_microbatch is set, the flag
-    that `no_sync` clears. The sequential heads run their backward inside the forward, and
-    megatron-core's schedules do not keep that flag right for it: the 1F1B schedule runs the
-    last microbatch's forward with the reduction still disabled, so the heads' gradients
-    would never be registered and a bucket that also holds trunk parameters would never be
-    complete; a bucket of heads only would wait for the end of the step. Here the flag is
-    set for the duration of the forward from the microbatch count, whatever the schedule,
-    so the heads' parameters (and the unembedding's and the final norm's, whose hooks fire
-    once per head) are registered once per step, in the last microbatch, after all their
-    gradients have been accumulated: megatron counts each parameter's hook calls in the
-    first step and, from the second on, reduces a bucket once every parameter in it has
-    reached its count. A bucket of heads' parameters thus starts reducing as soon as the
-    last head's backward is done, overlapping the trunk's backward of the last
-    microbatch. The trunk's own hooks fire in the schedule's backward, after the flag is
-    restored. On other microbatches the flag is cleared, as the schedule's no_sync does."""
-    groups = ddp.bucket_groups + ddp.expert_parallel_bucket_groups
-    saved = [g.is_last_microbatch for g in groups]
-    for g in groups:
-        g.is_last_microbatch = is_last
-    try:
-        yield
-    finally:
-        for g, flag in zip(groups, saved, strict=True):
-            g.is_last_microbatch = flag
+    """Around one microbatch's forward (schedule.run_schedule's forward_grad_sync).
+
+    Megatron DDP registers a gradient as ready for the overlapped bucket reduction only while
+    grad sync is on, which `no_sync` turns off. The sequential heads run their backward inside
+    the forward, where megatron-core's schedules do not keep that state right for them: the
+    1F1B schedule runs the last microbatch's forward with grad sync still off (it turns it on
+    just before that microbatch's backward), so the heads' gradients were never registered and
+    a bucket that also held trunk parameters never completed (megatron asserts at the next
+    step). Here grad sync is on during the last microbatch's forward and off during the
+    others', whatever the schedule, so each head's parameters (and the unembedding's and the
+    final norm's, whose hooks fire once per head) register once per step, in the last
+    microbatch, after every microbatch's gradients have been accumulated: megatron counts each
+    parameter's hook calls in the first step and, from the second on, starts a bucket's
+    reduction when every parameter in it has reached its count. With heads_bucket_size the
+    heads' bucket thus starts reducing when the last head's backward ends, overlapping the
+    trunk's backward of the last microbatch. The trunk's own hooks fire in the schedule's
+    backward, after the previous state is restored."""
+    return fixes.grad_sync(ddp, enabled=is_last)
+
+
+def heads_bucket_size(model: torch.nn.Module) -> int | None:
+    """A DDP bucket size that makes the heads' parameters exactly the first bucket (megatron
+    fills buckets from the last parameter backwards: the unembedding, the final norm and the
+    heads come first), so their reduction does not wait for trunk layers sharing a bucket.
+    The trunk's buckets are then as large as the heads' (n layers and the unembedding: a few
+    trunk layers' worth). None (megatron's default size) if the heads do not come last."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    count = sum(1 for name, _ in named if name.startswith(HEADS_PREFIXES))
+    tail = named[len(named) - count :]
+    if count == 0 or not all(name.startswith(HEADS_PREFIXES) for name, _ in tail):
+        return None
+    return fixes.first_bucket_size([p for _, p in named], count)
 
 
 class MegatronEngine:
@@ -93,6 +104,7 @@ class MegatronEngine:
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=plan.overlap_grad_reduce,
             overlap_param_gather=plan.overlap_param_gather,
+            bucket_size=heads_bucket_size(model) if plan.overlap_grad_reduce else None,
             use_distributed_optimizer=True,
             check_for_nan_in_grad=False,
         )

@@ -27,6 +27,7 @@ from megatron.core.distributed.param_and_grad_buffer import shard_buffer  # noqa
 
 from mtp_dist import config as C  # noqa: E402
 from mtp_dist import distributed, engines  # noqa: E402
+from mtp_dist.engines.megatron import HEADS_PREFIXES  # noqa: E402
 from mtp_dist.model.weights import full_grads, full_state  # noqa: E402
 from mtp_dist.run_plan import resolve  # noqa: E402
 
@@ -66,6 +67,39 @@ def reduced_grads(engine) -> dict:
     return full_grads(engine.model)
 
 
+def trace_reductions(engine) -> list:
+    """Records, in order, each gradient megatron DDP registers as ready while grad sync is on
+    (whether it is a head's) and each bucket reduction it starts (whether of heads only)."""
+    names = {p: name for name, p in engine.model.named_parameters()}
+    events = []
+
+    def traced(group):
+        heads_only = all(names[p].startswith(HEADS_PREFIXES) for p in group.params)
+        register, start = group.register_grad_ready, group.start_grad_sync
+
+        def register_grad_ready(param, *args, **kwargs):
+            if group.is_last_microbatch:
+                events.append(("ready", names[param].startswith(HEADS_PREFIXES)))
+            return register(param, *args, **kwargs)
+
+        def start_grad_sync(*args, **kwargs):
+            events.append(("start", heads_only))
+            return start(*args, **kwargs)
+
+        group.register_grad_ready = register_grad_ready
+        group.start_grad_sync = start_grad_sync
+
+    for group in engine.ddp.bucket_groups:
+        traced(group)
+    return events
+
+
+def bucket_params(engine) -> list[list[str]]:
+    """Each bucket group's parameter names, in megatron's order of the groups."""
+    names = {p: name for name, p in engine.model.named_parameters()}
+    return [sorted(names[p] for p in g.params) for g in engine.ddp.bucket_groups]
+
+
 def run_case(case: dict, out_dir: str) -> None:
     engine_name = case.get("engine", "megatron")
     overrides = [
@@ -86,8 +120,6 @@ def run_case(case: dict, out_dir: str) -> None:
     engines.check_config(cfg, plan)
     model = engines.build_model(cfg, plan, dims)
     engine = engines.build_engine(cfg, plan, dims, model)
-    if case.get("unfixed"):
-        engine.forward_grad_sync = None
     n = cfg.model.n_future_tokens
     rows = []
     for step in range(STEPS - 1):
@@ -98,7 +130,10 @@ def run_case(case: dict, out_dir: str) -> None:
     if engine_name == "megatron":
         engine.sync_params()
         payload["weights"] = full_state(model)
+        payload["buckets"] = bucket_params(engine)
+        events = trace_reductions(engine) if plan.overlap_grad_reduce else []
         r = engine.forward_backward(my_microbatches(cfg, dims, STEPS - 1))
+        payload["events"] = events
         vals = dp_mean(dims, [r.loss, *r.head_losses], 1 + n)
         rows.append({"loss": vals[0], "heads": vals[1:]})
         payload["grads"] = reduced_grads(engine)
