@@ -24,8 +24,8 @@ for the grad norm, summed over other buckets)."""
 GRAD_ATOL = 1e-7
 """Reduced gradients of magnitude ~1e-3..1e-1 (measured: equal)."""
 WEIGHT_ATOL = 1e-6
-"""Weights after two AdamW steps, each of which moves a weight by up to ~lr = 1e-3: a
-different bucket layout sums the clipping norm in another order (measured: up to 1e-7)."""
+"""Weights after an AdamW step, which moves a weight by up to ~lr = 1e-3: a different bucket
+layout sums the clipping norm in another order (measured: up to 1e-7)."""
 
 OFF = ["train.overlap_grad_reduce=false"]
 GRAD = ["train.overlap_grad_reduce=true", "train.overlap_param_gather=false"]
@@ -98,7 +98,7 @@ def test_overlap_gives_the_same_losses_gradients_and_weights(results, on, off):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dp2_n1_on", "dp2_n4_on", "tp2_n4_on"])
 def test_heads_bucket_reduces_once_before_the_trunk_backward(results, name):
-    """The heads (and the unembedding) are the first bucket; in a step after the first, each
+    """The heads (and the unembedding) are the first bucket; in the second step, each
     bucket's reduction starts once, and the heads' starts before any trunk gradient of the
     last microbatch is ready: it overlaps the trunk's backward."""
     r = results(name)

@@ -3,8 +3,8 @@
 Each case trains the tiny MTP model (configs/tiny.yaml) with one engine and one overlap setting
 on the same deterministic global batches, several microbatches per rank. Megatron counts each
 gradient hook's calls in the first step and overlaps the reduction only from the second, so
-every case runs STEPS steps: all but the last through the engine's train_step, the last one's
-forward and backward only, after which rank 0 saves the data-parallel reduced gradients as
+every case runs two steps: the first through the engine's train_step, the second's forward
+and backward only (megatron engine), after which rank 0 saves the data-parallel reduced gradients as
 full tensors (megatron engine), the weights the optimizer steps produced, and every step's
 loss, head losses and grad norm, to OUT/<case name>.pt. Many cases per launch keep it fast.
 """
@@ -32,7 +32,7 @@ from mtp_dist.model.weights import full_grads, full_state  # noqa: E402
 from mtp_dist.run_plan import resolve  # noqa: E402
 
 SEED = 5
-STEPS = 3
+STEPS = 2
 
 
 def my_microbatches(cfg: C.Config, dims, step: int) -> list[dict]:
@@ -111,6 +111,8 @@ def run_case(case: dict, out_dir: str) -> None:
         "model.head_backward=sequential",
         # 8 samples, microbatches of 1: 4 per rank at DP2.
         "train.micro_batch_size=1",
+        # The first step updates the weights (no warm-up from lr 0).
+        "train.warmup_steps=0",
         *case.get("overrides", []),
     ]
     cfg = C.load("configs/tiny.yaml", overrides)
