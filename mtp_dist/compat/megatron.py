@@ -19,6 +19,13 @@
   the sequential heads' in-forward backward; and the bucket boundaries follow from the
   buffer's private layout (parameters in reverse order, starts padded to 64 elements with
   the distributed optimizer), from which `first_bucket_size` computes a bucket size.
+- The fully-reshardable optimizer checkpoint with more than one DDP bucket (megatron-core
+  issue #504): the gathered "world" state drops the padding at the end of every bucket, but is
+  sliced per parameter at the parameter's offset in the padded buffer, so every parameter
+  after the first bucket gets another parameter's Adam state (and the last ones zeros) on save
+  and on load. One bucket (no overlap) has no such padding. `keep_bucket_padding` makes every
+  bucket but the last count its end padding as its own (its `numel_unpadded`), which both the
+  save and the load read, so the world state keeps the padded layout the offsets refer to.
 """
 
 from __future__ import annotations
@@ -72,6 +79,20 @@ UPSTREAM = [
         "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer.__init__",
         "for param in params[::-1]:",
     ),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "get_parameter_state_dp_zero",
+        "gets rid of the padding between buckets",
+    ),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "sharded_param_state_fully_reshardable",
+        "world_tensors[state_key][param_world_start:param_world_end]",
+    ),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
+        "bucket.numel_unpadded for bucket in buffer.buckets",
+    ),
 ]
 
 _APPLIED = False
@@ -90,6 +111,15 @@ def grad_sync(ddp, enabled: bool):
     finally:
         for g, flag in zip(groups, saved, strict=True):
             g.is_last_microbatch = flag
+
+
+def keep_bucket_padding(ddp) -> None:
+    """Before the distributed optimizer is built (it records the buckets' sizes): see the
+    module's docstring (issue #504)."""
+    for buffer in ddp.buffers + ddp.expert_parallel_buffers:
+        for bucket in buffer.buckets[:-1]:
+            bucket.numel_unpadded = bucket.grad_data.numel()
+        buffer.numel_unpadded = sum(b.numel_unpadded for b in buffer.buckets)
 
 
 def first_bucket_size(params_in_order: list[torch.Tensor], count: int) -> int:

@@ -109,6 +109,7 @@ class MegatronEngine:
             check_for_nan_in_grad=False,
         )
         self.ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
+        fixes.keep_bucket_padding(self.ddp)
         t = cfg.train
         opt_config = OptimizerConfig(
             optimizer="adam",

@@ -6,7 +6,9 @@ gradient hook's calls in the first step and overlaps the reduction only from the
 every case runs two steps: the first through the engine's train_step, the second's forward
 and backward only (megatron engine), after which rank 0 saves the data-parallel reduced gradients as
 full tensors (megatron engine), the weights the optimizer steps produced, and every step's
-loss, head losses and grad norm, to OUT/<case name>.pt. Many cases per launch keep it fast.
+loss, head losses and grad norm, to OUT/<case name>.pt. A resume case checks that a checkpoint
+saved with one overlap setting (bucket layout) continues exactly with another. Many cases per
+launch keep it fast.
 """
 
 from __future__ import annotations
@@ -100,8 +102,7 @@ def bucket_params(engine) -> list[list[str]]:
     return [sorted(names[p] for p in g.params) for g in engine.ddp.bucket_groups]
 
 
-def run_case(case: dict, out_dir: str) -> None:
-    engine_name = case.get("engine", "megatron")
+def load_config(case: dict, engine_name: str, extra: list[str]) -> C.Config:
     overrides = [
         f"engine={engine_name}",
         f"train.seed={SEED}",
@@ -113,9 +114,43 @@ def run_case(case: dict, out_dir: str) -> None:
         "train.micro_batch_size=1",
         # The first step updates the weights (no warm-up from lr 0).
         "train.warmup_steps=0",
-        *case.get("overrides", []),
+        *extra,
     ]
-    cfg = C.load("configs/tiny.yaml", overrides)
+    return C.load("configs/tiny.yaml", overrides)
+
+
+def run_resume_case(case: dict, out_dir: str) -> None:
+    """Step 0 with case["save"]'s overlap settings and a checkpoint, then step 1 twice: on
+    that engine, and on a fresh engine with case["load"]'s settings (another bucket layout)
+    loaded from the checkpoint. Saves both weights after step 1."""
+    cfg = load_config(case, "megatron", case["save"])
+    dims = distributed.init(1, 1, seed=SEED)
+    plan = resolve(cfg, dims.world_size, on_gpu=False)
+    engine = engines.build_engine(cfg, plan, dims, engines.build_model(cfg, plan, dims))
+    engine.train_step(my_microbatches(cfg, dims, 0))
+    directory = os.path.join(out_dir, case["name"] + "_checkpoint")
+    if dims.rank == 0:
+        os.makedirs(directory)
+    dist.barrier()
+    engine.save(directory)
+    engine.train_step(my_microbatches(cfg, dims, 1))
+    engine.sync_params()
+    continued = full_state(engine.model)
+    cfg = load_config(case, "megatron", case["load"])
+    plan = resolve(cfg, dims.world_size, on_gpu=False)
+    resumed = engines.build_engine(cfg, plan, dims, engines.build_model(cfg, plan, dims))
+    resumed.load(directory)
+    resumed.train_step(my_microbatches(cfg, dims, 1))
+    resumed.sync_params()
+    payload = {"continued": continued, "resumed": full_state(resumed.model)}
+    if dims.rank == 0:
+        torch.save(payload, os.path.join(out_dir, case["name"] + ".pt"))
+    dist.barrier()
+
+
+def run_case(case: dict, out_dir: str) -> None:
+    engine_name = case.get("engine", "megatron")
+    cfg = load_config(case, engine_name, case.get("overrides", []))
     p = cfg.parallel
     dims = distributed.init(p.tensor, p.pipeline, seed=SEED)
     plan = resolve(cfg, dims.world_size, on_gpu=False)
@@ -154,7 +189,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     for case in json.loads(args.cases):
-        run_case(case, args.out)
+        if case.get("kind") == "resume":
+            run_resume_case(case, args.out)
+        else:
+            run_case(case, args.out)
     distributed.destroy()
 
 
