@@ -70,7 +70,9 @@ def heads_bucket_size(model: torch.nn.Module) -> int | None:
     fills buckets from the last parameter backwards: the unembedding, the final norm and the
     heads come first), so their reduction does not wait for trunk layers sharing a bucket.
     The trunk's buckets are then as large as the heads' (n layers and the unembedding: a few
-    trunk layers' worth). None (megatron's default size) if the heads do not come last."""
+    trunk layers' worth). None (megatron's default size) if the heads do not come last.
+    With a pipeline the heads' stage is not the first, where megatron makes one bucket
+    anyway: its reduction, after its last backward, is not on the critical path."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     count = sum(1 for name, _ in named if name.startswith(HEADS_PREFIXES))
     tail = named[len(named) - count :]
@@ -109,6 +111,7 @@ class MegatronEngine:
             check_for_nan_in_grad=False,
         )
         self.ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
+        # Several buckets (overlap) would corrupt the fully-reshardable optimizer checkpoint.
         fixes.keep_bucket_padding(self.ddp)
         t = cfg.train
         opt_config = OptimizerConfig(
