@@ -117,6 +117,16 @@ class TrainConfig:
     watchdog_seconds: float = 1800.0
     """A rank that makes no progress (no step, no evaluation, no checkpoint) for this long prints
     where every thread is and exits with status 4. 0 turns the watchdog off."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce the data-parallel gradients in buckets while the backward still runs (megatron
+    DDP's overlap_grad_reduce: the heads' bucket reduces during the trunk's backward of the
+    last microbatch). engine=deepspeed: zero_optimization.overlap_comm, which overlaps the
+    bucket reductions with each other only, since that engine reduces once after the last
+    backward. null: on on GPU, off on CPU (same results there; the async path only costs)."""
+    overlap_param_gather: bool | None = None
+    """engine=megatron: all-gather the distributed optimizer's updated parameters during the
+    next forward instead of at the end of the step; needs train.overlap_grad_reduce. null: on
+    wherever train.overlap_grad_reduce is (megatron engine only)."""
 
 
 @dataclass
@@ -261,6 +271,7 @@ def validate(c: Config) -> None:
             f"train.eval_interval={c.train.eval_interval} but data.split={d.split!r} has no "
             "validation part: give it one (e.g. 98,1,1) or set train.eval_interval=0",
         )
+    _validate_overlap(c)
     _need(c.checkpoint.interval >= 0, "checkpoint.interval must be >= 0 (0: only at the end)")
     _need(c.checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (the last K are kept)")
     _need(c.logging.interval >= 1, "logging.interval must be >= 1 (print every N steps)")
@@ -327,6 +338,22 @@ def _validate_model(m: ModelConfig, p: ParallelConfig) -> None:
         "model.init_from is empty: give a Hugging Face directory, an export or a checkpoint "
         "(or null for random weights)",
     )
+
+
+def _validate_overlap(c: Config) -> None:
+    """The explicit combinations; run_plan.resolve checks the ones the device's defaults make."""
+    t = c.train
+    if t.overlap_param_gather and c.engine != "megatron":
+        raise ConfigError(
+            f"train.overlap_param_gather=true needs megatron's distributed optimizer, but "
+            f"engine={c.engine}: set engine=megatron or train.overlap_param_gather=false"
+        )
+    if t.overlap_param_gather and t.overlap_grad_reduce is False:
+        raise ConfigError(
+            "train.overlap_param_gather=true needs train.overlap_grad_reduce (megatron-core "
+            "overlaps the parameter all-gather only with it): set train.overlap_grad_reduce=true "
+            "or train.overlap_param_gather=false"
+        )
 
 
 def _validate_train(t: TrainConfig) -> None:

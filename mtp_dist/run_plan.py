@@ -32,6 +32,10 @@ class RunPlan:
     eval_samples: int
     """Samples the run draws for evaluation (every evaluation); 0: no validation set."""
     tokens_per_step: int
+    overlap_grad_reduce: bool = False
+    """train.overlap_grad_reduce, with null = on on GPU."""
+    overlap_param_gather: bool = False
+    """train.overlap_param_gather, with null = as overlap_grad_reduce (megatron engine only)."""
 
     @property
     def torch_dtype(self):
@@ -55,6 +59,16 @@ def resolve(cfg: Config, world_size: int, on_gpu: bool) -> RunPlan:
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}: "
             "change one of them"
         )
+    overlap_grad = on_gpu if t.overlap_grad_reduce is None else t.overlap_grad_reduce
+    overlap_gather = t.overlap_param_gather
+    if overlap_gather is None:
+        overlap_gather = overlap_grad and cfg.engine == "megatron"
+    if overlap_gather and not overlap_grad:
+        raise ConfigError(
+            "train.overlap_param_gather=true needs train.overlap_grad_reduce, which is off by "
+            "default without a GPU: set train.overlap_grad_reduce=true or "
+            "train.overlap_param_gather=false"
+        )
     evals = t.steps // t.eval_interval + 1 if t.eval_interval else 0
     return RunPlan(
         world_size=world_size,
@@ -68,4 +82,6 @@ def resolve(cfg: Config, world_size: int, on_gpu: bool) -> RunPlan:
         train_samples=t.steps * t.global_batch_size,
         eval_samples=evals * t.eval_steps * t.global_batch_size,
         tokens_per_step=t.global_batch_size * cfg.model.seq_length,
+        overlap_grad_reduce=overlap_grad,
+        overlap_param_gather=overlap_gather,
     )

@@ -5,11 +5,17 @@ so the stock schedules (no pipelining, 1F1B) drive the MTP model unchanged. The 
 divides the last stage's loss by the number of microbatches (and multiplies it by the context-
 parallel size and the fp16 loss scale); the sequential heads need that factor up front, so it
 is computed here and passed to the model as `loss_scale`.
+
+The sequential heads also run their backward inside the forward, so a data-parallel wrapper
+that overlaps the gradient reduction must learn which forward belongs to the last microbatch:
+`forward_grad_sync(is_last)` (given by the engine) is entered around every forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 
@@ -66,10 +72,30 @@ def _loss_func(output: HeadOutput):
     return output.loss, microbatch_stats(output)
 
 
-def forward_step(data_iterator: Iterator[dict[str, Tensor]], model, loss_scale: float):
+def forward_step(
+    data_iterator: Iterator[dict[str, Tensor]],
+    model,
+    loss_scale: float,
+    grad_sync: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+):
     batch = batch_to(next(data_iterator), next(model.parameters()).device)
-    output = model(batch["tokens"], loss_mask=batch.get("loss_mask"), loss_scale=loss_scale)
+    with grad_sync():
+        output = model(batch["tokens"], loss_mask=batch.get("loss_mask"), loss_scale=loss_scale)
     return output, _loss_func
+
+
+class _ForwardCounter:
+    """grad_sync for forward_step: forward_grad_sync(is_last) around each forward. A stage
+    runs its forwards in microbatch order under every schedule, so the count says which is
+    the last."""
+
+    def __init__(self, num_microbatches: int, forward_grad_sync):
+        self.remaining = num_microbatches
+        self.forward_grad_sync = forward_grad_sync
+
+    def __call__(self) -> AbstractContextManager:
+        self.remaining -= 1
+        return self.forward_grad_sync(self.remaining == 0)
 
 
 def run_schedule(
@@ -77,17 +103,22 @@ def run_schedule(
     microbatches: list[dict[str, Tensor]],
     seq_length: int,
     forward_only: bool = False,
+    forward_grad_sync: Callable[[bool], AbstractContextManager] | None = None,
 ) -> StepResult:
     """Forward (and backward unless forward_only) of all microbatches of this rank; gradients
-    accumulate into the parameters (or megatron DDP's main_grad)."""
+    accumulate into the parameters (or megatron DDP's main_grad). forward_grad_sync(is_last),
+    if given, is entered around each training forward (see the module's docstring)."""
     num_mb = len(microbatches)
     config = get_attr_wrapped_model(model, "config")
     scale = schedule_loss_scale(config, num_mb)
     fb = get_forward_backward_func()
     grad_mode = torch.no_grad() if forward_only else torch.enable_grad()
+    step = partial(forward_step, loss_scale=scale)
+    if forward_grad_sync is not None and not forward_only:
+        step = partial(step, grad_sync=_ForwardCounter(num_mb, forward_grad_sync))
     with grad_mode:
         stats = fb(
-            forward_step_func=partial(forward_step, loss_scale=scale),
+            forward_step_func=step,
             data_iterator=iter(microbatches),
             model=[model],
             num_microbatches=num_mb,

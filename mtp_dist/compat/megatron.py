@@ -14,10 +14,23 @@
   very save the signal asks for fails (BrokenPipeError). Our saves are synchronous: the results
   are put and read in the saving process itself, so a plain in-process queue serves, with no
   server to kill.
+- DDP's overlapped gradient reduction: whether a hook registers a gradient as ready is the
+  bucket groups' `is_last_microbatch` flag (what `no_sync` toggles), set here directly for
+  the sequential heads' in-forward backward; and the bucket boundaries follow from the
+  buffer's private layout (parameters in reverse order, starts padded to 64 elements with
+  the distributed optimizer), from which `first_bucket_size` computes a bucket size.
+- The fully-reshardable optimizer checkpoint with more than one DDP bucket (megatron-core
+  issue #504): the gathered "world" state drops the padding at the end of every bucket, but is
+  sliced per parameter at the parameter's offset in the padded buffer, so every parameter
+  after the first bucket gets another parameter's Adam state (and the last ones zeros) on save
+  and on load. One bucket (no overlap) has no such padding. `keep_bucket_padding` makes every
+  bucket but the last count its end padding as its own (its `numel_unpadded`), which both the
+  save and the load read, so the world state keeps the padded layout the offsets refer to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 
@@ -45,9 +58,80 @@ UPSTREAM = [
         "megatron.core.dist_checkpointing.strategies.filesystem_async:_get_write_results_queue",
         "_results_queue = ctx.Manager().Queue()",
     ),
+    Upstream(
+        "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.no_sync",
+        "bucket_group.is_last_microbatch = False",
+    ),
+    Upstream(
+        "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup."
+        "register_grad_ready",
+        "if self.is_last_microbatch:",
+    ),
+    Upstream(
+        "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer.__init__",
+        "return _pad(param_start_index, 64)",
+    ),
+    Upstream(
+        "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer.__init__",
+        "bucket_size is not None and (param_end_index - bucket_start_index) >= bucket_size",
+    ),
+    Upstream(
+        "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer.__init__",
+        "for param in params[::-1]:",
+    ),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "get_parameter_state_dp_zero",
+        "gets rid of the padding between buckets",
+    ),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "sharded_param_state_fully_reshardable",
+        "world_tensors[state_key][param_world_start:param_world_end]",
+    ),
+    Upstream(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
+        "bucket.numel_unpadded for bucket in buffer.buckets",
+    ),
 ]
 
 _APPLIED = False
+
+
+@contextlib.contextmanager
+def grad_sync(ddp, enabled: bool):
+    """Within: DDP's hooks register gradients as ready for the overlapped reduction (enabled)
+    or only accumulate them (not enabled, as under `no_sync`); the previous state after."""
+    groups = ddp.bucket_groups + ddp.expert_parallel_bucket_groups
+    saved = [g.is_last_microbatch for g in groups]
+    for g in groups:
+        g.is_last_microbatch = enabled
+    try:
+        yield
+    finally:
+        for g, flag in zip(groups, saved, strict=True):
+            g.is_last_microbatch = flag
+
+
+def keep_bucket_padding(ddp) -> None:
+    """Before the distributed optimizer is built (it records the buckets' sizes): see the
+    module's docstring (issue #504)."""
+    for buffer in ddp.buffers + ddp.expert_parallel_buffers:
+        for bucket in buffer.buckets[:-1]:
+            bucket.numel_unpadded = bucket.grad_data.numel()
+        buffer.numel_unpadded = sum(b.numel_unpadded for b in buffer.buckets)
+
+
+def first_bucket_size(params_in_order: list[torch.Tensor], count: int) -> int:
+    """The DDP bucket_size (distributed optimizer) whose first bucket holds exactly the last
+    `count` of the buffer's parameters (given in module order): megatron fills buckets from
+    the last parameter backwards, starts each at a multiple of 64 elements, and closes a
+    bucket after the parameter whose end reaches bucket_size. Ends grow strictly, so only
+    the count-th parameter's end reaches it."""
+    end = 0
+    for p in params_in_order[::-1][:count]:
+        end = -(-end // 64) * 64 + p.numel()
+    return end
 
 
 def apply() -> None:

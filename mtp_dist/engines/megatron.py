@@ -5,6 +5,7 @@ and DP)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -38,6 +39,48 @@ def checkpoint_metadata(on_gpu: bool) -> dict:
     }
 
 
+HEADS_PREFIXES = ("heads.", "output_layer.")
+"""The parameters whose gradients the sequential heads produce inside the forward (the
+unembedding when it is not tied to the input embedding, which the trunk's backward reaches)."""
+
+
+def heads_grad_sync(ddp: DistributedDataParallel, is_last: bool):
+    """Around one microbatch's forward (schedule.run_schedule's forward_grad_sync).
+
+    Megatron DDP registers a gradient as ready for the overlapped bucket reduction only while
+    grad sync is on, which `no_sync` turns off. The sequential heads run their backward inside
+    the forward, where megatron-core's schedules do not keep that state right for them: the
+    1F1B schedule runs the last microbatch's forward with grad sync still off (it turns it on
+    just before that microbatch's backward), so the heads' gradients were never registered and
+    a bucket that also held trunk parameters never completed (megatron asserts at the next
+    step). Here grad sync is on during the last microbatch's forward and off during the
+    others', whatever the schedule, so each head's parameters (and the unembedding's and the
+    final norm's, whose hooks fire once per head) register once per step, in the last
+    microbatch, after every microbatch's gradients have been accumulated: megatron counts each
+    parameter's hook calls in the first step and, from the second on, starts a bucket's
+    reduction when every parameter in it has reached its count. With heads_bucket_size the
+    heads' bucket thus starts reducing when the last head's backward ends, overlapping the
+    trunk's backward of the last microbatch. The trunk's own hooks fire in the schedule's
+    backward, after the previous state is restored."""
+    return fixes.grad_sync(ddp, enabled=is_last)
+
+
+def heads_bucket_size(model: torch.nn.Module) -> int | None:
+    """A DDP bucket size that makes the heads' parameters exactly the first bucket (megatron
+    fills buckets from the last parameter backwards: the unembedding, the final norm and the
+    heads come first), so their reduction does not wait for trunk layers sharing a bucket.
+    The trunk's buckets are then as large as the heads' (n layers and the unembedding: a few
+    trunk layers' worth). None (megatron's default size) if the heads do not come last.
+    With a pipeline the heads' stage is not the first, where megatron makes one bucket
+    anyway: its reduction, after its last backward, is not on the critical path."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    count = sum(1 for name, _ in named if name.startswith(HEADS_PREFIXES))
+    tail = named[len(named) - count :]
+    if count == 0 or not all(name.startswith(HEADS_PREFIXES) for name, _ in tail):
+        return None
+    return fixes.first_bucket_size([p for _, p in named], count)
+
+
 class MegatronEngine:
     @classmethod
     def check_config(cls, cfg: Config, plan: RunPlan) -> None:
@@ -58,13 +101,18 @@ class MegatronEngine:
         self.dims = dims
         self.model = model
         tcfg = model.config
+        self.overlap_param_gather = plan.overlap_param_gather
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=plan.overlap_grad_reduce,
+            overlap_param_gather=plan.overlap_param_gather,
+            bucket_size=heads_bucket_size(model) if plan.overlap_grad_reduce else None,
             use_distributed_optimizer=True,
             check_for_nan_in_grad=False,
         )
         self.ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
+        # Several buckets (overlap) would corrupt the fully-reshardable optimizer checkpoint.
+        fixes.keep_bucket_padding(self.ddp)
         t = cfg.train
         opt_config = OptimizerConfig(
             optimizer="adam",
@@ -84,6 +132,9 @@ class MegatronEngine:
         tcfg.no_sync_func = self.ddp.no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
         tcfg.grad_scale_func = None
+        self.forward_grad_sync = (
+            functools.partial(heads_grad_sync, self.ddp) if plan.overlap_grad_reduce else None
+        )
 
     @property
     def lr(self) -> float:
@@ -98,11 +149,26 @@ class MegatronEngine:
         dist.all_reduce(bad)
         return bad.item() == 0
 
-    def train_step(self, microbatches) -> TrainStepResult:
+    def forward_backward(self, microbatches) -> StepResult:
+        """The step's gradients, reduced over data-parallel ranks into the grad buffers."""
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.ddp.train()
-        result = run_schedule(self.ddp, microbatches, self.cfg.model.seq_length)
+        return run_schedule(
+            self.ddp,
+            microbatches,
+            self.cfg.model.seq_length,
+            forward_grad_sync=self.forward_grad_sync,
+        )
+
+    def sync_params(self) -> None:
+        """With overlap_param_gather the optimizer step leaves each rank's parameters
+        partly stale until the next forward gathers them: gather them now (for a save)."""
+        if self.overlap_param_gather:
+            self.ddp.start_param_sync(force_sync=True)
+
+    def train_step(self, microbatches) -> TrainStepResult:
+        result = self.forward_backward(microbatches)
         lr = self.lr
         applied, norm = False, float("nan")
         if self._grads_finite():
@@ -133,6 +199,7 @@ class MegatronEngine:
         return state
 
     def save(self, directory: str) -> None:
+        self.sync_params()
         fixes.ensure_optimizer_state(self.optimizer)
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 

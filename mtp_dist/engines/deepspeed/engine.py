@@ -119,7 +119,21 @@ def build_ds_config(cfg: Config, plan: RunPlan, on_gpu: bool) -> dict:
     ds["gradient_accumulation_steps"] = plan.num_microbatches
     ds["train_batch_size"] = t.global_batch_size
     ds.setdefault("gradient_clipping", t.grad_clip)
-    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.deepspeed.zero_stage
+    overlap = zero.get("overlap_comm")
+    if (
+        overlap is not None
+        and t.overlap_grad_reduce is not None
+        and overlap != t.overlap_grad_reduce
+    ):
+        raise ConfigError(
+            f"deepspeed.config {path}: zero_optimization.overlap_comm={str(overlap).lower()} "
+            f"contradicts train.overlap_grad_reduce={str(t.overlap_grad_reduce).lower()}; "
+            "remove one of them"
+        )
+    if overlap is None:
+        zero["overlap_comm"] = plan.overlap_grad_reduce
     ds.setdefault("bf16", {}).setdefault("enabled", plan.dtype == "bf16")
     # torch's AdamW as the client optimizer is "untested" in DeepSpeed's eyes.
     ds.setdefault("zero_allow_untested_optimizer", True)
