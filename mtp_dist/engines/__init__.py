@@ -35,6 +35,7 @@ def check_config(cfg: Config, plan) -> None:
 def build_model(cfg: Config, plan, dims):
     """This stage's model with its initial weights, built and initialised the way the engine
     holds parameters (collective)."""
+    from mtp_dist.model.costs import pipeline_split
     from mtp_dist.model.model import build_model as build
 
     engine = engine_class(cfg.engine)
@@ -47,6 +48,7 @@ def build_model(cfg: Config, plan, dims):
             dtype=plan.torch_dtype,
             device=dims.device,
             recompute=cfg.train.recompute,
+            split=pipeline_split(cfg.model, cfg.parallel),
         )
     engine.init_weights(cfg, dims, model)
     return model
