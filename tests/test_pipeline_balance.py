@@ -48,15 +48,21 @@ def test_bad_pipeline_layers_name_the_key(overrides, message):
     assert message in str(e.value)
 
 
-def test_bad_pipeline_layers_are_one_error_line_and_exit_2():
-    proc = subprocess.run(
+def _check(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml", "--check",
-         "--world-size", "2", "model.num_layers=4", "parallel.pipeline=2",
-         "parallel.pipeline_layers=[1,2]"],
+         "--world-size", "2", "model.num_layers=4", "parallel.pipeline=2", *overrides],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+
+
+def test_train_check_prints_the_split_and_refuses_a_bad_one():
+    ok = _check()
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "pipeline: trunk layers per stage [3, 1] (parallel.pipeline_layers=auto)" in ok.stdout
+    bad = _check("parallel.pipeline_layers=[1,2]")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
         "error: parallel.pipeline_layers=[1, 2] places 3 trunk layers but model.num_layers=4: "
         "make the counts sum to it (or use auto)"
     ]
