@@ -10,8 +10,11 @@ steps after warm-up.
 
 A stage's busy time is the step time minus the time its rank spent inside megatron-core's
 pipeline send/receive calls (waiting for a neighbour included): what the stage computes (and
-its optimizer step). The predicted speed-up is the ratio of the slowest stage's training FLOPs
-(model/costs.py), the quantity the balanced split minimises.
+its optimizer step). Its CPU time is the process's CPU seconds over the step outside those
+calls: unlike wall time it does not count time spent descheduled, so on a crowded machine it is
+the steadier measure of a stage's work (the slowest stage's bounds the step in 1F1B). The
+predicted speed-up is the ratio of the slowest stage's training FLOPs (model/costs.py), the
+quantity the balanced split minimises.
 
     python benchmarks/pipeline_balance.py                 # PP2 and PP4, table + JSON
     python benchmarks/pipeline_balance.py --pipelines 2 --steps 4
@@ -59,15 +62,16 @@ def worker(args) -> None:
     from mtp_dist.run_plan import resolve
 
     ignore_known_warnings()
-    waiting = [0.0]
+    waiting = [0.0, 0.0]  # wall and CPU seconds inside pipeline send/receive calls
 
     def timed(fn):
         def wrapper(*a, **k):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 waiting[0] += time.perf_counter() - start
+                waiting[1] += time.process_time() - cpu
 
         return wrapper
 
@@ -97,19 +101,21 @@ def worker(args) -> None:
         {"tokens": torch.randint(0, cfg.model.vocab_size, (1, tokens), generator=gen)}
         for _ in range(built["even"][1].num_microbatches)
     ]
-    rows = {case: {"step": [], "busy": []} for case in CASES}
+    rows = {case: {"step": [], "busy": [], "cpu": []} for case in CASES}
     for i in range(args.warmup + args.steps):
         for case in CASES:
             engine = built[case][2]
             dist.barrier()
-            waiting[0] = 0.0
-            start = time.perf_counter()
+            waiting[:] = [0.0, 0.0]
+            start, cpu = time.perf_counter(), time.process_time()
             engine.train_step(batch)
+            cpu = time.process_time() - cpu - waiting[1]
             dist.barrier()
             step = time.perf_counter() - start
             if i >= args.warmup:
                 rows[case]["step"].append(step)
                 rows[case]["busy"].append(step - waiting[0])
+                rows[case]["cpu"].append(cpu)
     gathered = [None] * world
     dist.all_gather_object(gathered, {"rank": dims.rank, "pp_rank": dims.pp_rank, "rows": rows})
     if dims.rank == 0:
@@ -123,6 +129,7 @@ def worker(args) -> None:
                 "microbatches": plan.num_microbatches,
                 "step_seconds": statistics.median(by_stage[0]["rows"][case]["step"]),
                 "busy_seconds": [statistics.median(g["rows"][case]["busy"]) for g in by_stage],
+                "cpu_seconds": [statistics.median(g["rows"][case]["cpu"]) for g in by_stage],
             }
         print("RESULT " + json.dumps(out), flush=True)
     distributed.destroy()
@@ -146,9 +153,10 @@ def launch(pp: int, args) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| PP | split | trunk layers per stage | busy s per stage (median) | step s (median) "
-        "| step speed-up | predicted (slowest stage's FLOPs) |",
-        "|---|---|---|---|---|---|---|",
+        "| PP | split | trunk layers per stage | busy s per stage | CPU s per stage "
+        "| step s | step speed-up | slowest stage's CPU s, speed-up "
+        "| predicted (slowest stage's FLOPs) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for pp, r in results.items():
         even = r["even"]
@@ -157,10 +165,12 @@ def table(results: dict) -> str:
             speedup = even["step_seconds"] / c["step_seconds"]
             predicted = max(even["flops_per_token"]) / max(c["flops_per_token"])
             busy = " / ".join(f"{b:.3f}" for b in c["busy_seconds"])
+            cpu = " / ".join(f"{b:.3f}" for b in c["cpu_seconds"])
+            by_cpu = max(even["cpu_seconds"]) / max(c["cpu_seconds"])
             name = "even" if case == "even" else "balanced (auto)"
             lines.append(
-                f"| {pp} | {name} | {c['split']} | {busy} | {c['step_seconds']:.3f} | "
-                f"{speedup:.2f}x | {predicted:.2f}x |"
+                f"| {pp} | {name} | {c['split']} | {busy} | {cpu} | {c['step_seconds']:.3f} | "
+                f"{speedup:.2f}x | {max(c['cpu_seconds']):.3f}, {by_cpu:.2f}x | {predicted:.2f}x |"
             )
     return "\n".join(lines)
 
