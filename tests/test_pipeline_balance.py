@@ -6,6 +6,7 @@ and into one process with the same losses afterwards."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -102,14 +103,26 @@ def test_even_and_lists_are_taken_as_given():
     assert pipeline_layout((2, 2)) is None  # megatron-core's own even division
 
 
-def test_auto_lowers_the_slowest_stage_of_13b_at_pp4():
-    """39 trunk layers (13B, n=1) at PP4 were refused before; auto prices and balances them."""
-    cfg = config.load(ROOT / "configs/paper/13b-n1.yaml", ["parallel.pipeline=4"])
+@pytest.mark.parametrize("name", ["13b-n1", "13b-n4"])
+def test_auto_is_optimal_for_13b_at_pp4_and_the_planner_prices_it(name):
+    """13B n=1's 39 trunk layers at PP4 were refused before. No split has a cheaper slowest
+    stage than auto's (every split with >= 1 layer per stage tried), and the planner prices
+    the layout with it."""
+    cfg = config.load(ROOT / f"configs/paper/{name}.yaml", ["parallel.pipeline=4"])
+    layers = cfg.model.num_layers
     split = pipeline_split(cfg.model, cfg.parallel)
-    assert sum(split) == 39 and len(split) == 4
-    assert max(flops(cfg, split)) < max(flops(cfg, (10, 10, 10, 9)))
+    assert sum(split) == layers and len(split) == 4 and min(split) >= 1
+    best = min(
+        max(flops(cfg, (a, b, c, layers - a - b - c)))
+        for a, b, c in itertools.product(range(1, layers), repeat=3)
+        if a + b + c < layers
+    )
+    assert max(flops(cfg, split)) == best
+    nearly_even = tuple(layers // 4 + (i >= 4 - layers % 4) for i in range(4))  # (9,10,10,10)
+    assert max(flops(cfg, split)) < max(flops(cfg, nearly_even))
     run = layouts.check(layouts.with_layout(cfg, 8, 4, 1, False), 64)
-    assert [s.trunk_layers for s in layouts.plan(cfg, run, layouts.Hardware(64)).stages] == [*split]
+    planned = layouts.plan(cfg, run, layouts.Hardware(64)).stages
+    assert tuple(s.trunk_layers for s in planned) == split
 
 
 def test_dry_run_tiles_an_uneven_split():
