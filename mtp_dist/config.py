@@ -81,7 +81,12 @@ class ParallelConfig:
     tensor: int = 1
     """Tensor-parallel size (megatron-core column/row-parallel layers, vocab-parallel loss)."""
     pipeline: int = 1
-    """Pipeline-parallel size; the trunk's layers are split evenly, all heads on the last stage."""
+    """Pipeline-parallel size; all heads and the unembedding are on the last stage."""
+    pipeline_layers: Literal["auto", "even"] | list[int] = "auto"
+    """The trunk's layers on each pipeline stage. auto: the split whose slowest stage has the
+    fewest training FLOPs, the heads and unembeddings counted on the last stage
+    (model/costs.py: balanced_split); even: the same number on every stage; or a list, one
+    count >= 1 per stage, e.g. [10, 10, 10, 6]. Moot with pipeline=1."""
 
 
 @dataclass
@@ -297,11 +302,7 @@ def _validate_model(m: ModelConfig, p: ParallelConfig) -> None:
         _positive(getattr(m, key), f"model.{key}")
     _need(p.tensor >= 1, "parallel.tensor must be >= 1")
     _need(p.pipeline >= 1, "parallel.pipeline must be >= 1")
-    _need(
-        m.num_layers % p.pipeline == 0,
-        f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}: "
-        "every pipeline stage needs the same number of trunk layers",
-    )
+    _validate_pipeline_layers(m, p)
     _need(
         m.hidden_size % m.num_attention_heads == 0,
         f"model.hidden_size={m.hidden_size} is not divisible by "
@@ -353,6 +354,37 @@ def _validate_overlap(c: Config) -> None:
             "train.overlap_param_gather=true needs train.overlap_grad_reduce (megatron-core "
             "overlaps the parameter all-gather only with it): set train.overlap_grad_reduce=true "
             "or train.overlap_param_gather=false"
+        )
+
+
+def _validate_pipeline_layers(m: ModelConfig, p: ParallelConfig) -> None:
+    layers = p.pipeline_layers
+    _need(
+        m.num_layers >= p.pipeline,
+        f"model.num_layers={m.num_layers} is fewer than parallel.pipeline={p.pipeline}: every "
+        "pipeline stage needs at least one trunk layer",
+    )
+    if layers == "even":
+        _need(
+            m.num_layers % p.pipeline == 0,
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline="
+            f"{p.pipeline}: set parallel.pipeline_layers=auto (or a list) for an uneven split",
+        )
+    elif isinstance(layers, list):
+        _need(
+            len(layers) == p.pipeline,
+            f"parallel.pipeline_layers={layers} has {len(layers)} entries but parallel.pipeline="
+            f"{p.pipeline}: give one layer count per stage (or auto)",
+        )
+        _need(
+            all(k >= 1 for k in layers),
+            f"parallel.pipeline_layers={layers} has a stage without trunk layers: every stage "
+            "needs at least one",
+        )
+        _need(
+            sum(layers) == m.num_layers,
+            f"parallel.pipeline_layers={layers} places {sum(layers)} trunk layers but "
+            f"model.num_layers={m.num_layers}: make the counts sum to it (or use auto)",
         )
 
 

@@ -70,6 +70,20 @@ def _log_to_stdout(is_main: bool) -> None:
     logger.propagate = False
 
 
+def pipeline_line(cfg) -> str:
+    """The trunk's split over the pipeline stages, and each stage's share of the FLOPs."""
+    from mtp_dist.model.costs import pipeline_split, stage_costs
+
+    split = pipeline_split(cfg.model, cfg.parallel)
+    flops = [s.flops_per_token for s in stage_costs(cfg.model, cfg.parallel.tensor, split)]
+    shares = ", ".join(f"{f / max(flops):.2f}" for f in flops)
+    return (
+        f"pipeline: trunk layers per stage {list(split)} (parallel.pipeline_layers="
+        f"{cfg.parallel.pipeline_layers}); training FLOPs per stage relative to the slowest: "
+        f"{shares} (heads and unembedding on the last stage)"
+    )
+
+
 def check(cfg, world_size: int) -> int:
     import torch
 
@@ -89,6 +103,8 @@ def check(cfg, world_size: int) -> int:
         f"ok: {world_size} processes as TP{pre.plan.tp} x PP{pre.plan.pp} x DP{pre.plan.dp}, "
         f"{pre.plan.num_microbatches} microbatches per step, {pre.plan.dtype}; the run {start}"
     )
+    if pre.plan.pp > 1:
+        print(pipeline_line(pre.cfg))
     return 0
 
 
@@ -121,6 +137,8 @@ def run(cfg) -> int:
     watchdog.progress(f"creating the process group (world size {launch.world_size})")
     dims = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
     _log_to_stdout(dims.is_main)
+    if dims.pp > 1:
+        logging.getLogger("mtp_dist.train").info(pipeline_line(cfg))
     try:
         watchdog.progress("building the model and the engine")
         if dims.is_main:

@@ -22,6 +22,7 @@ from mtp_dist import checkpointing as ckpt
 from mtp_dist.config import Config
 from mtp_dist.distributed import ParallelDims, collective_device
 from mtp_dist.metrics import Metrics, memory_gib
+from mtp_dist.model.costs import pipeline_split
 from mtp_dist.model.model import flops_per_token
 from mtp_dist.run_plan import RunPlan
 
@@ -108,12 +109,19 @@ class Trainer:
         while True:
             yield list(itertools.islice(it, self.plan.num_microbatches))
 
+    def layout(self) -> dict:
+        """The process layout a checkpoint records (with a pipeline, the trunk's split too)."""
+        layout = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}
+        if self.dims.pp > 1:
+            layout["pipeline_layers"] = list(pipeline_split(self.cfg.model, self.cfg.parallel))
+        return layout
+
     def save(self) -> Path:
         self.progress(f"saving the checkpoint of step {self.step}")
         tmp = self.manager.begin(self.step, self.dims.is_main)
         meta = {
             **self.state_dict(),
-            "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
+            "layout": self.layout(),
             "world_size": self.dims.world_size,
             "engine": self.cfg.engine,
             **self.provenance,
@@ -141,9 +149,8 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
         self.load_state_dict(meta)
         self.resumed = True
-        layout = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}
         # Per-rank RNG streams only mean the same thing at the same layout.
-        if not (meta.get("layout") == layout and ckpt.load_rng(path, self.dims.rank)):
+        if not (meta.get("layout") == self.layout() and ckpt.load_rng(path, self.dims.rank)):
             log.info("note: RNG streams not restored (checkpoint saved at another layout)")
         log.info(f"resumed from {path} at step {self.step}")
 

@@ -72,7 +72,7 @@ def test_n_below_one():
 
 def test_layers_not_divisible_by_pipeline():
     assert "model.num_layers=4 is not divisible by parallel.pipeline=3" in err(
-        "model.num_layers=4", "parallel.pipeline=3"
+        "model.num_layers=4", "parallel.pipeline=3", "parallel.pipeline_layers=even"
     )
 
 

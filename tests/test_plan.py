@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from mtp_dist import config
-from mtp_dist.config import ModelConfig
+from mtp_dist.config import ModelConfig, ParallelConfig
 from mtp_dist.model.costs import (
     even_split,
     largest_module_parameters,
     parameter_breakdown,
+    pipeline_split,
     stage_costs,
 )
 from mtp_dist.model.model import build_model, flops_per_token
@@ -70,10 +71,11 @@ def test_parameters_are_exact_at_every_layout_of_every_paper_config():
         rows = built[path.stem]
         assert len({(r["tp"], r["pp"]) for r in rows}) >= 3, path.stem
         for r in rows:
-            cost = stage_costs(m, r["tp"], even_split(m, r["pp"]))[r["stage"]]
+            split = pipeline_split(m, ParallelConfig(r["tp"], r["pp"]))
+            cost = stage_costs(m, r["tp"], split)[r["stage"]]
             assert r["params"] == cost.params_per_rank, (path.stem, r)
         for tp, pp in {(r["tp"], r["pp"]) for r in rows}:
-            stages = stage_costs(m, tp, even_split(m, pp))
+            stages = stage_costs(m, tp, pipeline_split(m, ParallelConfig(tp, pp)))
             assert sum(s.params for s in stages) == parameter_breakdown(m)["total"]
 
 
@@ -173,7 +175,8 @@ def test_plan_json_has_exact_params_memory_and_ranked_layouts(capsys):
         assert x["days"] * x["tokens_per_day"] == pytest.approx(budget, rel=1e-3)
     reasons = " ".join(x["reason"] for x in r["refused"])
     assert "exceeds the GPU's 80 GiB" in reasons
-    assert "not divisible by parallel.pipeline=8" in reasons  # 28 trunk layers
+    # 28 trunk layers: PP8 is priced with the balanced split (auto), not refused.
+    assert "not divisible by parallel.pipeline" not in reasons
 
 
 def test_plan_text_names_each_terms_formula(capsys):
@@ -188,7 +191,7 @@ def test_plan_text_names_each_terms_formula(capsys):
     [
         (
             64,
-            ["parallel.pipeline=2"],
+            ["parallel.pipeline=2", "parallel.pipeline_layers=even"],
             "model.num_layers=39 is not divisible by parallel.pipeline=2",
         ),
         (64, ["parallel.tensor=16"], "must divide the attention heads / query groups (40)"),
@@ -270,4 +273,7 @@ def test_candidates_cover_the_gpu_count():
     seen = {(p.run.tp, p.run.pp) for p in feasible}
     assert (1, 1) in seen and all(16 % (tp * pp) == 0 for tp, pp in seen)
     assert all(p.peak_bytes <= 80 * 2**30 for p in feasible)
-    assert any("not divisible by parallel.pipeline=16" in why for _, why in refused)
+    # 20 trunk layers over 16 stages: priced with the balanced split, one layer or more each.
+    deep = [p for p in feasible if p.run.pp == 16]
+    assert deep and all(min(s.trunk_layers for s in p.stages) >= 1 for p in deep)
+    assert all(sum(s.trunk_layers for s in p.stages) == 20 for p in deep)

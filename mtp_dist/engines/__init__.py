@@ -36,6 +36,7 @@ def build_model(cfg: Config, plan, dims, source=None):
     """This stage's model with its initial weights (random, or the full tensors of `source`:
     model.init_from), built and initialised the way the engine holds parameters
     (collective)."""
+    from mtp_dist.model.costs import pipeline_split
     from mtp_dist.model.model import build_model as build
 
     engine = engine_class(cfg.engine)
@@ -48,6 +49,7 @@ def build_model(cfg: Config, plan, dims, source=None):
             dtype=plan.torch_dtype,
             device=dims.device,
             recompute=cfg.train.recompute,
+            split=pipeline_split(cfg.model, cfg.parallel),
         )
     engine.init_weights(cfg, dims, model, source)
     return model

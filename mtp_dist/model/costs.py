@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mtp_dist.config import ModelConfig
+from mtp_dist.config import ModelConfig, ParallelConfig
 from mtp_dist.model.model import HEADS
 from mtp_dist.model.spec import layer_flops_per_token, layer_parameters
 
@@ -36,11 +36,63 @@ class StageCost:
 
 
 def even_split(m: ModelConfig, pipeline: int) -> tuple[int, ...]:
-    """The trunk layers of each stage as build_model places them: the same number on every
-    stage (the config refuses a depth the pipeline does not divide)."""
+    """The same number of trunk layers on every stage (parallel.pipeline_layers=even; the
+    config refuses it for a depth the pipeline does not divide)."""
     if m.num_layers % pipeline:
         raise ValueError(f"{m.num_layers} trunk layers do not split evenly over {pipeline} stages")
     return (m.num_layers // pipeline,) * pipeline
+
+
+def balanced_split(m: ModelConfig, pipeline: int) -> tuple[int, ...]:
+    """The split (>= 1 layer per stage) whose slowest stage has the fewest training FLOPs per
+    token, the heads and unembeddings counted on the last stage (parallel.pipeline_layers=auto).
+
+    Among the splits with that bottleneck it is the one reached by giving every stage as many
+    layers as the bottleneck allows, then taking the surplus back one layer at a time from the
+    currently costliest stage, the later stage first on a tie: the rest stays as level as the
+    integers allow, and earlier stages keep any extra layer.
+    """
+    layers = m.num_layers
+    if pipeline == 1:
+        return (layers,)
+    if layers < pipeline:
+        raise ValueError(f"{layers} trunk layers cannot give each of {pipeline} stages one")
+
+    # FLOPs depend on a stage's place (first, middle, last) and its layer count only.
+    def flops(i: int, k: int) -> float:
+        return _stage(m, 1, i, pipeline, k).flops_per_token
+
+    table = [[flops(i, k) for k in range(layers + 1)] for i in range(pipeline)]
+
+    def caps(bound: float) -> list[int]:
+        return [max((k for k in range(layers + 1) if row[k] <= bound), default=0) for row in table]
+
+    def feasible(bound: float) -> bool:
+        c = caps(bound)
+        return min(c) >= 1 and sum(c) >= layers
+
+    bounds = sorted({row[k] for row in table for k in range(1, layers + 1)})
+    lo, hi = 0, len(bounds) - 1  # the largest bound always fits: one layer on all but one
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if feasible(bounds[mid]) else (mid + 1, hi)
+    split = caps(bounds[lo])
+    for _ in range(sum(split) - layers):
+        movable = [i for i in range(pipeline) if split[i] > 1]
+        i = max(movable, key=lambda i: (table[i][split[i]], i))
+        split[i] -= 1
+    return tuple(split)
+
+
+def pipeline_split(m: ModelConfig, p: ParallelConfig) -> tuple[int, ...]:
+    """The trunk layers of each pipeline stage that parallel.pipeline_layers asks for."""
+    if p.pipeline == 1:
+        return (m.num_layers,)
+    if p.pipeline_layers == "even":
+        return even_split(m, p.pipeline)
+    if p.pipeline_layers == "auto":
+        return balanced_split(m, p.pipeline)
+    return tuple(p.pipeline_layers)
 
 
 def embedding_parameters(m: ModelConfig, tensor: int = 1) -> int:
@@ -63,24 +115,25 @@ def stage_costs(
     split = tuple(split) if split is not None else (m.num_layers,)
     if sum(split) != m.num_layers or min(split) < 0:
         raise ValueError(f"split {split} does not place the {m.num_layers} trunk layers")
-    pipeline = len(split)
-    stages = []
-    for i, layers in enumerate(split):
-        first, last = i == 0, i == pipeline - 1
-        per_rank, whole = layers * layer_parameters(m, tensor), layers * layer_parameters(m)
-        flops = layers * layer_flops_per_token(m)
-        if first:
+    return [_stage(m, tensor, i, len(split), layers) for i, layers in enumerate(split)]
+
+
+def _stage(m: ModelConfig, tensor: int, i: int, pipeline: int, layers: int) -> StageCost:
+    """Stage i of `pipeline` holding `layers` trunk layers."""
+    first, last = i == 0, i == pipeline - 1
+    per_rank, whole = layers * layer_parameters(m, tensor), layers * layer_parameters(m)
+    flops = layers * layer_flops_per_token(m)
+    if first:
+        per_rank += embedding_parameters(m, tensor)
+        whole += embedding_parameters(m)
+    if last:
+        per_rank += HEADS.num_parameters(m, tensor)
+        whole += HEADS.num_parameters(m)
+        if unembedding_held(m, pipeline):
             per_rank += embedding_parameters(m, tensor)
             whole += embedding_parameters(m)
-        if last:
-            per_rank += HEADS.num_parameters(m, tensor)
-            whole += HEADS.num_parameters(m)
-            if unembedding_held(m, pipeline):
-                per_rank += embedding_parameters(m, tensor)
-                whole += embedding_parameters(m)
-            flops += HEADS.flops_per_token(m)
-        stages.append(StageCost(i, layers, first, last, per_rank, whole, flops))
-    return stages
+        flops += HEADS.flops_per_token(m)
+    return StageCost(i, layers, first, last, per_rank, whole, flops)
 
 
 def parameter_breakdown(m: ModelConfig) -> dict[str, int]:

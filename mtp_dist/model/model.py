@@ -10,6 +10,8 @@ shapes) are composed here from the layer's (spec.py) and the head type's own sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import (
@@ -172,12 +174,19 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     recompute: bool = False,
+    split: Sequence[int] | None = None,
 ) -> MTPModel:
     """This stage's model on `device` (weights uninitialised: call weights.init_weights or load
-    a checkpoint). device="meta" builds shapes only, e.g. for a planner's dry run."""
+    a checkpoint). device="meta" builds shapes only, e.g. for a planner's dry run. split: the
+    trunk layers of each stage (costs.pipeline_split; None: the same number on each)."""
     device = torch.device(device)
+    if split is not None and (len(split) != pipeline or sum(split) != model_cfg.num_layers):
+        raise ValueError(
+            f"split {tuple(split)} does not place {model_cfg.num_layers} trunk "
+            f"layers on {pipeline} stages"
+        )
     config = transformer_config(
-        model_cfg, tensor, pipeline, dtype, cpu=device.type != "cuda", recompute=recompute
+        model_cfg, tensor, pipeline, dtype, device.type != "cuda", recompute, split
     )
     with torch.device(device):
         model = MTPModel(

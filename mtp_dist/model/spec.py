@@ -7,6 +7,8 @@ token) are stated here, next to its spec.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -32,10 +34,13 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     cpu: bool = True,
     recompute: bool = False,
+    split: Sequence[int] | None = None,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for the trunk (num_layers = trunk layers)."""
+    """megatron-core's TransformerConfig for the trunk (num_layers = trunk layers); split: the
+    trunk layers of each pipeline stage (None: the same number on each)."""
     on_gpu = not cpu
     return TransformerConfig(
+        pipeline_model_parallel_layout=pipeline_layout(split),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -69,6 +74,17 @@ def transformer_config(
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
     )
+
+
+def pipeline_layout(split: Sequence[int] | None) -> str | None:
+    """megatron-core's layout string for an uneven split ("E" the embedding, "t" a trunk layer,
+    "L" the loss, "|" between stages): TransformerBlock then builds each stage's share and
+    numbers its layers globally, so sharded checkpoint keys do not depend on the split. An even
+    split keeps megatron-core's default division."""
+    if split is None or len(set(split)) == 1:
+        return None
+    stages = ["t" * k for k in split]
+    return "|".join(["E" + stages[0], *stages[1:-1], stages[-1] + "L"])
 
 
 def layer_spec() -> ModuleSpec:

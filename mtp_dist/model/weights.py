@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from torch import Tensor
 
 from mtp_dist.distributed import collective_device
@@ -39,8 +40,8 @@ class ParamLayout:
 
 
 def layer_offset(model: MTPModel) -> int:
-    pp = model.config.pipeline_model_parallel_size
-    return parallel_state.get_pipeline_model_parallel_rank() * (model.config.num_layers // pp)
+    """The global number of this stage's first trunk layer (0-based), for any split."""
+    return get_transformer_layer_offset(model.config)
 
 
 def global_name(model: MTPModel, name: str) -> str:

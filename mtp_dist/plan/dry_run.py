@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from mtp_dist.config import Config
-from mtp_dist.model.costs import even_split, parameter_breakdown, stage_costs
+from mtp_dist.model.costs import parameter_breakdown, pipeline_split, stage_costs
 from mtp_dist.run_plan import RunPlan
 
 LAST_STAGE_PREFIXES = ("heads.", "output_layer.")
@@ -143,7 +143,8 @@ def dry_run(cfg: Config, run: RunPlan) -> dict:
         cpu.apply()
     start = time.perf_counter()
     m, tp, pp, dp = cfg.model, run.tp, run.pp, run.dp
-    costs = stage_costs(m, tp, even_split(m, pp))
+    split = pipeline_split(m, cfg.parallel)
+    costs = stage_costs(m, tp, split)
     chunks: dict[str, list] = defaultdict(list)
     positions, zero3 = [], []
     for pp_rank in range(pp):
@@ -158,7 +159,7 @@ def dry_run(cfg: Config, run: RunPlan) -> dict:
                         f"{(tp_rank, pp_rank)}, {dp}"
                     )
                 model = build_model(
-                    m, tp, pp, pp_rank, run.torch_dtype, "meta", cfg.train.recompute
+                    m, tp, pp, pp_rank, run.torch_dtype, "meta", cfg.train.recompute, split
                 )
                 numels = [p.numel() for p in model.parameters()]
                 if sum(numels) != costs[pp_rank].params_per_rank:
@@ -200,6 +201,7 @@ def dry_run(cfg: Config, run: RunPlan) -> dict:
         "world": run.world_size,
         "tensor": tp,
         "pipeline": pp,
+        "pipeline_layers": list(split),
         "data": dp,
         "positions": positions,
         "keys": len(chunks),

@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtp_dist.config import Config, ConfigError, from_dict
-from mtp_dist.model.costs import StageCost, even_split, largest_module_parameters, stage_costs
+from mtp_dist.model.costs import (
+    StageCost,
+    largest_module_parameters,
+    pipeline_split,
+    stage_costs,
+)
 from mtp_dist.model.spec import layer_flops_per_token
 from mtp_dist.plan.memory import GiB, StageMemory, stage_memory
 from mtp_dist.run_plan import RunPlan, resolve
@@ -83,7 +88,7 @@ def plan(cfg: Config, run: RunPlan, hw: Hardware) -> LayoutPlan:
     """Memory and step time of cfg's layout (already checked: `check`)."""
     m = cfg.model
     bf16 = run.dtype == "bf16"
-    stages = stage_costs(m, run.tp, even_split(m, run.pp))
+    stages = stage_costs(m, run.tp, pipeline_split(m, cfg.parallel))
     largest = largest_module_parameters(m, run.tp)
     memory = [
         stage_memory(

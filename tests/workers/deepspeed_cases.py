@@ -27,6 +27,7 @@ from mtp_dist import distributed, engines  # noqa: E402
 from mtp_dist.compat import deepspeed as fixes  # noqa: E402
 from mtp_dist.engines.deepspeed.engine import DeepSpeedEngine  # noqa: E402
 from mtp_dist.engines.optim import param_groups  # noqa: E402
+from mtp_dist.model.costs import pipeline_split  # noqa: E402
 from mtp_dist.model.model import build_model  # noqa: E402
 from mtp_dist.model.weights import full_state, init_weights  # noqa: E402
 from mtp_dist.run_plan import resolve  # noqa: E402
@@ -77,7 +78,10 @@ def whole_build(cfg: C.Config, plan, dims):
     """The model built whole and initialised by weights.init_weights, as before ZeRO-3 built
     it partitioned."""
     p = cfg.parallel
-    whole = build_model(cfg.model, p.tensor, p.pipeline, dims.pp_rank, dtype=plan.torch_dtype)
+    split = pipeline_split(cfg.model, p)
+    whole = build_model(
+        cfg.model, p.tensor, p.pipeline, dims.pp_rank, dtype=plan.torch_dtype, split=split
+    )
     init_weights(whole, SEED)
     return whole
 

@@ -14,6 +14,7 @@ from mtp_dist.compat import ignore_known_warnings
 ignore_known_warnings()
 
 from mtp_dist import config  # noqa: E402
+from mtp_dist.model.costs import pipeline_split  # noqa: E402
 from mtp_dist.model.model import build_model  # noqa: E402
 from mtp_dist.plan.dry_run import fake_world, global_rank  # noqa: E402
 
@@ -31,10 +32,11 @@ def main(paths: list[str]) -> None:
             try:
                 cfg = config.load(path, [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
             except config.ConfigError:
-                continue  # a layout the config refuses (depth or heads not divisible)
+                continue  # a layout the config refuses (e.g. heads not divisible by TP)
             for stage in range(pp):
                 with fake_world(global_rank(0, stage, tp, 1), tp * pp, tp, pp):
-                    model = build_model(cfg.model, tp, pp, stage, device="meta")
+                    split = pipeline_split(cfg.model, cfg.parallel)
+                    model = build_model(cfg.model, tp, pp, stage, device="meta", split=split)
                     params = sum(p.numel() for p in model.parameters())
                 rows.append({"tp": tp, "pp": pp, "stage": stage, "params": params})
         out[Path(path).stem] = rows
