@@ -32,7 +32,7 @@ if [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ]; then
   NNODES=$SLURM_JOB_NUM_NODES
   export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
-  python -m mtp_dist.train --check --world-size $((NPROC * NNODES)) --config "$CONFIG" engine=deepspeed "$@" >/dev/null
+  python -m mtp_dist.train --check --world-size $((NPROC * NNODES)) --config "$CONFIG" engine=deepspeed "$@"
   hostfile=$(mktemp)
   trap 'rm -f "$hostfile"' EXIT
   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC/" >"$hostfile"

@@ -321,7 +321,8 @@ def test_deepspeed_launcher_slurm_inside_an_allocation(slurm, tmp_path):
     info = slurm.wait(job, timeout=300)
     log = (tmp_path / f"ds-{job}.log").read_text()
     assert info["JobState"] == "COMPLETED", log
-    assert "--launcher slurm" in log or "srun" in log
+    assert "deepspeed --launcher slurm: 2 nodes x 1 processes, master node1:" in log
+    assert "ok: 2 processes as TP1 x PP1 x DP2" in log, log[-3000:]
     assert sorted(losses(run)) == [1, 2, 3, 4]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
