@@ -7,6 +7,7 @@ and into one process with the same losses afterwards."""
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 
@@ -17,7 +18,6 @@ from mtp_dist.config import ConfigError, ParallelConfig
 from mtp_dist.model.costs import balanced_split, pipeline_split, stage_costs
 from mtp_dist.model.spec import pipeline_layout
 from mtp_dist.plan import layouts
-from mtp_dist.run_plan import resolve
 from tests.support import ROOT
 from tests.test_trainer import RESHARD_RTOL, env, losses, steps_logged_since, train
 
@@ -128,10 +128,16 @@ def test_auto_is_optimal_for_13b_at_pp4_and_the_planner_prices_it(name):
 def test_dry_run_tiles_an_uneven_split():
     """Each stage built on the meta device holds its share, numbered globally: the sharded
     state dicts tile every parameter once."""
-    from mtp_dist.plan.dry_run import dry_run
-
-    cfg = tiny("parallel.pipeline=2", "parallel.pipeline_layers=[1,3]", "parallel.tensor=2")
-    result = dry_run(cfg, resolve(cfg, 4, on_gpu=False))
+    # Its own process: the dry run stands up a fake world, which an in-process test's real
+    # process group (tests/conftest.py's megatron_1proc) would be in the way of.
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtp_dist.plan", "configs/tiny.yaml", "--dry-run", "--json",
+         "--world", "4", "model.num_layers=4", "parallel.pipeline=2",
+         "parallel.pipeline_layers=[1,3]", "parallel.tensor=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)["dry_run"]
     assert result["pipeline_layers"] == [1, 3]
     assert [p["pp_rank"] for p in result["positions"]] == [0, 0, 1, 1]
 

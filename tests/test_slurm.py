@@ -312,7 +312,7 @@ def test_deepspeed_launcher_slurm_inside_an_allocation(slurm, tmp_path):
     script.write_text(
         "#!/bin/bash\n"
         f"cd {ROOT}\n"
-        f"NPROC_PER_NODE=1 launch/deepspeed.sh 2 configs/tiny.yaml run.dir={run} "
+        f"launch/deepspeed.sh 1 configs/tiny.yaml run.dir={run} "
         + " ".join(COMMON)
         + " deepspeed.zero_stage=1 train.steps=4\n"
     )
