@@ -23,7 +23,7 @@ from mtp_dist.generate import main
 from mtp_dist.inference.decode import Decoder, recompute_greedy, vocab_parallel_argmax
 from mtp_dist.model.model import build_model
 from mtp_dist.model.weights import init_weights
-from tests.support import ROOT
+from tests.support import ROOT, torchrun
 
 # megatron-core's linear layers warn at every forward; decoding runs thousands of small ones,
 # and recording each warning costs more than the forward.
@@ -226,3 +226,51 @@ def test_cli_bad_input(exports, capsys, case, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def byte_prompt(text: str) -> list[int]:
+    """What the CLI decodes for a prompt with the byte tokenizer: an end-of-document token (257)
+    first."""
+    return [257, *text.encode()]
+
+
+def torchrun_generate(*args: str) -> list[dict]:
+    proc = torchrun(2, "-m", "mtp_dist.generate", *args, "--json", timeout=300)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_tp2_speculative_gives_the_tp1_greedy_tokens(trained, exports):
+    """The export's full tensors cut into TP2 shards (the padded vocabulary split over the ranks,
+    the padding on rank 1): speculative decoding at TP2 gives greedy's TP1 tokens."""
+    cfg, model, _ = trained
+    prompts = ["!%)-,+", "/#('&$%!,+*)", "+"]
+    want = Decoder(model, cfg.vocab_size).generate(
+        [byte_prompt(p) for p in prompts], 30, k=1, eos_id=257
+    )
+    flags = [a for p in prompts for a in ("--prompt", p)]
+    flags += ["--max-new-tokens", "30", "--speculative", "4", "--batch", "3"]
+    out = torchrun_generate(str(exports[0]), *flags)
+    assert [r["tokens"] for r in out] == [r.tokens for r in want]
+    assert sum(r["stats"]["forwards"] for r in out) < sum(r.forwards for r in want)
+
+
+@pytest.mark.slow
+def test_generate_from_a_tp2_checkpoint(megatron_1proc, tmp_path):
+    """A run trained at TP2 with the byte tokenizer: generate reads its run directory (the latest
+    checkpoint, the recorded tokenizer) at TP2 under torchrun, and gives the tokens of greedy
+    decoding of the same checkpoint loaded here at TP1."""
+    from mtp_dist.inference import load
+
+    torchrun(2, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}",
+             "data.synthetic=true", "data.tokenizer=byte", "model.vocab_size=259",
+             "parallel.tensor=2", "train.steps=2", "train.warmup_steps=1",
+             "logging.wandb=false")  # fmt: skip
+    source = load.read_source(tmp_path)
+    assert source.config["data"]["tokenizer"] == "byte"
+    cfg = load.model_config(source, 1)
+    model = load.load_model(source, cfg, megatron_1proc)
+    want = Decoder(model, 259).generate([byte_prompt("def f(x):")], 16, k=1, eos_id=257)
+    (out,) = torchrun_generate(str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "16",
+                               "--speculative", "3")  # fmt: skip
+    assert out["tokens"] == want[0].tokens
