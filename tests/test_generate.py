@@ -10,6 +10,7 @@ wrong, so that both the acceptance and the rejection paths run (the tests check 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -60,6 +61,14 @@ def successor_sequences(gen: torch.Generator, successor: torch.Tensor, b: int, t
 
 @pytest.fixture(scope="module")
 def trained(megatron_1proc):
+    # Tiny matrices: one thread is faster, and spares a loaded machine OpenMP's spinning.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _train_tiny_model()
+    torch.set_num_threads(threads)
+
+
+def _train_tiny_model():
     cfg = tiny_config()
     model = build_model(cfg)
     init_weights(model, seed=3)
@@ -178,6 +187,7 @@ def generate(*args: str) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, "-m", "mtp_dist.generate", *args, "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]

@@ -111,7 +111,7 @@ class Decoder:
 
     def _greedy(self, hidden: list[Tensor]) -> Tensor:
         """Greedy tokens [heads, s, b] of the heads' normed hidden states (each [s, b, h]), with
-        one unembedding for all: at small batches its weight's reading is what costs."""
+        one unembedding for all (at small batches, reading its weight is what costs)."""
         stacked = torch.stack(hidden)
         logits = self.model.unembed(stacked.flatten(0, 1))
         return vocab_parallel_argmax(logits, self.vocab_size).view(stacked.shape[:3])
@@ -154,14 +154,17 @@ class Decoder:
             active[b] = self._commit(results[b], first, limits[b], len(prompts[b]), eos_id)
         while any(active):
             chunk = guesses  # [b, k]: the last token (head 1's), then the drafts
-            greedy = self._greedy(self._forward(chunk, cache, k))  # [k, k, b]
-            verified = greedy[0].T  # [b, k]: head 1's token after each chunk token
+            hidden = self._forward(chunk, cache, k)
+            verified = self._greedy(hidden[:1])[0].T  # [b, k]: head 1 after each chunk token
             agree = (chunk[:, 1:] == verified[:, :-1]).long().cumprod(dim=1)
             accepted = agree.sum(dim=1)  # [b]: drafts accepted
             live = torch.tensor(active, device=self.device)
             cache.keep(torch.where(live, accepted + 1, 0))
             # Head 1's token after the last accepted one, and the drafts from that position.
-            guesses = greedy[:, accepted, rows].T
+            guesses = verified[rows, accepted][:, None]
+            if k > 1:
+                drafts = self._greedy([hs[accepted, rows][None] for hs in hidden[1:]])[:, 0]
+                guesses = torch.cat([guesses, drafts.T], dim=1)
             for b in range(batch):
                 if not active[b]:
                     continue
