@@ -48,15 +48,17 @@ def last_records(run: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def train(workdir: Path, steps: int, nproc: int) -> dict:
+def train(workdir: Path, steps: int, nproc: int, reuse: bool) -> dict:
     """The demo's pipeline to `steps` steps (skipped stages, a resumed or finished run are the
-    demo's own behaviour); what the training took."""
+    demo's own behaviour), or with `reuse` the run's latest checkpoint as it is; what the
+    training took."""
     run = workdir / "run"
     overrides = [f"train.steps={steps}", "train.lr=2e-3", "train.eval_interval=100",
                  "checkpoint.interval=50", "checkpoint.keep=2", "logging.wandb=false"]  # fmt: skip
     cmd = [sys.executable, "-m", "mtp_dist.demo", "--workdir", str(workdir),
            "--nproc", str(nproc), *overrides]  # fmt: skip
-    subprocess.run(cmd, check=True)
+    if not reuse:
+        subprocess.run(cmd, check=True)
     records = last_records(run)
     evals = [r for r in records if "eval_head_accuracy" in r]
     return {
@@ -188,6 +190,9 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/speculative"))
     p.add_argument("--steps", type=int, default=600, help="training steps of the n=4 model")
     p.add_argument("--nproc", type=int, default=2, help="training processes")
+    p.add_argument(
+        "--reuse", action="store_true", help="decode with the run's latest checkpoint, no training"
+    )
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -198,7 +203,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args()
 
-    training = train(args.workdir, args.steps, args.nproc)
+    training = train(args.workdir, args.steps, args.nproc, args.reuse)
 
     import torch
 

@@ -72,3 +72,11 @@ class KVCache:
                     for cache in memory:
                         cache[start : start + n, b] = cache[offset : offset + n, b].clone()
         self.lengths += counts.to(self.lengths.device)
+
+    @torch.no_grad()
+    def select(self, rows: Tensor) -> None:
+        """Keep only these batch rows (in this order) as rows 0..len(rows)-1."""
+        for memory in self.context.key_value_memory_dict.values():
+            for cache in memory:
+                cache[:, : len(rows)] = cache[:, rows].clone()
+        self.lengths = self.lengths[rows.to(self.lengths.device)]

@@ -147,38 +147,53 @@ class Decoder:
         cache.keep(lengths)
         # Every head at each prompt's last position: head 1's token, heads 2..k's drafts.
         guesses = self._greedy([hs[lengths - 1, rows][None] for hs in hidden])[:, 0].T
-        active = [True] * batch
+        ongoing = []
         for b in range(batch):
             results[b].forwards += 1
             first = [int(guesses[b, 0])]
-            active[b] = self._commit(results[b], first, limits[b], len(prompts[b]), eos_id)
-        while any(active):
+            ongoing.append(self._commit(results[b], first, limits[b], len(prompts[b]), eos_id))
+        index = list(range(batch))  # batch row -> prompt: finished sequences leave the batch
+        while True:
+            guesses, index = self._drop_finished(cache, guesses, index, ongoing)
+            if not index:
+                break
+            rows = torch.arange(len(index), device=self.device)
             chunk = guesses  # [b, k]: the last token (head 1's), then the drafts
             hidden = self._forward(chunk, cache, k)
             verified = self._greedy(hidden[:1])[0].T  # [b, k]: head 1 after each chunk token
             agree = (chunk[:, 1:] == verified[:, :-1]).long().cumprod(dim=1)
             accepted = agree.sum(dim=1)  # [b]: drafts accepted
-            live = torch.tensor(active, device=self.device)
-            cache.keep(torch.where(live, accepted + 1, 0))
+            cache.keep(accepted + 1)
             # Head 1's token after the last accepted one, and the drafts from that position.
             guesses = verified[rows, accepted][:, None]
             if k > 1:
                 drafts = self._greedy([hs[accepted, rows][None] for hs in hidden[1:]])[:, 0]
                 guesses = torch.cat([guesses, drafts.T], dim=1)
-            for b in range(batch):
-                if not active[b]:
-                    continue
-                r, a = results[b], int(accepted[b])
+            ongoing = []
+            for row, b in enumerate(index):
+                r, a = results[b], int(accepted[row])
                 r.forwards += 1
                 r.verifications += int(k > 1)
                 for j in range(a):
                     r.drafts_accepted[j] += 1
-                new = chunk[b, 1 : 1 + a].tolist() + [int(guesses[b, 0])]
-                active[b] = self._commit(r, new, limits[b], len(prompts[b]), eos_id)
+                new = chunk[row, 1 : 1 + a].tolist() + [int(guesses[row, 0])]
+                ongoing.append(self._commit(r, new, limits[b], len(prompts[b]), eos_id))
         seconds = time.perf_counter() - start
         for r in results:
             r.seconds = seconds
         return results
+
+    @staticmethod
+    def _drop_finished(
+        cache: KVCache, guesses: Tensor, index: list[int], ongoing: list[bool]
+    ) -> tuple[Tensor, list[int]]:
+        """The batch without its finished rows (their compute would be wasted)."""
+        if all(ongoing):
+            return guesses, index
+        keep = [row for row, going in enumerate(ongoing) if going]
+        selected = torch.tensor(keep, dtype=torch.long, device=guesses.device)
+        cache.select(selected)
+        return guesses[selected], [index[row] for row in keep]
 
     @staticmethod
     def _commit(
