@@ -48,27 +48,31 @@ def last_records(run: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def train(workdir: Path, steps: int, nproc: int, reuse: bool) -> dict:
+def train(workdir: Path, steps: int, nproc: int, reuse: bool) -> str:
     """The demo's pipeline to `steps` steps (skipped stages, a resumed or finished run are the
-    demo's own behaviour), or with `reuse` the run's latest checkpoint as it is; what the
-    training took."""
-    run = workdir / "run"
+    demo's own behaviour), or with `reuse` the run's latest checkpoint as it is; returns the
+    training command."""
     overrides = [f"train.steps={steps}", "train.lr=2e-3", "train.eval_interval=100",
                  "checkpoint.interval=50", "checkpoint.keep=2", "logging.wandb=false"]  # fmt: skip
     cmd = [sys.executable, "-m", "mtp_dist.demo", "--workdir", str(workdir),
            "--nproc", str(nproc), *overrides]  # fmt: skip
     if not reuse:
         subprocess.run(cmd, check=True)
-    records = last_records(run)
+    return " ".join(cmd)
+
+
+def training_summary(run: Path, step: int, command: str) -> dict:
+    """What training took up to the checkpoint at `step` (from the run's metrics)."""
+    records = [r for r in last_records(run) if r["step"] <= step]
     evals = [r for r in records if "eval_head_accuracy" in r]
     return {
-        "steps": records[-1]["step"],
+        "steps": step,
         "train_seconds": sum(r["step_time_s"] for r in records),
         "tokens_per_s": records[-1]["tokens_per_s"],
         "final_head_losses": records[-1]["head_losses"],
         "eval_step": evals[-1]["step"] if evals else None,
         "eval_head_accuracy": evals[-1]["eval_head_accuracy"] if evals else None,
-        "command": " ".join(cmd),
+        "command": command,
     }
 
 
@@ -177,7 +181,9 @@ def print_table(rows: list[dict], trunk_layers: int) -> None:
     for r in rows:
         acc = " / ".join(f"{a:.2f}" for a in r["acceptance"]) or "-"
         bound = (trunk_layers + 1) / (trunk_layers + r["k"])
-        paper = (r["paper_speedup"], r["paper_tokens_per_forward"]) if r["k"] > 1 else ("-", "-")
+        paper = ("-", "-")
+        if r["k"] > 1:
+            paper = (f"{r['paper_speedup']:.2f}", f"{r['paper_tokens_per_forward']:.2f}")
         print(
             f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} "
             f"| {r['tokens_per_forward']:.2f} | {r['speedup_per_tokens_per_forward']:.2f} "
@@ -203,7 +209,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args()
 
-    training = train(args.workdir, args.steps, args.nproc, args.reuse)
+    command = train(args.workdir, args.steps, args.nproc, args.reuse)
 
     import torch
 
@@ -216,6 +222,7 @@ def main() -> None:
     ignore_known_warnings()
     torch.set_num_threads(args.threads)
     source = load.read_source(args.workdir / "run")
+    training = training_summary(args.workdir / "run", source.step, command)
     cfg = load.model_config(source, 1)
     tokenizer = load.load_tokenizer(source, cfg)
     need = args.prompt_tokens + args.new_tokens
