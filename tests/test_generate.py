@@ -284,3 +284,31 @@ def test_generate_from_a_tp2_checkpoint(megatron_1proc, tmp_path):
     (out,) = torchrun_generate(str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "16",
                                "--speculative", "3")  # fmt: skip
     assert out["tokens"] == want[0].tokens
+
+
+def test_prompt_files(tmp_path):
+    from mtp_dist.errors import UserError
+    from mtp_dist.generate import read_prompts
+
+    (tmp_path / "one.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "many.jsonl").write_text('"a"\n\n{"prompt": "b"}\n{"text": "c"}\n')
+    prompts = read_prompts(["x"], [tmp_path / "one.py", tmp_path / "many.jsonl"])
+    assert prompts == ["x", "def f():\n    return 1\n", "a", "b", "c"]
+    (tmp_path / "bad.jsonl").write_text('"a"\n{"prompt": 3}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        read_prompts([], [tmp_path / "bad.jsonl"])
+    with pytest.raises(UserError, match="no prompt given"):
+        read_prompts([], [])
+
+
+def test_plain_output_has_text_and_stats(capsys):
+    from data_prep.tokenizers import ByteTokenizer
+    from mtp_dist.generate import _print
+    from mtp_dist.inference.decode import Generation
+
+    result = Generation(list(b" world"), "length", 3, [2, 1], 2, 0.5)
+    _print(["hello"], [byte_prompt("hello")], [result], ByteTokenizer(), 3, 0.5, as_json=False)
+    text, stats = capsys.readouterr().out.splitlines()
+    assert text == "hello world"
+    assert "6 tokens" in stats and "3 forwards" in stats and "2.00 tokens/forward" in stats
+    assert "acceptance head2 1.00 head3 0.50" in stats
