@@ -42,6 +42,7 @@ def tiny_config(n: int = 4) -> ModelConfig:
         num_layers=2,
         hidden_size=64,
         num_attention_heads=4,
+        num_query_groups=2,  # grouped-query attention: the cache holds 2 key/value heads
         vocab_size=259,
         vocab_multiple=64,
         seq_length=64,
