@@ -100,6 +100,42 @@ def test_cached_greedy_equals_recomputing_the_prefix(trained):
     assert all(r.forwards == len(r.tokens) for r in out)  # greedy: one token per forward
 
 
+def test_cached_logits_equal_a_full_forward(trained):
+    """The cache itself, for every head, in a batch whose rows keep different numbers of each
+    chunk's tokens (as acceptance does): each kept token's logits equal those of one forward
+    over the row's whole sequence. Tokens alone would not show a wrong cache entry whenever
+    the argmax survives it."""
+    from mtp_dist.inference.cache import KVCache
+
+    cfg, model, sample = trained
+    gen = torch.Generator().manual_seed(1)
+    decoder = Decoder(model, cfg.vocab_size)
+    lengths = [3, 9, 5]
+    prompts = [sample(1, n)[0].tolist() for n in lengths]
+    cache = KVCache(model, len(prompts), cfg.seq_length, torch.device("cpu"))
+    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = torch.tensor(p)
+    sequences = [list(p) for p in prompts]
+    with torch.no_grad():
+        decoder._forward(padded, cache, 4)
+        cache.keep(torch.tensor(lengths))
+        for c in (1, 3, 4, 2, 4):
+            chunk = torch.randint(0, ALPHABET, (len(prompts), c), generator=gen)
+            kept = torch.randint(1, c + 1, (len(prompts),), generator=gen)
+            hidden = decoder._forward(chunk, cache, 4)
+            cache.keep(kept)
+            for b, seq in enumerate(sequences):
+                start = len(seq)
+                seq += chunk[b, : kept[b]].tolist()
+                full = model.head_logits(torch.tensor([seq]))
+                for i, hs in enumerate(hidden):
+                    got = model.unembed(hs[: kept[b], b : b + 1])
+                    want = full[i][start : start + int(kept[b])]
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [len(s) for s in sequences]
+
+
 def test_speculative_decoding_gives_greedy_tokens(trained):
     """Property-style: seeded random cases over k, batch, prompt lengths (up to the model's
     seq_length), max_new_tokens and an end-of-sequence token that greedy produces somewhere."""
