@@ -127,6 +127,25 @@ def head_accuracy(model, windows: list[list[int]], vocab_size: int) -> list[floa
     return [c / t for c, t in zip(correct, total, strict=True)]
 
 
+def matmul_microseconds(hidden: int, ffn: int, rows=(1, 2, 3, 4)) -> dict[int, float]:
+    """CPU time of one [rows, hidden] x [hidden, 2*ffn] matmul (a SwiGLU fc1), per row count:
+    on a CPU a verifying forward's few tokens cost more than one token's matrix-vector product,
+    which a GPU hides."""
+    import torch
+
+    weight = torch.randn(2 * ffn, hidden)
+    out = {}
+    for m in rows:
+        x = torch.randn(m, 1, hidden)
+        for _ in range(50):
+            torch.matmul(x, weight.t())
+        c0 = time.process_time()
+        for _ in range(2000):
+            torch.matmul(x, weight.t())
+        out[m] = (time.process_time() - c0) / 2000 * 1e6
+    return out
+
+
 def decode_all(decoder, prompts, new_tokens: int, k: int, batch: int):
     """All prompts' results, the wall-clock and this process's CPU seconds."""
     results, t0, c0 = [], time.perf_counter(), time.process_time()
@@ -242,6 +261,7 @@ def main() -> None:
     try:
         model = load.load_model(source, cfg, dims)
         accuracy = head_accuracy(model, windows, cfg.model.vocab_size)
+        matmul = matmul_microseconds(cfg.model.hidden_size, cfg.model.ffn_size)
         decoder = Decoder(model, cfg.model.vocab_size)
         decoder.generate(prompts[:1], 8, k=4)  # warm-up
         ks = [1, 2, 3, 4]
@@ -257,6 +277,10 @@ def main() -> None:
         f"{training['train_seconds'] / 60:.1f} min ({training['tokens_per_s']:.0f} tokens/s)"
     )
     print("held-out top-1 accuracy per head: " + " / ".join(f"{a:.3f}" for a in accuracy))
+    print(
+        "one fc1 matmul by tokens in the forward: "
+        + ", ".join(f"{m}: {us:.0f} us" for m, us in matmul.items())
+    )
     print(
         f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
         f"tokens each, fp32, CPU, {args.threads} thread(s), best of {args.repeats}"
@@ -280,6 +304,7 @@ def main() -> None:
         },  # fmt: skip
         "training": training,
         "held_out_head_accuracy": accuracy,
+        "fc1_matmul_microseconds_by_tokens": matmul,
         "prompts": files,
         "settings": {
             k: getattr(args, k)
