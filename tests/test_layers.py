@@ -8,8 +8,9 @@ Layers, bottom to top (README, Layout):
   model       model, distributed   the architecture, and process groups
   step        schedule, data, checkpointing, metrics
   engines     engines              megatron-core and DeepSpeed behind one table
+  inference   inference            KV cache, greedy/speculative decoding, loading a model
   trainer     trainer, preflight (the checks before any process group), init_from
-  commands    train, export, report, demo, plan
+  commands    train, export, report, demo, plan, generate
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ LAYERS = [
     ("mtp_dist.model", "mtp_dist.distributed"),
     ("mtp_dist.schedule", "mtp_dist.data", "mtp_dist.checkpointing", "mtp_dist.metrics"),
     ("mtp_dist.engines",),
+    ("mtp_dist.inference",),
     ("mtp_dist.trainer", "mtp_dist.preflight", "mtp_dist.init_from"),
-    ("mtp_dist.train", "mtp_dist.export", "mtp_dist.report", "mtp_dist.demo", "mtp_dist.plan"),
+    (
+        "mtp_dist.train",
+        "mtp_dist.export",
+        "mtp_dist.report",
+        "mtp_dist.demo",
+        "mtp_dist.plan",
+        "mtp_dist.generate",
+    ),
 ]
 
 

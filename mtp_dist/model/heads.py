@@ -199,9 +199,23 @@ class MTPHeads(MegatronModule):
         )
         return state
 
-    def hidden(self, i: int, trunk_out: Tensor, attention_mask: Tensor, rope: Tensor) -> Tensor:
-        """Head i's (0-based) normed hidden states, [s, b, h]."""
-        x, _ = self.layers[i](trunk_out, attention_mask=attention_mask, rotary_pos_emb=rope)
+    def hidden(
+        self,
+        i: int,
+        trunk_out: Tensor,
+        attention_mask: Tensor,
+        rope: Tensor,
+        inference_context=None,
+    ) -> Tensor:
+        """Head i's (0-based) normed hidden states, [s, b, h]. inference_context: megatron-core's
+        KV cache, for generation (mtp_dist.inference); each head layer caches under its own
+        layer number."""
+        x, _ = self.layers[i](
+            trunk_out,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rope,
+            inference_context=inference_context,
+        )
         return self.final_norm(x)
 
     def forward(

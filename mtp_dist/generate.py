@@ -1,0 +1,199 @@
+"""`python -m mtp_dist.generate CHECKPOINT_OR_EXPORT --prompt TEXT`: greedy continuations from a
+trained model, optionally with self-speculative decoding over its extra heads (--speculative K:
+heads 2..K draft, head 1 verifies; the output is greedy decoding's, token for token).
+
+Prints each prompt's text and continuation, then a stats line (tokens/s, forwards, tokens per
+forward, each drafting head's acceptance rate); --json prints one JSON object per prompt instead.
+Runs on CPU or GPU; under torchrun the model is split over the ranks by tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mtp_dist.errors import UserError, run_cli
+
+
+def read_prompts(texts: list[str], files: list[Path]) -> list[str]:
+    """--prompt texts, then each --prompt-file: a `.jsonl` file holds one prompt per line (a JSON
+    string, or an object with a "prompt" or "text" field); any other file is one prompt."""
+    prompts = list(texts)
+    for path in files:
+        data = path.read_text(encoding="utf-8")
+        if path.suffix != ".jsonl":
+            prompts.append(data)
+            continue
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number} is not JSON ({e.msg}): fix the line") from e
+            if isinstance(item, dict):
+                item = item.get("prompt", item.get("text"))
+            if not isinstance(item, str):
+                raise UserError(
+                    f'{path}:{number}: a line must be a JSON string or hold a "prompt" string'
+                )
+            prompts.append(item)
+    if not prompts:
+        raise UserError("no prompt given: use --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def check_speculative(k: int | None, n: int, where: Path) -> int:
+    """The number of heads decoding uses (1: greedy)."""
+    if k is None:
+        return 1
+    if n == 1:
+        raise UserError(
+            f"--speculative {k} needs a model with extra heads to draft with, but {where} has "
+            "model.n_future_tokens=1: decode without --speculative"
+        )
+    if not 2 <= k <= n:
+        raise UserError(
+            f"--speculative {k} is out of range: {where} has {n} heads "
+            f"(model.n_future_tokens={n}), so K must be in 2..{n}"
+        )
+    return k
+
+
+def encode_prompts(tokenizer, prompts: list[str], seq_length: int) -> list[list[int]]:
+    """Token ids of each prompt, after an end-of-document token: a prompt starts a document as
+    one does in training, where every document follows the previous one's end token."""
+    encoded = [[tokenizer.eod_id, *map(int, ids)] for ids in tokenizer.encode_batch(prompts)]
+    for i, ids in enumerate(encoded, 1):
+        if len(ids) >= seq_length:
+            raise UserError(
+                f"prompt {i} is {len(ids)} tokens long (with the start-of-document token), but "
+                f"the model's context is model.seq_length={seq_length} tokens: shorten it to at "
+                f"most {seq_length - 2} tokens so that at least one can be generated"
+            )
+    return encoded
+
+
+def stats(result, k: int) -> dict:
+    return {
+        "new_tokens": len(result.tokens),
+        "forwards": result.forwards,
+        "tokens_per_forward": round(result.tokens_per_forward, 4),
+        "acceptance": {str(i + 2): round(a, 4) for i, a in enumerate(result.acceptance)},
+        "seconds": round(result.seconds, 4),
+        "tokens_per_second": round(len(result.tokens) / max(result.seconds, 1e-9), 2),
+        "speculative": k,
+    }
+
+
+def stats_line(s: dict) -> str:
+    acceptance = " ".join(f"head{h} {a:.2f}" for h, a in s["acceptance"].items())
+    return (
+        f"[{s['new_tokens']} tokens, {s['seconds']:.2f} s, {s['tokens_per_second']:.1f} tokens/s, "
+        f"{s['forwards']} forwards, {s['tokens_per_forward']:.2f} tokens/forward"
+        + (f", acceptance {acceptance}" if acceptance else "")
+        + "]"
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mtp_dist.generate", description=__doc__)
+    p.add_argument(
+        "source",
+        type=Path,
+        help="a checkpoint (step_* directory, checkpoints directory or run directory: their "
+        "latest) or a file written by `python -m mtp_dist.export`",
+    )
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument(
+        "--prompt-file",
+        action="append",
+        default=[],
+        type=Path,
+        help="a file that is one prompt, or a .jsonl file of prompts (repeatable)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--speculative",
+        type=int,
+        metavar="K",
+        help="self-speculative decoding with heads 1..K (2 <= K <= n): same tokens, fewer forwards",
+    )
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-document token")
+    args = p.parse_args(argv)
+    return run_cli(lambda: _main(args))
+
+
+def _main(args) -> int:
+    from mtp_dist.compat import ignore_known_warnings
+    from mtp_dist.inference import load
+
+    ignore_known_warnings()
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    if args.batch < 1:
+        raise UserError(f"--batch {args.batch}: give at least 1")
+    texts = read_prompts(args.prompt, args.prompt_file)
+    source = load.read_source(args.source)
+    tensor = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load.model_config(source, tensor)
+    k = check_speculative(args.speculative, cfg.model.n_future_tokens, source.path)
+    tokenizer = load.load_tokenizer(source, cfg, args.tokenizer)
+    prompts = encode_prompts(tokenizer, texts, cfg.model.seq_length)
+
+    from mtp_dist import distributed
+    from mtp_dist.inference.decode import Decoder
+
+    dims = distributed.init(tensor, 1, seed=cfg.train.seed)
+    try:
+        model = load.load_model(source, cfg, dims)
+        decoder = Decoder(model, cfg.model.vocab_size)
+        eos = None if args.no_eos else tokenizer.eod_id
+        results = []
+        for first in range(0, len(prompts), args.batch):
+            batch = prompts[first : first + args.batch]
+            results += decoder.generate(batch, args.max_new_tokens, k=k, eos_id=eos)
+        seconds = sum(r.seconds for r in results[:: args.batch])
+    finally:
+        distributed.destroy()
+    if dims.rank == 0:
+        _print(texts, prompts, results, tokenizer, k, seconds, args.json)
+    return 0
+
+
+def _print(texts, prompts, results, tokenizer, k: int, seconds: float, as_json: bool) -> None:
+    for text, ids, result in zip(texts, prompts, results, strict=True):
+        # Decoded with the prompt, then cut: a tokenizer may join pieces across the boundary.
+        prefix = tokenizer.decode(ids)
+        completion = tokenizer.decode(ids + result.tokens)[len(prefix) :]
+        s = stats(result, k)
+        if as_json:
+            record = {
+                "prompt": text,
+                "completion": completion,
+                "tokens": result.tokens,
+                "finish_reason": result.finish_reason,
+                "stats": s,
+            }
+            print(json.dumps(record), flush=True)
+        else:
+            print(text + completion)
+            print(stats_line(s), flush=True)
+    if len(results) > 1 and not as_json:
+        tokens = sum(len(r.tokens) for r in results)
+        forwards = sum(r.forwards for r in results)
+        print(
+            f"[all {len(results)} prompts: {tokens} tokens, {seconds:.2f} s, "
+            f"{tokens / max(seconds, 1e-9):.1f} tokens/s, {tokens / max(1, forwards):.2f} "
+            "tokens/forward]"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Generation (one process): the KV-cached greedy decoder against recomputing the whole prefix
+every step, self-speculative decoding against greedy over many drafts/prompts/lengths/EOS
+cases, batches whose sequences accept different numbers of tokens, the vocabulary's padding,
+and the CLI (its output, its stats, its bad-input errors).
+
+The model is a tiny n=4 model trained for a few steps on sequences that follow a fixed random
+successor of each token (with noise): enough that the heads' drafts are often right and often
+wrong, so that both the acceptance and the rejection paths run (the tests check they did)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtp_dist.checkpointing import export_consolidated
+from mtp_dist.config import Config, DataConfig, ModelConfig
+from mtp_dist.generate import main
+from mtp_dist.inference.decode import Decoder, recompute_greedy, vocab_parallel_argmax
+from mtp_dist.model.model import build_model
+from mtp_dist.model.weights import init_weights
+from tests.support import ROOT, torchrun
+
+# megatron-core's linear layers warn at every forward; decoding runs thousands of small ones,
+# and recording each warning costs more than the forward.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*tp_group is None, using default tp group:DeprecationWarning"
+)
+
+ALPHABET = 48  # the training sequences' tokens: 0..47 (the byte tokenizer's 259 in the vocab)
+
+
+def tiny_config(n: int = 4) -> ModelConfig:
+    # 259 = the byte tokenizer's vocabulary, padded to 320: the padding is real here.
+    return ModelConfig(
+        n_future_tokens=n,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,  # grouped-query attention: the cache holds 2 key/value heads
+        vocab_size=259,
+        vocab_multiple=64,
+        seq_length=64,
+    )
+
+
+def successor_sequences(gen: torch.Generator, successor: torch.Tensor, b: int, t: int, noise):
+    x = torch.empty(b, t, dtype=torch.long)
+    x[:, 0] = torch.randint(0, ALPHABET, (b,), generator=gen)
+    for i in range(1, t):
+        jump = torch.rand(b, generator=gen) < noise
+        x[:, i] = torch.where(
+            jump, torch.randint(0, ALPHABET, (b,), generator=gen), successor[x[:, i - 1]]
+        )
+    return x
+
+
+@pytest.fixture(scope="module")
+def trained(megatron_1proc):
+    # Tiny matrices: one thread is faster, and spares a loaded machine OpenMP's spinning.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _train_tiny_model()
+    torch.set_num_threads(threads)
+
+
+def _train_tiny_model():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    init_weights(model, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    successor = torch.randperm(ALPHABET, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(8):
+        opt.zero_grad()  # before the forward: the sequential heads back-propagate inside it
+        model(successor_sequences(gen, successor, 8, cfg.seq_length + 4, 0.15)).loss.backward()
+        opt.step()
+    model.eval()
+    return cfg, model, lambda b, t: successor_sequences(gen, successor, b, t, 0.4)
+
+
+def test_cached_greedy_equals_recomputing_the_prefix(trained):
+    """A batch of prompts of different lengths (the shorter ones' cache rows have stale slots),
+    one ending at an end-of-sequence token, one reaching the model's seq_length."""
+    cfg, model, sample = trained
+    prompts = [sample(1, n)[0].tolist() for n in (1, 7, 30, cfg.seq_length - 5)]
+    refs = [recompute_greedy(model, p, 24, cfg.vocab_size) for p in prompts]
+    eos = refs[1][5]  # a token greedy produces: some sequences end at it
+    refs = [recompute_greedy(model, p, 24, cfg.vocab_size, eos) for p in prompts]
+    out = Decoder(model, cfg.vocab_size).generate(prompts, 24, k=1, eos_id=eos)
+    assert [r.tokens for r in out] == refs
+    assert out[1].finish_reason == "eos" and out[1].tokens[-1] == eos
+    assert len(prompts[3]) + len(out[3].tokens) == cfg.seq_length or out[3].tokens[-1] == eos
+    assert all(r.forwards == len(r.tokens) for r in out)  # greedy: one token per forward
+
+
+def test_cached_logits_equal_a_full_forward(trained):
+    """The cache itself, for every head, in a batch whose rows keep different numbers of each
+    chunk's tokens (as acceptance does): each kept token's logits equal those of one forward
+    over the row's whole sequence. Tokens alone would not show a wrong cache entry whenever
+    the argmax survives it."""
+    from mtp_dist.inference.cache import KVCache
+
+    cfg, model, sample = trained
+    gen = torch.Generator().manual_seed(1)
+    decoder = Decoder(model, cfg.vocab_size)
+    lengths = [3, 9, 5]
+    prompts = [sample(1, n)[0].tolist() for n in lengths]
+    cache = KVCache(model, len(prompts), cfg.seq_length, torch.device("cpu"))
+    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = torch.tensor(p)
+    sequences = [list(p) for p in prompts]
+    with torch.no_grad():
+        decoder._forward(padded, cache, 4)
+        cache.keep(torch.tensor(lengths))
+        for c in (1, 3, 4, 2, 4):
+            chunk = torch.randint(0, ALPHABET, (len(prompts), c), generator=gen)
+            kept = torch.randint(1, c + 1, (len(prompts),), generator=gen)
+            hidden = decoder._forward(chunk, cache, 4)
+            cache.keep(kept)
+            for b, seq in enumerate(sequences):
+                start = len(seq)
+                seq += chunk[b, : kept[b]].tolist()
+                full = model.head_logits(torch.tensor([seq]))
+                for i, hs in enumerate(hidden):
+                    got = model.unembed(hs[: kept[b], b : b + 1])
+                    want = full[i][start : start + int(kept[b])]
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [len(s) for s in sequences]
+
+
+def test_speculative_decoding_gives_greedy_tokens(trained):
+    """Property-style: seeded random cases over k, batch, prompt lengths (up to the model's
+    seq_length), max_new_tokens and an end-of-sequence token that greedy produces somewhere."""
+    cfg, model, sample = trained
+    decoder = Decoder(model, cfg.vocab_size)
+    rnd = random.Random(0)
+    accepted = verified = 0
+    finished = set()
+    uneven_batch = False
+    for _ in range(18):
+        k = rnd.randint(2, 4)
+        lengths = [rnd.choice([1, rnd.randint(2, 20), rnd.randint(40, cfg.seq_length - 1)])
+                   for _ in range(rnd.randint(1, 3))]  # fmt: skip
+        prompts = [sample(1, n)[0].tolist() for n in lengths]
+        max_new = rnd.randint(1, 30)
+        greedy = decoder.generate(prompts, max_new, k=1)
+        eos = None
+        if rnd.random() < 0.5:
+            tokens = [t for r in greedy for t in r.tokens]
+            eos = rnd.choice(tokens)
+            greedy = decoder.generate(prompts, max_new, k=1, eos_id=eos)
+        spec = decoder.generate(prompts, max_new, k=k, eos_id=eos)
+        case = f"k={k} lengths={lengths} max_new={max_new} eos={eos}"
+        assert [r.tokens for r in spec] == [r.tokens for r in greedy], case
+        assert [r.finish_reason for r in spec] == [r.finish_reason for r in greedy], case
+        for r in spec:
+            assert r.forwards <= len(r.tokens) and len(r.tokens) <= k * r.forwards, case
+            accepted += r.drafts_accepted[0]
+            verified += r.verifications
+            finished.add(r.finish_reason)
+        uneven_batch |= len({r.tokens_per_forward for r in spec if len(r.tokens) > 1}) > 1
+    # The test means something only if drafts were both accepted and rejected.
+    assert 0 < accepted < verified, (accepted, verified)
+    assert finished == {"eos", "length"} and uneven_batch
+
+
+def test_a_batch_decodes_as_its_sequences_alone(trained):
+    """Each sequence of a batch accepts its own number of drafts per forward; the tokens and
+    the per-sequence statistics are those of the sequence decoded alone."""
+    cfg, model, sample = trained
+    decoder = Decoder(model, cfg.vocab_size)
+    prompts = [sample(1, n)[0].tolist() for n in (3, 11, 25, 6)]
+    together = decoder.generate(prompts, 20, k=3)
+    alone = [decoder.generate([p], 20, k=3)[0] for p in prompts]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert [r.drafts_accepted for r in together] == [r.drafts_accepted for r in alone]
+    assert len({r.forwards for r in together}) > 1
+
+
+def test_padding_of_the_vocabulary_is_never_chosen(megatron_1proc):
+    logits = torch.randn(3, 2, 320)
+    logits[..., 259:] = 100.0  # the padding entries would win an unmasked argmax
+    torch.testing.assert_close(vocab_parallel_argmax(logits, 259), logits[..., :259].argmax(-1))
+    tied = torch.zeros(1, 320)
+    assert vocab_parallel_argmax(tied, 259).item() == 0  # ties: the lowest index, as argmax
+
+
+def test_caches_of_every_head_layer(trained):
+    """Speculative decoding caches the trunk's layers and heads 1..k's, each under its own
+    layer number; greedy decoding needs head 1 only."""
+    cfg, model, sample = trained
+    from mtp_dist.inference.cache import KVCache
+
+    decoder = Decoder(model, cfg.vocab_size)
+    cache = KVCache(model, 1, 16, torch.device("cpu"))
+    decoder._forward(torch.tensor([sample(1, 4)[0].tolist()]), cache, 3)
+    assert sorted(cache.context.key_value_memory_dict) == list(range(1, cfg.num_layers + 4))
+
+
+@pytest.fixture(scope="module")
+def exports(trained, tmp_path_factory):
+    """The trained model, and an n=1 model, as `python -m mtp_dist.export` files that record the
+    byte tokenizer."""
+    cfg, model, _ = trained
+    root = tmp_path_factory.mktemp("exports")
+    data = DataConfig(synthetic=True, tokenizer="byte")
+    n4 = export_consolidated(model, root / "n4.pt", Config(model=cfg, data=data).to_dict(), 8)
+    cfg1 = tiny_config(n=1)
+    one = build_model(cfg1)
+    init_weights(one, seed=1)
+    n1 = export_consolidated(one, root / "n1.pt", Config(model=cfg1, data=data).to_dict(), 0)
+    return n4, n1
+
+
+def generate(*args: str) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtp_dist.generate", *args, "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_cli_speculative_json_matches_greedy(exports):
+    n4, _ = exports
+    prompts = ["!%)-,+", "/#('&$%!,+*)"]  # bytes 33..47: the training tokens
+    args = [str(n4), "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "20"]
+    greedy = generate(*args)
+    spec = generate(*args, "--speculative", "4", "--batch", "2")
+    assert [r["prompt"] for r in spec] == prompts
+    assert [r["tokens"] for r in spec] == [r["tokens"] for r in greedy]
+    assert [r["completion"] for r in spec] == [r["completion"] for r in greedy]
+    for g, s in zip(greedy, spec, strict=True):
+        assert g["stats"]["forwards"] == g["stats"]["new_tokens"] == len(g["tokens"])
+        assert g["stats"]["acceptance"] == {}
+        assert set(s["stats"]["acceptance"]) == {"2", "3", "4"}
+        assert s["stats"]["forwards"] <= g["stats"]["forwards"]
+        assert s["stats"]["tokens_per_forward"] == pytest.approx(
+            len(s["tokens"]) / s["stats"]["forwards"], abs=1e-4
+        )
+    assert sum(s["stats"]["forwards"] for s in spec) < sum(g["stats"]["forwards"] for g in greedy)
+
+
+def test_cli_help():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        ("n1", ["--speculative", "3"], "model.n_future_tokens=1"),
+        ("n4", ["--speculative", "5"], "K must be in 2..4"),
+        ("n4", ["--speculative", "1"], "K must be in 2..4"),
+        ("n4", ["--prompt", "x" * 70], "model.seq_length=64"),
+        ("n4", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ],
+)
+def test_cli_bad_input(exports, capsys, case, args, message):
+    """Refused before any process group or weight: one `error:` line, exit 2."""
+    source = exports[0] if case == "n4" else exports[1]
+    argv = [str(source), *(args if "--prompt" in args else ["--prompt", "ab", *args])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def byte_prompt(text: str) -> list[int]:
+    """What the CLI decodes for a prompt with the byte tokenizer: an end-of-document token (257)
+    first."""
+    return [257, *text.encode()]
+
+
+def torchrun_generate(*args: str) -> list[dict]:
+    proc = torchrun(2, "-m", "mtp_dist.generate", *args, "--json", timeout=300)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_tp2_speculative_gives_the_tp1_greedy_tokens(trained, exports):
+    """The export's full tensors cut into TP2 shards (the padded vocabulary split over the ranks,
+    the padding on rank 1): speculative decoding at TP2 gives greedy's TP1 tokens."""
+    cfg, model, _ = trained
+    prompts = ["!%)-,+", "/#('&$%!,+*)", "+"]
+    want = Decoder(model, cfg.vocab_size).generate(
+        [byte_prompt(p) for p in prompts], 30, k=1, eos_id=257
+    )
+    flags = [a for p in prompts for a in ("--prompt", p)]
+    flags += ["--max-new-tokens", "30", "--speculative", "4", "--batch", "3"]
+    out = torchrun_generate(str(exports[0]), *flags)
+    assert [r["tokens"] for r in out] == [r.tokens for r in want]
+    assert sum(r["stats"]["forwards"] for r in out) < sum(r.forwards for r in want)
+
+
+@pytest.mark.slow
+def test_generate_from_a_tp2_checkpoint(megatron_1proc, tmp_path):
+    """A run trained at TP2 with the byte tokenizer: generate reads its run directory (the latest
+    checkpoint, the recorded tokenizer) at TP2 under torchrun, and gives the tokens of greedy
+    decoding of the same checkpoint loaded here at TP1."""
+    from mtp_dist.inference import load
+
+    torchrun(2, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}",
+             "data.synthetic=true", "data.tokenizer=byte", "model.vocab_size=259",
+             "parallel.tensor=2", "train.steps=2", "train.warmup_steps=1",
+             "logging.wandb=false")  # fmt: skip
+    source = load.read_source(tmp_path)
+    assert source.config["data"]["tokenizer"] == "byte"
+    cfg = load.model_config(source, 1)
+    model = load.load_model(source, cfg, megatron_1proc)
+    want = Decoder(model, 259).generate([byte_prompt("def f(x):")], 16, k=1, eos_id=257)
+    (out,) = torchrun_generate(str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "16",
+                               "--speculative", "3")  # fmt: skip
+    assert out["tokens"] == want[0].tokens
+
+
+def test_prompt_files(tmp_path):
+    from mtp_dist.errors import UserError
+    from mtp_dist.generate import read_prompts
+
+    (tmp_path / "one.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "many.jsonl").write_text('"a"\n\n{"prompt": "b"}\n{"text": "c"}\n')
+    prompts = read_prompts(["x"], [tmp_path / "one.py", tmp_path / "many.jsonl"])
+    assert prompts == ["x", "def f():\n    return 1\n", "a", "b", "c"]
+    (tmp_path / "bad.jsonl").write_text('"a"\n{"prompt": 3}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        read_prompts([], [tmp_path / "bad.jsonl"])
+    with pytest.raises(UserError, match="no prompt given"):
+        read_prompts([], [])
+
+
+def test_plain_output_has_text_and_stats(capsys):
+    from data_prep.tokenizers import ByteTokenizer
+    from mtp_dist.generate import _print
+    from mtp_dist.inference.decode import Generation
+
+    result = Generation(list(b" world"), "length", 3, [2, 1], 2, 0.5)
+    _print(["hello"], [byte_prompt("hello")], [result], ByteTokenizer(), 3, 0.5, as_json=False)
+    text, stats = capsys.readouterr().out.splitlines()
+    assert text == "hello world"
+    assert "6 tokens" in stats and "3 forwards" in stats and "2.00 tokens/forward" in stats
+    assert "acceptance head2 1.00 head3 0.50" in stats
