@@ -9,6 +9,15 @@ gradients (4 bytes per parameter); weights and megatron-core's attention buffer 
 the step and are not in either figure. The planner's terms are upper bounds summed over the
 step; the real peak comes at one moment of it.
 
+Under torchrun (gloo, CPU; each case its own torchrun, one rank per process): n=4 sequential
+at TP1, TP2 and PP2, the megatron engine's forward_backward (1F1B under PP), each rank's peak
+measured the same way, against the planner's per-rank plan for that rank's stage
+(plan/layouts.plan, as `python -m mtp_dist.plan` computes it): activations, heads and logits
+(the heads and logits on the last stage only). The fp32 gradients go to DDP's buffers,
+allocated when the engine is built, so neither figure has them. Differences isolate terms: PP2
+stage 1 minus stage 0 is the heads and logits (both stages hold the same trunk layers); TP1
+minus a TP2 rank is the half of the sharded terms that TP takes off a rank.
+
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one training step, against
 mtp_dist.model.model.flops_per_token x tokens (the counter counts every matmul; the planner's
 attention scores do not discount the causal mask, and neither does the local attention).
@@ -36,6 +45,13 @@ CASES = {
     "n4_seq_recompute": dict(n=4, mode="sequential", recompute=True),
     "n1_recompute": dict(n=1, mode="sequential", recompute=True),
 }
+DIST_CASES = {
+    "n4_seq_tp1": dict(tensor=1, pipeline=1),
+    "n4_seq_tp2": dict(tensor=2, pipeline=1),
+    "n4_seq_pp2": dict(tensor=1, pipeline=2),
+}
+"""Under torchrun (gloo, CPU), one rank per process: n=4 sequential with a 4-layer trunk (PP2
+puts 2 layers on each stage; the heads, final norm and unembedding on stage 1)."""
 SHAPE = dict(hidden=256, heads=4, trunk_layers=4, seq=512, micro_batch=4, vocab=32000)
 TABLE_S5 = {"0.3b": 1.22, "0.6b": 1.13, "1.3b": 1.12, "3b": 1.07, "7b": 1.07, "13b": 1.09}
 """Training time of n=4 relative to n=1 (Gloeckle et al. 2024, Table S5)."""
@@ -129,6 +145,141 @@ def run_case(case: str) -> dict:
     }
 
 
+def dist_config(case: str):
+    from mtp_dist import config
+
+    c = DIST_CASES[case]
+    return config.load(
+        None,
+        [
+            "model.n_future_tokens=4",
+            f"model.num_layers={SHAPE['trunk_layers']}",
+            f"model.hidden_size={SHAPE['hidden']}",
+            f"model.num_attention_heads={SHAPE['heads']}",
+            f"model.vocab_size={SHAPE['vocab']}",
+            f"model.seq_length={SHAPE['seq']}",
+            "model.head_backward=sequential",
+            f"train.micro_batch_size={SHAPE['micro_batch']}",
+            f"train.global_batch_size={SHAPE['micro_batch']}",
+            "train.dtype=fp32",
+            "engine=megatron",
+            f"parallel.tensor={c['tensor']}",
+            f"parallel.pipeline={c['pipeline']}",
+            "parallel.pipeline_layers=even",
+            "data.synthetic=true",
+            "logging.wandb=false",
+        ],
+    )
+
+
+def dist_planned(cfg, run) -> list[dict]:
+    """The planner's terms of one step for every pipeline stage (layouts.plan, as the CLI)."""
+    from mtp_dist.plan import layouts
+
+    lp = layouts.plan(cfg, run, layouts.Hardware(gpus=run.world_size))
+    return [
+        {t.name: t.bytes for t in mem.terms if t.name in ("activations", "heads", "logits")}
+        for mem in lp.memory
+    ]
+
+
+def dist_worker(case: str) -> None:
+    """One torchrun rank: the megatron engine's forward_backward (1F1B under PP; gradients into
+    DDP's fp32 buffers, allocated at build, so not in the step's peak), a warm-up step, then one
+    measured step; rank 0 prints every rank's row."""
+    import torch
+    import torch.distributed as dist
+    from head_memory import _CpuPeak
+
+    from mtp_dist import distributed, engines
+    from mtp_dist.compat import ignore_known_warnings
+    from mtp_dist.run_plan import resolve
+
+    ignore_known_warnings()
+    cfg = dist_config(case)
+    dims = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, seed=1)
+    run = resolve(cfg, dims.world_size, on_gpu=False)
+    engine = engines.build_engine(cfg, run, dims, engines.build_model(cfg, run, dims))
+    gen = torch.Generator().manual_seed(0)
+    m = cfg.model
+    batch = [
+        {"tokens": torch.randint(0, m.vocab_size, (run.micro_batch_size, m.seq_length + 4),
+                                 generator=gen)}
+        for _ in range(run.num_microbatches)
+    ]  # fmt: skip
+    engine.forward_backward(batch)
+    dist.barrier()
+    with _CpuPeak() as meter:
+        engine.forward_backward(batch)
+    row = {"rank": dims.rank, "tp_rank": dims.tp_rank, "pp_rank": dims.pp_rank,
+           "measured_peak_mib": meter.peak / MiB}  # fmt: skip
+    rows = [None] * dims.world_size
+    dist.all_gather_object(rows, row)
+    if dims.rank == 0:
+        planned_stages = dist_planned(cfg, run)
+        for r in rows:
+            r["planned_mib"] = {k: v / MiB for k, v in planned_stages[r["pp_rank"]].items()}
+        print("RESULT " + json.dumps({"case": case, "ranks": rows}), flush=True)
+    distributed.destroy()
+
+
+def launch_dist(case: str, env: dict) -> dict:
+    from mtp_dist.distributed import free_port
+
+    c = DIST_CASES[case]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={c['tensor'] * c['pipeline']}", f"--master-port={free_port()}",
+        __file__, "--dist-case", case,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def dist_table(results: list[dict]) -> None:
+    """Per rank planned against measured, then the differences that isolate terms."""
+    print(
+        "\nUnder torchrun (gloo, CPU, one rank per process; megatron engine, forward_backward "
+        "only): n=4 sequential, trunk {trunk_layers} layers, hidden {hidden}, {heads} heads, seq "
+        "{seq}, micro batch {micro_batch}, 1 microbatch, V {vocab}; planned = the planner's "
+        "activations, heads and logits for the rank's stage (the fp32 gradients go to DDP's "
+        "buffer, allocated before the step)".format(**SHAPE)
+    )
+    print(
+        "| case | rank (TP rank, PP stage) | measured peak MiB | planned MiB | planned / measured "
+        "| activations | heads | logits |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for res in results:
+        for r in res["ranks"]:
+            pl = r["planned_mib"]
+            r["planned_total_mib"] = sum(pl.values())
+            r["ratio"] = r["planned_total_mib"] / r["measured_peak_mib"]
+            print(
+                f"| {res['case']} | {r['rank']} ({r['tp_rank']}, {r['pp_rank']}) | "
+                f"{r['measured_peak_mib']:.1f} | {r['planned_total_mib']:.1f} | {r['ratio']:.3f} | "
+                f"{pl.get('activations', 0):.1f} | {pl.get('heads', 0):.1f} | "
+                f"{pl.get('logits', 0):.1f} |"
+            )
+    by_case = {res["case"]: res["ranks"] for res in results}
+    pairs = [
+        ("PP2 stage 1 - stage 0 (heads + logits: both stages hold 2 trunk layers)",
+         by_case["n4_seq_pp2"][1], by_case["n4_seq_pp2"][0]),
+        ("TP1 - TP2 rank 0 (the half of the sharded terms TP takes off a rank)",
+         by_case["n4_seq_tp1"][0], by_case["n4_seq_tp2"][0]),
+    ]  # fmt: skip
+    for label, a, b in pairs:
+        measured = a["measured_peak_mib"] - b["measured_peak_mib"]
+        planned_diff = a["planned_total_mib"] - b["planned_total_mib"]
+        print(
+            f"{label}: measured {measured:.1f} MiB, planned {planned_diff:.1f} MiB, "
+            f"ratio {planned_diff / measured:.3f}"
+        )
+
+
 def table_s5() -> list[dict]:
     from mtp_dist import config
     from mtp_dist.model.model import flops_per_token
@@ -147,12 +298,22 @@ def table_s5() -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--case", choices=sorted(CASES))
+    p.add_argument("--dist-case", choices=sorted(DIST_CASES))
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case)))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    if args.dist_case:
+        dist_worker(args.dist_case)
+        return
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="65536",
+        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    )
     rows = []
     for case in CASES:
         out = subprocess.run(
@@ -188,6 +349,8 @@ def main() -> None:
         f"\njoint - sequential (heads + logits terms isolated): measured {diff_measured:.1f} MiB, "
         f"planned {diff_planned:.1f} MiB, ratio {diff_planned / diff_measured:.3f}"
     )
+    dist_results = [launch_dist(case, env) for case in DIST_CASES]
+    dist_table(dist_results)
     print("\n| case | FLOPs/token counted (FlopCounterMode) | planned | planned / counted |")
     print("|---|---|---|---|")
     for r in rows:
@@ -203,8 +366,12 @@ def main() -> None:
     print("|---|---|---|")
     for r in s5:
         print(f"| {r['size']} | {r['paper_time_ratio']:.2f} | {r['planned_flop_ratio']:.3f} |")
+    from mtp_dist.files import atomic_write_json
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"shape": SHAPE, "rows": rows, "table_s5": s5}, indent=2))
+    atomic_write_json(
+        args.out, {"shape": SHAPE, "rows": rows, "torchrun": dist_results, "table_s5": s5}
+    )
     print(f"wrote {args.out}")
 
 
