@@ -24,10 +24,11 @@ see the same machine load; the figures are medians over the measured steps after
    torch.distributed's blocking collectives (TP all-reduces, the grad-norm all-reduce),
    outermost call only. Compute is step minus communication. Wall time in a collective
    includes waiting for the other rank (skew, imbalance, being descheduled), so the split
-   says where a rank waited, not what the transfer cost.
+   says where a rank waited, not what the transfer cost. (In one process the DDP calls still
+   copy gradients and parameters locally: its small "communication" is that.)
 
-    python benchmarks/step_time.py              # all three, ~10 min on a busy 2-core machine
-    python benchmarks/step_time.py --quick      # fewer steps, one round
+    python benchmarks/step_time.py              # all three, ~12 min on a busy 2-core machine
+    python benchmarks/step_time.py --quick      # 3 steps, one round of layouts: ~6 min
 """
 
 from __future__ import annotations
@@ -371,7 +372,7 @@ def layouts_table(layouts: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5, help="measured steps per case and round")
+    p.add_argument("--steps", type=int, default=4, help="measured steps per case and round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="round-robin repetitions of the layouts")
     p.add_argument("--micro-batch", type=int, default=1)
