@@ -29,6 +29,8 @@ else
 fi
 
 if [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ]; then
+  # The ranks take their place from srun's SLURM_PROCID, not from variables the shell carries.
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
   NNODES=$SLURM_JOB_NUM_NODES
   export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}

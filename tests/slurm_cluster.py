@@ -91,7 +91,8 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.hosts = root / "hosts"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.env = {"PATH": os.environ["PATH"], "SLURM_CONF": str(self.conf)}
+        """What a SLURM client needs; sbatch also gets the environment a test gives it."""
         self._daemons: list[subprocess.Popen] = []
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -155,7 +156,8 @@ class SlurmCluster:
 
     def sbatch(self, *args: str, cwd: Path, env: dict | None = None) -> int:
         """Submit a job; its id."""
-        proc = _run("sbatch", "--parsable", *args, cwd=cwd, env={**self.env, **(env or {})})
+        env = {**(os.environ if env is None else env), **self.env}
+        proc = _run("sbatch", "--parsable", *args, cwd=cwd, env=env)
         return int(proc.stdout.strip().split(";")[0])
 
     def signal_batch(self, job_id: int, sig: str, check: bool = True) -> bool:

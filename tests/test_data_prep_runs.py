@@ -191,8 +191,8 @@ def test_a_running_task_holds_its_lock(tmp_path, capsys):
 def test_one_run_per_task_and_one_split_of_the_inputs_at_a_time(tmp_path, capsys):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     corpus.mkdir()
-    for i in range(4):
-        write_jsonl(corpus / f"{i}.jsonl", [f"document {i}"])
+    for i in range(4):  # big enough that the run lasts (start-up alone is ~0.3 s)
+        write_jsonl(corpus / f"{i}.jsonl", [f"document {i} " * 200_000])
     first = _stopped_while_working(corpus, out, "--task-index", "0", "--num-tasks", "2")
     try:
         args = tokenize_args([corpus / "*.jsonl"], out)
