@@ -154,13 +154,19 @@ def decode_all(decoder, prompts, new_tokens: int, k: int, batch: int):
     return results, time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure(decoder, prompts, new_tokens: int, ks, batch: int, repeats: int) -> list[dict]:
+UNPACKED = 0
+"""The method key of greedy decoding with megatron-core's own matmuls (no packed weights)."""
+
+
+def measure(decoders, prompts, new_tokens: int, ks, batch: int, repeats: int) -> list[dict]:
+    """decoders: with and without packed weights; ks: the methods (UNPACKED: greedy without)."""
     best = {k: float("inf") for k in ks}
     best_cpu = dict(best)
     outputs = {}
     for _ in range(repeats):
         for k in ks:
-            results, seconds, cpu = decode_all(decoder, prompts, new_tokens, k, batch)
+            decoder = decoders[k == UNPACKED]
+            results, seconds, cpu = decode_all(decoder, prompts, new_tokens, max(k, 1), batch)
             best[k] = min(best[k], seconds)
             best_cpu[k] = min(best_cpu[k], cpu)
             outputs[k] = results
@@ -177,7 +183,8 @@ def measure(decoder, prompts, new_tokens: int, ks, batch: int, repeats: int) -> 
         speedup = best[1] / best[k]
         tpf = tokens / forwards
         rows.append({
-            "k": k,
+            "k": max(k, 1),
+            "packed_weights": k != UNPACKED,
             "batch": batch,
             "seconds": best[k],
             "tokens": tokens,
@@ -196,24 +203,33 @@ def measure(decoder, prompts, new_tokens: int, ks, batch: int, repeats: int) -> 
     return rows
 
 
+def layer_bound(trunk_layers: int, k: int) -> float:
+    """A greedy forward's layers over a verifying forward's: (L + 1) / (L + k)."""
+    return (trunk_layers + 1) / (trunk_layers + k)
+
+
 def print_table(rows: list[dict], trunk_layers: int) -> None:
     print(
-        "| batch | k | tokens/s | speedup | (CPU time) | tokens/forward "
-        "| speedup / (tokens/forward) | layer-count bound | acceptance heads 2..k "
-        "| paper speedup | paper tokens/forward |"
+        "| batch | method | tokens/s | speedup | (CPU time) | tokens/forward "
+        "| speedup / (tokens/forward) | layer-count bound | of the bound "
+        "| acceptance heads 2..k | paper speedup | paper tokens/forward |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = " / ".join(f"{a:.2f}" for a in r["acceptance"]) or "-"
-        bound = (trunk_layers + 1) / (trunk_layers + r["k"])
+        bound = layer_bound(trunk_layers, r["k"])
+        method = f"k={r['k']}" if r["k"] > 1 else "greedy"
+        if not r["packed_weights"]:
+            method += ", megatron-core matmuls"
         paper = ("-", "-")
         if r["k"] > 1:
             paper = (f"{r['paper_speedup']:.2f}", f"{r['paper_tokens_per_forward']:.2f}")
         print(
-            f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} "
+            f"| {r['batch']} | {method} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} "
             f"| {r['speedup_cpu_time']:.2f} "
             f"| {r['tokens_per_forward']:.2f} | {r['speedup_per_tokens_per_forward']:.2f} "
-            f"| {bound:.2f} | {acc} | {paper[0]} | {paper[1]} |"
+            f"| {bound:.2f} | {r['speedup_per_tokens_per_forward'] / bound:.2f} | {acc} "
+            f"| {paper[0]} | {paper[1]} |"
         )
 
 
@@ -262,10 +278,12 @@ def main() -> None:
         model = load.load_model(source, cfg, dims)
         accuracy = head_accuracy(model, windows, cfg.model.vocab_size)
         matmul = matmul_microseconds(cfg.model.hidden_size, cfg.model.ffn_size)
-        decoder = Decoder(model, cfg.model.vocab_size)
-        decoder.generate(prompts[:1], 8, k=4)  # warm-up
-        ks = [1, 2, 3, 4]
-        rows = [r for b in args.batch for r in measure(decoder, prompts, args.new_tokens, ks, b,
+        vocab = cfg.model.vocab_size
+        decoders = [Decoder(model, vocab), Decoder(model, vocab, packed_weights=False)]
+        for decoder in decoders:
+            decoder.generate(prompts[:1], 8, k=4)  # warm-up
+        ks = [UNPACKED, 1, 2, 3, 4]
+        rows = [r for b in args.batch for r in measure(decoders, prompts, args.new_tokens, ks, b,
                                                         args.repeats)]  # fmt: skip
     finally:
         distributed.destroy()

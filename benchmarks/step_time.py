@@ -320,19 +320,26 @@ def launch(procs: int, threads: int, worker_args: list[str]) -> dict:
 
 def heads_table(single: dict) -> str:
     base = single["n=1"]
+    steps_n1 = base["step_seconds"]
+
+    def paired(r: dict, over: list[float]) -> float:
+        """The median over steps of the step-time ratio of two cases measured side by side."""
+        return statistics.median(a / b for a, b in zip(r["step_seconds"], over, strict=True))
+
     lines = [
-        "| case | trunk + head layers | parameters | step s (median) | measured ratio to n=1 "
+        "| case | trunk + head layers | parameters | step s (median) "
+        "| measured ratio to n=1 (median of paired steps) "
         "| FLOP ratio | measured / FLOP |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in (*HEAD_CASES, GPT):
         r = single[name]
         if name == GPT:
-            measured = base["median_seconds"] / r["median_seconds"]
+            measured = paired(base, r["step_seconds"])
             flops = 1.0
             layers, label = f"{TOTAL_LAYERS}", "n=1 ours / plain GPTModel"
         else:
-            measured = r["median_seconds"] / base["median_seconds"]
+            measured = paired(r, steps_n1)
             flops = r["flops_per_token"] / base["flops_per_token"]
             n = 1 if name == "n=1" else 4
             layers, label = f"{TOTAL_LAYERS - n} + {n}", name
@@ -372,7 +379,10 @@ def layouts_table(layouts: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4, help="measured steps per case and round")
+    p.add_argument("--steps", type=int, default=4, help="measured steps per layout and round")
+    p.add_argument(
+        "--head-steps", type=int, default=12, help="measured steps per case, measurements 1 and 2"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="round-robin repetitions of the layouts")
     p.add_argument("--micro-batch", type=int, default=1)
@@ -390,10 +400,15 @@ def main() -> None:
         worker_layout(args)
         return
     if args.quick:
-        args.steps, args.rounds = 3, 1
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    common += ["--micro-batch", str(args.micro_batch)]
-    single = launch(1, 2, ["--worker", "single", *common, "--microbatches", str(args.microbatches)])
+        args.steps, args.head_steps, args.rounds = 3, 6, 1
+    common = ["--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch)]
+    single = launch(
+        1,
+        2,
+        ["--worker", "single", *common, "--steps", str(args.head_steps),
+         "--microbatches", str(args.microbatches)],
+    )  # fmt: skip
+    common += ["--steps", str(args.steps)]
     print(heads_table(single), flush=True)
     layouts: dict = {}
     if not args.skip_layouts:
@@ -434,6 +449,7 @@ def main() -> None:
         "shape": SHAPE,
         "total_layers": TOTAL_LAYERS,
         "steps": args.steps,
+        "head_steps": args.head_steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
         "micro_batch": args.micro_batch,

@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         "source",
         type=Path,
         help="a checkpoint (step_* directory, checkpoints directory or run directory: their "
-        "latest) or a file written by `python -m mtp_dist.export`",
+        "latest), a file written by `python -m mtp_dist.export`, or a Hugging Face Llama "
+        "directory (`export --format hf`: its extra heads too)",
     )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument(

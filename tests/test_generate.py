@@ -205,6 +205,38 @@ def test_caches_of_every_head_layer(trained):
     assert sorted(cache.context.key_value_memory_dict) == list(range(1, cfg.num_layers + 4))
 
 
+def test_packed_weights_give_the_same_logits_and_tokens(trained):
+    """Inside packed_weights every linear layer multiplies by a packed copy (the packed path is
+    really taken); logits equal megatron-core's path, decoding gives the same tokens either way,
+    training inside is untouched, and on exit the layers are megatron-core's again."""
+    from mtp_dist.inference.packed_linear import _PackedMatmul, available, packed_weights
+
+    cfg, model, sample = trained
+    assert available(), "this CPU build of torch has oneDNN's packed linear"
+    ids = sample(2, 12)
+    with torch.no_grad():
+        plain = model.head_logits(ids)
+    linears = [m for m in model.modules() if "_forward_impl" in type(m).__dict__]
+    with packed_weights(model), packed_weights(model):  # nested: the outer's copies serve
+        with torch.no_grad():
+            packed = model.head_logits(ids)
+        routed = [m.__dict__.get("_forward_impl") for m in linears]
+        assert all(isinstance(r, _PackedMatmul) and r.packed for r in routed)
+        model.train()
+        loss = model(sample(2, cfg.seq_length + 4)).loss  # with grad: megatron-core's path
+        model.eval()
+    for a, b in zip(plain, packed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert loss.requires_grad
+    model.zero_grad(set_to_none=True)
+    assert not any("_forward_impl" in m.__dict__ for m in linears)
+    prompts = [sample(1, n)[0].tolist() for n in (3, 9)]
+    for k in (1, 3):
+        fast = Decoder(model, cfg.vocab_size).generate(prompts, 16, k=k)
+        slow = Decoder(model, cfg.vocab_size, packed_weights=False).generate(prompts, 16, k=k)
+        assert [r.tokens for r in fast] == [r.tokens for r in slow]
+
+
 @pytest.fixture(scope="module")
 def exports(trained, tmp_path_factory):
     """The trained model, and an n=1 model, as `python -m mtp_dist.export` files that record the
@@ -248,6 +280,21 @@ def test_cli_speculative_json_matches_greedy(exports):
             len(s["tokens"]) / s["stats"]["forwards"], abs=1e-4
         )
     assert sum(s["stats"]["forwards"] for s in spec) < sum(g["stats"]["forwards"] for g in greedy)
+
+
+def test_cli_reads_a_hugging_face_export(trained, exports, tmp_path):
+    """A Llama directory (export --format hf, with the sidecar's heads) decodes as the model it
+    was exported from: greedy and speculative over all four heads."""
+    from mtp_dist.model import hf
+    from mtp_dist.model.weights import full_state
+
+    cfg, model, _ = trained
+    out = hf.write_dir(tmp_path / "hf", full_state(model), cfg, None, {"n": 0})
+    args = ["--prompt", "!%)-,+", "--prompt", "/#('&$", "--max-new-tokens", "16"]
+    ours = generate(str(exports[0]), *args)
+    theirs = generate(str(out), *args, "--tokenizer", "byte", "--speculative", "4")
+    assert [r["tokens"] for r in theirs] == [r["tokens"] for r in ours]
+    assert all(set(r["stats"]["acceptance"]) == {"2", "3", "4"} for r in theirs)
 
 
 def test_cli_help():

@@ -65,13 +65,19 @@ class KVCache:
         its valid length if stale slots lie in between); the rest of the chunk is dropped."""
         offset, self._chunk_offset = self._chunk_offset, None
         assert offset is not None, "keep() follows a forward of chunk_inputs()"
-        for b in range(len(counts)):
-            n, start = int(counts[b]), int(self.lengths[b])
-            if n and start != offset:
-                for memory in self.context.key_value_memory_dict.values():
-                    for cache in memory:
-                        cache[start : start + n, b] = cache[offset : offset + n, b].clone()
-        self.lengths += counts.to(self.lengths.device)
+        counts = counts.to(self.lengths.device)
+        # All rows' moves at once, as (slot, row) pairs: one gather-scatter per cache tensor.
+        moved = (self.lengths != offset) & (counts > 0)
+        n = counts[moved]
+        rows = torch.repeat_interleave(torch.nonzero(moved).flatten(), n)
+        if len(rows):
+            first = torch.repeat_interleave(torch.cumsum(n, 0) - n, n)  # each row's first pair
+            within = torch.arange(len(rows), device=rows.device) - first  # 0..n-1 in its row
+            source, target = offset + within, self.lengths[rows] + within
+            for memory in self.context.key_value_memory_dict.values():
+                for cache in memory:
+                    cache[target, rows] = cache[source, rows]
+        self.lengths += counts
 
     @torch.no_grad()
     def select(self, rows: Tensor) -> None:

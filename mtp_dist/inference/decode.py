@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mtp_dist.distributed import collective_device
 from mtp_dist.inference.cache import KVCache
+from mtp_dist.inference.packed_linear import packed_weights
 
 
 def vocab_parallel_argmax(logits: Tensor, vocab_size: int) -> Tensor:
@@ -88,15 +89,19 @@ class Generation:
 class Decoder:
     """Decoding with an MTPModel holding the whole model (one pipeline stage; any TP)."""
 
-    def __init__(self, model, vocab_size: int, max_length: int | None = None):
+    def __init__(
+        self, model, vocab_size: int, max_length: int | None = None, packed_weights: bool = True
+    ):
         """vocab_size: the tokenizer's (the unembedding's padding is never chosen);
         max_length: the longest a sequence may grow, prompt included (default: the model's
-        seq_length)."""
+        seq_length); packed_weights: on CPU, multiply by weights packed for oneDNN while
+        generating (packed_linear.py; the same tokens, faster)."""
         assert model.pre_process and model.post_process, "decoding needs the whole model"
         self.model = model
         self.vocab_size = vocab_size
         self.max_length = max_length or model.seq_length
         self.device = next(model.parameters()).device
+        self.packed_weights = packed_weights
 
     def _forward(self, tokens: Tensor, cache: KVCache, heads: int) -> list[Tensor]:
         """Tokens [b, c] after the cached ones, through the trunk and heads 0..heads-1 (each
@@ -126,11 +131,21 @@ class Decoder:
     ) -> list[Generation]:
         """Greedy continuations of a batch of prompts (token ids), with self-speculative
         decoding over heads 1..k if k >= 2 (k <= the model's n)."""
+        start = time.perf_counter()
+        with packed_weights(self.model, self.packed_weights):
+            results = self._generate(prompts, max_new_tokens, k, eos_id)
+        seconds = time.perf_counter() - start
+        for r in results:
+            r.seconds = seconds
+        return results
+
+    def _generate(
+        self, prompts: list[list[int]], max_new_tokens: int, k: int, eos_id: int | None
+    ) -> list[Generation]:
         n = self.model.n_future_tokens
         assert 1 <= k <= n, f"k={k} must be in 1..n={n}"
         assert all(0 < len(p) < self.max_length for p in prompts), "prompt lengths"
         self.model.eval()
-        start = time.perf_counter()
         batch = len(prompts)
         results = [Generation([], drafts_accepted=[0] * (k - 1)) for _ in prompts]
         limits = [min(len(p) + max_new_tokens, self.max_length) for p in prompts]
@@ -178,9 +193,6 @@ class Decoder:
                     r.drafts_accepted[j] += 1
                 new = chunk[row, 1 : 1 + a].tolist() + [int(guesses[row, 0])]
                 ongoing.append(self._commit(r, new, limits[b], len(prompts[b]), eos_id))
-        seconds = time.perf_counter() - start
-        for r in results:
-            r.seconds = seconds
         return results
 
     @staticmethod

@@ -37,8 +37,13 @@ class Source:
 
 
 def read_source(path: str | Path) -> Source:
-    """A consolidated export (a file), else a checkpoint (find_checkpoint's rules)."""
+    """A consolidated export (a file), a Hugging Face Llama directory (`export --format hf`:
+    with its sidecar heads, if any), else a checkpoint (find_checkpoint's rules)."""
+    from mtp_dist.model import hf
+
     path = Path(path)
+    if path.is_dir() and (path / hf.CONFIG).is_file():
+        return _hf_source(path)
     if path.is_file():
         try:
             payload = ckpt.load_consolidated(path)
@@ -57,6 +62,27 @@ def read_source(path: str | Path) -> Source:
         engine=meta.get("engine", "megatron"),
         tokenizer_hash=meta.get("tokenizer_hash"),
     )
+
+
+def _hf_source(path: Path) -> Source:
+    """A Llama directory as a source: its config and sidecar give the model, its
+    tokenizer.model the tokenizer; the vocabulary is padded again as a model of ours pads it
+    (padding rows are zero: decoding never chooses them)."""
+    from mtp_dist.config import Config, DataConfig, ModelConfig
+    from mtp_dist.model import hf
+    from mtp_dist.model.weights import VOCAB_PARAMS
+
+    d = hf.read_dir(path)
+    m = ModelConfig(**{**d.fields, "n_future_tokens": d.n_future_tokens})
+    state = hf.load_dir(d, m)
+    for name in VOCAB_PARAMS:
+        if name in state:
+            padding = m.padded_vocab_size - state[name].shape[0]
+            state[name] = torch.nn.functional.pad(state[name], (0, 0, 0, padding))
+    tokenizer = path / "tokenizer.model"
+    data = DataConfig(synthetic=True, tokenizer=str(tokenizer) if tokenizer.is_file() else None)
+    config = Config(model=m, data=data).to_dict()
+    return Source(path, config, 0, tokenizer_hash=d.tokenizer_hash, state=state)
 
 
 def model_config(source: Source, tensor: int) -> config_mod.Config:
