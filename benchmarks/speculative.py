@@ -203,6 +203,55 @@ def measure(decoders, prompts, new_tokens: int, ks, batch: int, repeats: int) ->
     return rows
 
 
+def forward_cost_by_depth(cfg, depths, ks, prompt_tokens: int, forwards: int, repeats: int):
+    """A verifying forward's wall time over a greedy one's, for untrained models of this width
+    and trunk depths `depths` (the cost does not depend on the weights: untrained drafts are
+    rejected, so every forward is one verification of k tokens); best of `repeats`."""
+    import dataclasses
+
+    from mtp_dist.inference.decode import Decoder
+    from mtp_dist.model.model import build_model
+    from mtp_dist.model.weights import init_weights
+
+    prompt = [list(range(1, prompt_tokens + 1))]
+    out = []
+    for depth in depths:
+        model = build_model(dataclasses.replace(cfg.model, num_layers=depth))
+        init_weights(model, seed=0)
+        decoder = Decoder(model, cfg.model.vocab_size)
+        decoder.generate(prompt, 4, k=max(ks))  # warm-up
+        per_forward = {}
+        for k in [1, *ks]:
+            best = float("inf")
+            for _ in range(repeats):
+                r = decoder.generate(prompt, forwards, k=k)[0]
+                best = min(best, r.seconds / r.forwards)
+            per_forward[k] = best
+        for k in ks:
+            out.append({
+                "trunk_layers": depth,
+                "k": k,
+                "greedy_forward_ms": per_forward[1] * 1e3,
+                "verifying_forward_ms": per_forward[k] * 1e3,
+                "cost_ratio": per_forward[k] / per_forward[1],
+                "layer_ratio": 1 / layer_bound(depth, k),
+            })  # fmt: skip
+    return out
+
+
+def print_depth_table(rows: list[dict]) -> None:
+    print(
+        "| trunk layers | k | greedy forward ms | verifying forward ms | verifying / greedy "
+        "| layers (L + k) / (L + 1) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['trunk_layers']} | {r['k']} | {r['greedy_forward_ms']:.2f} "
+            f"| {r['verifying_forward_ms']:.2f} | {r['cost_ratio']:.2f} | {r['layer_ratio']:.2f} |"
+        )
+
+
 def layer_bound(trunk_layers: int, k: int) -> float:
     """A greedy forward's layers over a verifying forward's: (L + 1) / (L + k)."""
     return (trunk_layers + 1) / (trunk_layers + k)
@@ -248,6 +297,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--depths",
+        type=int,
+        nargs="*",
+        default=[4, 12, 28],
+        help="trunk depths of the forward-cost table (28: the paper's 7B model, 32 - 4 heads)",
+    )
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args()
 
@@ -285,6 +341,8 @@ def main() -> None:
         ks = [UNPACKED, 1, 2, 3, 4]
         rows = [r for b in args.batch for r in measure(decoders, prompts, args.new_tokens, ks, b,
                                                         args.repeats)]  # fmt: skip
+        depth = forward_cost_by_depth(cfg, args.depths, [2, 3, 4], args.prompt_tokens,
+                                      args.new_tokens // 2, args.repeats)  # fmt: skip
     finally:
         distributed.destroy()
 
@@ -304,6 +362,12 @@ def main() -> None:
         f"tokens each, fp32, CPU, {args.threads} thread(s), best of {args.repeats}"
     )
     print_table(rows, m.num_layers)
+    print(
+        f"\nThe cost of a forward by trunk depth (untrained models of this width, batch 1, "
+        f"{args.prompt_tokens}-token prompt, {args.new_tokens // 2} forwards, best of "
+        f"{args.repeats}):"
+    )
+    print_depth_table(depth)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "model": {
@@ -334,6 +398,7 @@ def main() -> None:
             "torch": torch.__version__,
         },  # fmt: skip
         "rows": rows,
+        "forward_cost_by_depth": depth,
     }
     atomic_write(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")
