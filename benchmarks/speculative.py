@@ -7,14 +7,18 @@ Prompts: held out, i.e. standard-library files the corpus does not contain (the 
 sorted files up to its size budget, these come after); --prompt-tokens tokens from a seeded line
 of each.
 Decoding: greedy (k=1) and self-speculative with k=2,3,4 heads, batch 1 (and --batch B), no stop
-at end of document, --new-tokens tokens each. Every method's tokens are checked to be greedy's.
-Each method's time is the best of --repeats runs, the methods interleaved.
+at end of document, --new-tokens tokens each, all with the decoder's packed weights; and greedy
+with megatron-core's own matmuls, to show what packing gives. Every method's tokens are checked
+to be greedy's. Each method's time is the best of --repeats runs, the methods interleaved.
 
 The speedup over greedy cannot exceed tokens per forward; speedup / tokens-per-forward is the
-cost of a verifying forward relative to a greedy one (1.0 = free). It has an architectural part:
-a verifying forward runs k head layers where greedy runs one, i.e. (L + 1) / (L + k) of the
-layers for a trunk of L layers if a layer's cost does not depend on its few tokens, as on a GPU
-(the paper's 7B model: 32 - 4 trunk layers; this model: 4). The rest is the implementation's.
+cost of a greedy forward relative to a verifying one (1.0 = verifying is free). It has an
+architectural part: a verifying forward runs k head layers where greedy runs one, i.e.
+(L + 1) / (L + k) of the layers for a trunk of L layers if a layer's cost does not depend on its
+few tokens, as on a GPU and with packed weights on a CPU (the paper's 7B model: 32 - 4 trunk
+layers; this model: 4). "Of the bound" is the rest: speedup / (tokens per forward x that
+bound), 1.0 when the implementation adds nothing. A second table times a verifying forward
+against a greedy one for untrained models of this width at deeper trunks (--depths).
 
     python benchmarks/speculative.py [--workdir runs/speculative] [--steps 600] [--prompts 12]
 """

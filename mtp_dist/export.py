@@ -23,6 +23,7 @@ def export(checkpoint: Path, out: Path, fmt: str = "pt", tokenizer: str | None =
     from mtp_dist import checkpointing as ckpt
     from mtp_dist import config as config_mod
     from mtp_dist import distributed
+    from mtp_dist.inference import load
     from mtp_dist.init_from import checkpoint_model
     from mtp_dist.model import hf
     from mtp_dist.model.weights import full_state
@@ -32,46 +33,15 @@ def export(checkpoint: Path, out: Path, fmt: str = "pt", tokenizer: str | None =
     cfg = config_mod.from_dict(dict(meta["config"], parallel={"tensor": 1, "pipeline": 1}))
     if fmt == "hf":
         hf.check_empty(out)
-        tok = run_tokenizer(meta, tokenizer)
+        source = load.Source(checkpoint, meta["config"], meta["step"],
+                             tokenizer_hash=meta.get("tokenizer_hash"))  # fmt: skip
+        tok = load.load_tokenizer(source, cfg, tokenizer, optional=True)
     with distributed.single_process(cfg.train.seed):
         model = checkpoint_model(checkpoint, meta)
         if fmt == "pt":
             return ckpt.export_consolidated(model, out, cfg.to_dict(), meta["step"])
         state = full_state(model)
     return hf.write_dir(out, state, cfg.model, tok, cfg.to_dict()["model"])
-
-
-def run_tokenizer(meta: dict, given: str | None):
-    """The tokenizer to export: `given` ("none": no tokenizer), else data.tokenizer as the run
-    recorded it, if it is still the file the run trained with."""
-    from data_prep.tokenizers import TokenizerError, load_tokenizer
-
-    if given == "none":
-        return None
-    if given is not None:
-        return load_tokenizer(given)
-    recorded = meta["config"].get("data", {}).get("tokenizer")
-    if recorded is None:
-        if meta.get("tokenizer_hash") is None:  # synthetic data: there is no tokenizer
-            return None
-        raise UserError(
-            "the checkpoint records no tokenizer file (its data.tokenizer was not set): pass "
-            "--tokenizer PATH (the .model the shards were made with), or --tokenizer none"
-        )
-    try:
-        tok = load_tokenizer(recorded)
-    except TokenizerError as e:
-        raise UserError(
-            f"the run's tokenizer cannot be read ({e}); pass --tokenizer PATH, or --tokenizer none"
-        ) from e
-    saved = meta.get("tokenizer_hash")
-    if saved is not None and tok.identity_hash != saved:
-        raise UserError(
-            f"the run's tokenizer {recorded} has changed since training ({tok.identity_hash[:12]}"
-            f", trained with {saved[:12]}): pass --tokenizer with the original, or --tokenizer "
-            "none"
-        )
-    return tok
 
 
 def main(argv=None) -> int:

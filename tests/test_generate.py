@@ -322,6 +322,41 @@ def test_cli_bad_input(exports, capsys, case, args, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_the_tokenizer_recorded_with_a_model(tmp_path):
+    """generate and export --format hf read the tokenizer by one rule: the recorded one or the
+    given one, refused (one line naming the fix) if missing, unreadable, not the one training
+    used, or of another size; export alone may go without (optional)."""
+    from mtp_dist.errors import UserError
+    from mtp_dist.inference.load import Source, load_tokenizer
+
+    def config(tokenizer):
+        return Config(model=tiny_config(), data=DataConfig(synthetic=True, tokenizer=tokenizer))
+
+    none, byte = Source(tmp_path, {}, 0), Source(tmp_path, {}, 0, tokenizer_hash="0" * 64)
+    assert load_tokenizer(none, config("byte")).vocab_size == 259
+    assert load_tokenizer(none, config(None), "byte").vocab_size == 259
+    assert load_tokenizer(none, config(None), optional=True) is None  # synthetic data
+    assert load_tokenizer(byte, config("byte"), "none", optional=True) is None
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    refused = [
+        (none, config(None), None, False, "records no tokenizer"),
+        (byte, config(None), None, True, "records no tokenizer"),
+        (none, config(str(tmp_path / "gone.model")), None, False, "does not exist here"),
+        (none, config(None), str(tmp_path / "bad.model"), True, "cannot be read"),
+        (byte, config("byte"), None, False, "is not the one"),
+    ]
+    for source, cfg, given, optional, message in refused:
+        with pytest.raises(UserError, match=message) as e:
+            load_tokenizer(source, cfg, given, optional=optional)
+        assert "--tokenizer" in str(e.value) and "\n" not in str(e.value)
+    small = Config(
+        model=ModelConfig(**{**tiny_config().__dict__, "vocab_size": 250}),
+        data=DataConfig(synthetic=True),
+    )
+    with pytest.raises(UserError, match="has 259 tokens but the model's vocab_size is 250"):
+        load_tokenizer(none, small, "byte")
+
+
 def byte_prompt(text: str) -> list[int]:
     """What the CLI decodes for a prompt with the byte tokenizer: an end-of-document token (257)
     first."""

@@ -111,23 +111,35 @@ def load_model(source: Source, cfg: config_mod.Config, dims, dtype=torch.float32
     return model.eval()
 
 
-def load_tokenizer(source: Source, cfg: config_mod.Config, override: str | None = None):
+def load_tokenizer(
+    source: Source, cfg: config_mod.Config, override: str | None = None, optional: bool = False
+):
     """The tokenizer recorded with the model (data.tokenizer of its config), or `override`;
-    refused if training recorded another tokenizer's identity."""
+    refused if training recorded another tokenizer's identity, or its size differs. optional
+    (export): None for a model trained without one (synthetic data) or for override "none"."""
+    from data_prep.tokenizers import TokenizerError
     from data_prep.tokenizers import load_tokenizer as load
 
+    fix = "give it with --tokenizer" + (" (or --tokenizer none)" if optional else "")
+    if optional and override == "none":
+        return None
     name = override or cfg.data.tokenizer
     if name is None:
+        if optional and source.tokenizer_hash is None:
+            return None
         raise UserError(
             f"{source.path} records no tokenizer (it was trained without data.tokenizer, e.g. on "
-            "synthetic data): give one with --tokenizer"
+            f"synthetic data): {fix}"
         )
     if override is None and name != "byte" and not os.path.exists(name):
         raise UserError(
             f"the tokenizer {name!r} recorded with {source.path} does not exist here (a path "
-            "relative to where training ran?): give it with --tokenizer"
+            f"relative to where training ran?): {fix}"
         )
-    tokenizer = load(name)
+    try:
+        tokenizer = load(name)
+    except TokenizerError as e:
+        raise UserError(f"the tokenizer {name!r} cannot be read ({e}): {fix}") from e
     if source.tokenizer_hash and tokenizer.identity_hash != source.tokenizer_hash:
         raise UserError(
             f"tokenizer {name!r} is not the one {source.path} was trained with (identity "
