@@ -237,6 +237,33 @@ def test_packed_weights_give_the_same_logits_and_tokens(trained):
         assert [r.tokens for r in fast] == [r.tokens for r in slow]
 
 
+def test_the_speculative_benchmark_measures_what_it_reports(trained):
+    """benchmarks/speculative.py's measurement on the tiny model: every method's tokens checked
+    against greedy's, its counts and ratios consistent; the forward-cost table by depth."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speculative as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cfg, model, sample = trained
+    decoders = [Decoder(model, cfg.vocab_size), Decoder(model, cfg.vocab_size, None, False)]
+    prompts = [sample(1, n)[0].tolist() for n in (4, 7, 5)]
+    rows = bench.measure(decoders, prompts, 12, [bench.UNPACKED, 1, 3], batch=2, repeats=1)
+    assert [(r["k"], r["packed_weights"]) for r in rows] == [(1, False), (1, True), (3, True)]
+    greedy, spec = rows[1], rows[2]
+    assert greedy["forwards"] == greedy["tokens"] == 3 * 12 and greedy["speedup"] == 1.0
+    assert spec["tokens"] == 36 and spec["forwards"] < 36 and len(spec["acceptance"]) == 2
+    assert spec["tokens_per_forward"] == pytest.approx(36 / spec["forwards"])
+    assert spec["speedup_per_tokens_per_forward"] == pytest.approx(
+        spec["speedup"] / spec["tokens_per_forward"]
+    )
+    full_config = Config(model=cfg, data=DataConfig(synthetic=True))
+    depth = bench.forward_cost_by_depth(full_config, [1, 2], [2, 4], 6, 3, 1)
+    assert [(r["trunk_layers"], r["k"]) for r in depth] == [(1, 2), (1, 4), (2, 2), (2, 4)]
+    assert depth[1]["layer_ratio"] == pytest.approx(5 / 2)
+    assert all(r["verifying_forward_ms"] > 0 and r["greedy_forward_ms"] > 0 for r in depth)
+
+
 @pytest.fixture(scope="module")
 def exports(trained, tmp_path_factory):
     """The trained model, and an n=1 model, as `python -m mtp_dist.export` files that record the
