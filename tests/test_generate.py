@@ -237,6 +237,23 @@ def test_packed_weights_give_the_same_logits_and_tokens(trained):
         assert [r.tokens for r in fast] == [r.tokens for r in slow]
 
 
+def test_no_packed_copies_where_memory_would_not_hold_them(trained, monkeypatch):
+    """A machine whose free memory cannot hold a second copy of the weights decodes with
+    megatron-core's matmuls, and says so."""
+    import psutil
+
+    from mtp_dist.inference.packed_linear import packed_weights
+
+    cfg, model, sample = trained
+    free = sum(p.numel() * p.element_size() for p in model.parameters())  # half of it is needed
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": free}))
+    with pytest.warns(UserWarning, match="decoding without packed weights"):
+        with packed_weights(model):
+            assert not any("_forward_impl" in m.__dict__ for m in model.modules())
+    tokens = Decoder(model, cfg.vocab_size).generate([sample(1, 5)[0].tolist()], 8, k=2)
+    assert len(tokens[0].tokens) == 8
+
+
 def test_the_speculative_benchmark_measures_what_it_reports(trained):
     """benchmarks/speculative.py's measurement on the tiny model: every method's tokens checked
     against greedy's, its counts and ratios consistent; the forward-cost table by depth."""

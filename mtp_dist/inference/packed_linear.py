@@ -11,13 +11,15 @@ It is PyTorch's own CPU inference path (what torch.compile's weight freezing doe
 
 The packed copies live only inside `packed_weights(model)` (a decoding call): made on entry,
 dropped on exit, so weights loaded or trained in between are never read from a stale copy. They
-double the weights' memory meanwhile. Anything else (grad enabled, another dtype or device, no
-oneDNN) takes megatron-core's own path.
+double the weights' memory meanwhile, so they are made only if that fits in half the free
+memory (else a warning). Without them, and for anything else (grad enabled, another dtype or
+device, no oneDNN), the layers take megatron-core's own path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -51,12 +53,28 @@ class _PackedMatmul:
         return out.view(*input.shape[:-1], out.shape[-1])
 
 
+def _fits(model: torch.nn.Module) -> bool:
+    """Whether copies of the weights fit in half the memory now free (else: warn, don't pack)."""
+    import psutil
+
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = psutil.virtual_memory().available
+    if need <= free / 2:
+        return True
+    warnings.warn(
+        f"decoding without packed weights: their copies need {need / 2**30:.1f} GiB and "
+        f"{free / 2**30:.1f} GiB of memory are free (slower on CPU, the same tokens)",
+        stacklevel=3,
+    )
+    return False
+
+
 @contextlib.contextmanager
 def packed_weights(model: torch.nn.Module, enabled: bool = True):
     """Inside: the no-grad fp32 forwards of every megatron-core linear layer of `model` (on CPU,
     with oneDNN) multiply by packed copies of the weights, made at first use."""
     device = next(model.parameters()).device
-    if not (enabled and device.type == "cpu" and available()):
+    if not (enabled and device.type == "cpu" and available() and _fits(model)):
         yield
         return
     layers = [
