@@ -31,6 +31,7 @@ from data_prep.tokenizers import (  # noqa: E402
     SentencePieceOptions,
     train_sentencepiece,
 )
+from mtp_dist.files import atomic_write_json  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -127,8 +128,7 @@ def main() -> None:
         "rows": rows,
     }
     os.makedirs(os.path.dirname(a.output), exist_ok=True)
-    with open(a.output, "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_json(a.output, result)
     print(f"wrote {a.output}")
     if a.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_prep.stdlib_corpus import write_stdlib_corpus  # noqa: E402
+from mtp_dist.files import atomic_write_json  # noqa: E402
 
 # Runs the CLI with data_prep.shards._write_batch wrapped to print when the first batch reaches
 # the tokenizer; forked workers inherit the wrapper and print their own first batch.
@@ -208,8 +209,7 @@ def main() -> None:
             "rows": rows,
         }
         os.makedirs(os.path.dirname(a.output), exist_ok=True)
-        with open(a.output, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(a.output, result)
         print(f"wrote {a.output}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -26,13 +26,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "pipeline_balance.json"
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _torchrun import torchrun_result  # noqa: E402
+
 SHAPE = [
     "model.n_future_tokens=4",
     "model.num_layers=12",
@@ -136,19 +139,9 @@ def worker(args) -> None:
 
 
 def launch(pp: int, args) -> dict:
-    from mtp_dist.distributed import free_port
-
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={pp}",
-        f"--master-port={free_port()}", __file__, "--worker", "--pipeline", str(pp),
-        "--steps", str(args.steps), "--warmup", str(args.warmup),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode:
-        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    worker_args = ["--worker", "--pipeline", str(pp), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup)]  # fmt: skip
+    return torchrun_result(__file__, pp, 1, worker_args, timeout=3600)
 
 
 def table(results: dict) -> str:

@@ -37,13 +37,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "step_time.json"
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _torchrun import torchrun_result  # noqa: E402
+
 SHAPE = [
     "model.hidden_size=256",
     "model.num_attention_heads=4",
@@ -304,18 +307,7 @@ def worker_layout(args) -> None:
 
 
 def launch(procs: int, threads: int, worker_args: list[str]) -> dict:
-    from mtp_dist.distributed import free_port
-
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}",
-        f"--master-port={free_port()}", __file__, *worker_args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=7200)
-    if proc.returncode:
-        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return torchrun_result(__file__, procs, threads, worker_args, timeout=7200)
 
 
 def heads_table(single: dict) -> str:

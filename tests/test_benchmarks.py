@@ -10,7 +10,7 @@ import pytest
 
 from tests.support import ROOT
 
-SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("[!_]*.py"))  # _*.py: helpers
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
