@@ -64,14 +64,19 @@ def main(argv=None) -> int:
         help="hf: the tokenizer to include (a sentencepiece .model or 'none'); default: the one "
         "the run recorded (data.tokenizer)",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show upstream packages' warnings (or set MTP_DIST_VERBOSE=1)",
+    )
     args = p.parse_args(argv)
     return run_cli(lambda: _main(args))
 
 
 def _main(args) -> int:
-    from mtp_dist.compat import ignore_known_warnings
+    from mtp_dist.compat import quiet_upstream_warnings
 
-    ignore_known_warnings()
+    quiet_upstream_warnings(args.verbose)
     if args.tokenizer is not None and args.format != "hf":
         raise UserError("--tokenizer goes with --format hf (a .pt export holds no tokenizer)")
     path = export(args.checkpoint, args.out, args.format, args.tokenizer)

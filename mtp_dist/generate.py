@@ -127,15 +127,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-document token")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show upstream packages' warnings (or set MTP_DIST_VERBOSE=1)",
+    )
     args = p.parse_args(argv)
     return run_cli(lambda: _main(args))
 
 
 def _main(args) -> int:
-    from mtp_dist.compat import ignore_known_warnings
+    from mtp_dist.compat import quiet_upstream_warnings
+
+    quiet_upstream_warnings(args.verbose)  # before megatron-core is imported: it warns then
     from mtp_dist.inference import load
 
-    ignore_known_warnings()
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     if args.batch < 1:

@@ -108,7 +108,7 @@ class Metrics:
         self.jsonl.flush()
         step = record["step"]
         if step % self.cfg.logging.interval == 0 or step == self.cfg.train.steps:
-            log.info(console_line(record, self.cfg.train.steps))
+            log.info(console_line(record, self.cfg.train.steps, self.cfg.model.loss_weights))
         flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         for key in ("head_losses", "head_accuracy", "eval_head_losses", "eval_head_accuracy"):
             for i, v in enumerate(record.get(key) or []):
@@ -150,10 +150,15 @@ def _start_wandb(cfg: Config, run_dir: Path):
         return None
 
 
-def console_line(r: dict, total_steps: int) -> str:
+def console_line(r: dict, total_steps: int, loss_weights: list[float] | None = None) -> str:
+    """One step's console line. `loss` is the training objective, the (weighted) sum of the
+    heads' cross-entropies, so it says so: it is not any head's loss."""
     heads = " ".join(f"{x:.3f}" for x in r["head_losses"])
+    n = len(r["head_losses"])
+    weighted = loss_weights is not None and any(w != 1.0 for w in loss_weights)
+    total = f"{'weighted sum' if weighted else 'sum'} of {n} head{'s' if n > 1 else ''}"
     line = (
-        f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | heads {heads} | "
+        f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} ({total}) | heads {heads} | "
         f"lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | "
         f"mfu {_percent(r['mfu'])} | mem {r['memory_gib']:.2f} GiB | "
         f"eta {format_duration(r['eta_s'])}"
@@ -161,13 +166,27 @@ def console_line(r: dict, total_steps: int) -> str:
     if r["skipped"]:
         line += " | SKIPPED (non-finite)"
     if "eval_loss" in r:
+        losses = " ".join(f"{x:.3f}" for x in r["eval_head_losses"])
         acc = " ".join(f"{x:.3f}" for x in r["eval_head_accuracy"])
-        line += f"\n  eval loss {r['eval_loss']:.4f} | head top-1 acc {acc}"
+        line += (
+            f"\n  validation: loss {r['eval_loss']:.4f} ({total}) | heads {losses} | "
+            f"top-1 acc {acc}"
+        )
     return line
 
 
 def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def format_bytes(n: float) -> str:
+    """A size in the largest binary unit that keeps it >= 1 (`512 B`, `37.5 MiB`, `1.2 GiB`):
+    small sizes stay readable instead of rounding to 0.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def format_duration(seconds: float) -> str:

@@ -46,26 +46,24 @@ def plot(records: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in records]
     n = len(records[0]["head_losses"])
-    evals = [r for r in records if "eval_head_accuracy" in r]
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4.5))
-    ax = axes[0] if evals else axes
-    for i in range(n):
-        ax.plot(steps, [r["head_losses"][i] for r in records], label=f"head {i + 1} (t+{i + 1})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title("training loss per head")
-    ax.legend()
+    evals = [r for r in records if "eval_head_losses" in r]
+    panels = [("training loss per head", "cross-entropy (nats)", records, "head_losses")]
     if evals:
-        es = [r["step"] for r in evals]
+        panels += [
+            ("validation loss per head", "cross-entropy (nats)", evals, "eval_head_losses"),
+            ("validation accuracy per head", "top-1 accuracy", evals, "eval_head_accuracy"),
+        ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, ylabel, rows, key) in zip(axes[0], panels, strict=True):
+        xs = [r["step"] for r in rows]
+        marker = "o" if rows is evals else None
         for i in range(n):
-            axes[1].plot(es, [r["eval_head_accuracy"][i] for r in evals], marker="o",
-                         label=f"head {i + 1}")  # fmt: skip
-        axes[1].set_xlabel("step")
-        axes[1].set_ylabel("top-1 accuracy")
-        axes[1].set_title("validation accuracy per head")
-        axes[1].legend()
+            ax.plot(xs, [r[key][i] for r in rows], marker=marker, label=f"head {i + 1} (t+{i + 1})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

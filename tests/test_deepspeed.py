@@ -23,6 +23,13 @@ from tests.support import ROOT, torchrun
 WORKER = ROOT / "tests" / "workers" / "deepspeed_cases.py"
 RTOL = 1e-5
 """Losses/grad norms of other layouts vs the 1-rank run: float32 reduction order only."""
+BF16_RTOL = 2.0**-8
+"""bf16 runs of two ZeRO stages after an update: one bf16 unit in the last place (8 bits of
+mantissa). The stages sum the global grad norm in different fp32 groupings (1e-8 apart), so
+the clipped update differs by that much; a weight whose fp32 master lies that close to a bf16
+rounding boundary casts to the neighbouring bf16 value, and each such flip moves the next
+losses and norms (measured on one rank and on two, deepspeed 0.19.1 to 0.19.8 alike: 1e-5 at
+step 2, 5e-5 at step 3). A real partitioning error moves them by far more than 2^-8."""
 
 
 def _launch(nproc: int, out: Path, cases: list[dict]) -> None:
@@ -157,7 +164,9 @@ def test_zero3_bf16_model_is_the_unpartitioned_one(runs):
         assert _construction(runs, name)[1]["dtypes"] == ["torch.bfloat16"]
     zero2, zero3 = _steps(runs["zero2_bf16"]), _steps(runs["zero3_bf16"])
     assert zero3[0]["loss"] == zero2[0]["loss"] and zero3[0]["heads"] == zero2[0]["heads"]
-    _assert_close(runs["zero3_bf16"], runs["zero2_bf16"])
+    # Before any update only the fp32 summation order of the norm differs.
+    assert zero3[0]["grad_norm"] == pytest.approx(zero2[0]["grad_norm"], rel=1e-6)
+    _assert_close(runs["zero3_bf16"], runs["zero2_bf16"], rtol=BF16_RTOL)
 
 
 @pytest.mark.slow

@@ -95,3 +95,23 @@ def ignore_known_warnings() -> None:
 
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+UPSTREAM_MODULES = r"(megatron|torch|deepspeed|transformers|huggingface_hub|safetensors)(\.|$)"
+"""Packages whose own warnings a command's user cannot act on."""
+
+VERBOSE_VARIABLE = "MTP_DIST_VERBOSE"
+
+
+def quiet_upstream_warnings(verbose: bool = False) -> None:
+    """For commands whose output is their product (generate, export): hide the warnings that
+    upstream packages raise from their own code (deprecations inside megatron-core or torch's
+    checkpointing, fallbacks without Apex) unless --verbose or MTP_DIST_VERBOSE=1 asks for
+    them. Call it before the upstream packages are imported: some warn at import."""
+    import os
+    import warnings
+
+    if verbose or os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0"):
+        return
+    ignore_known_warnings()
+    warnings.filterwarnings("ignore", module=UPSTREAM_MODULES)

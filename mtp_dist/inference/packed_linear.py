@@ -57,13 +57,15 @@ def _fits(model: torch.nn.Module) -> bool:
     """Whether copies of the weights fit in half the memory now free (else: warn, don't pack)."""
     import psutil
 
+    from mtp_dist.metrics import format_bytes
+
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     free = psutil.virtual_memory().available
     if need <= free / 2:
         return True
     warnings.warn(
-        f"decoding without packed weights: their copies need {need / 2**30:.1f} GiB and "
-        f"{free / 2**30:.1f} GiB of memory are free (slower on CPU, the same tokens)",
+        f"decoding without packed weights: their copies need {format_bytes(need)}, and only "
+        f"{format_bytes(free)} of memory is free (slower on CPU, the same tokens)",
         stacklevel=3,
     )
     return False

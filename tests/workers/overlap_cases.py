@@ -172,7 +172,8 @@ def run_case(case: dict, out_dir: str) -> None:
         r = engine.forward_backward(my_microbatches(cfg, dims, STEPS - 1))
         payload["events"] = events
         vals = dp_mean(dims, [r.loss, *r.head_losses], 1 + n)
-        rows.append({"loss": vals[0], "heads": vals[1:]})
+        # A forward-backward without an optimizer step: no grad norm, so not a row.
+        payload["last_forward"] = {"loss": vals[0], "heads": vals[1:]}
         payload["grads"] = reduced_grads(engine)
     else:
         r = engine.train_step(my_microbatches(cfg, dims, STEPS - 1))
