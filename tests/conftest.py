@@ -4,6 +4,7 @@ in-process unit tests."""
 from __future__ import annotations
 
 import os
+import sys
 
 import psutil
 import pytest
@@ -11,6 +12,14 @@ import pytest
 from mtp_dist.distributed import free_port
 
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+
+
+def pytest_configure(config):
+    """Scripts the tests run (launch/, slurm/, the SLURM cluster's jobs) call `python`: make it
+    the interpreter running the tests, so that a virtual environment need not be activated."""
+    bin_dir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="session")
