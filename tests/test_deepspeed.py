@@ -24,12 +24,17 @@ WORKER = ROOT / "tests" / "workers" / "deepspeed_cases.py"
 RTOL = 1e-5
 """Losses/grad norms of other layouts vs the 1-rank run: float32 reduction order only."""
 BF16_RTOL = 2.0**-8
-"""bf16 runs of two ZeRO stages after an update: one bf16 unit in the last place (8 bits of
-mantissa). The stages sum the global grad norm in different fp32 groupings (1e-8 apart), so
-the clipped update differs by that much; a weight whose fp32 master lies that close to a bf16
-rounding boundary casts to the neighbouring bf16 value, and each such flip moves the next
-losses and norms (measured on one rank and on two, deepspeed 0.19.1 to 0.19.8 alike: 1e-5 at
-step 2, 5e-5 at step 3). A real partitioning error moves them by far more than 2^-8."""
+"""bf16 runs of two ZeRO stages after a clipped update: one bf16 unit in the last place (8 bits
+of mantissa). The stages sum the global grad norm in different fp32 groupings (1e-8..7e-8
+apart); clipping scales the update by 1 / that norm, so the fp32 master weights differ at the
+1e-8 level, and a weight that close to a bf16 rounding boundary is cast to the neighbouring bf16
+value: each such one-ulp flip moves the next losses and norms (measured: 1e-5 at step 2, 5e-5
+at step 3, deepspeed 0.19.1 to 0.19.8 alike to the last digit, on one rank as on two). Without
+clipping the losses are equal bit for bit (tested below). A real partitioning error moves
+them by far more than 2^-8."""
+
+
+BF16_NOCLIP = ["train.dtype=bf16", "train.grad_clip=0"]
 
 
 def _launch(nproc: int, out: Path, cases: list[dict]) -> None:
@@ -56,6 +61,10 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         {"name": "zero2_nan", "stage": 2, "nan_at": 1},
         {"name": "zero3_recompute", "stage": 3, "recompute": True},
         *({"name": f"zero{s}_bf16", "stage": s, "overrides": ["train.dtype=bf16"]} for s in (2, 3)),
+        *(
+            {"name": f"zero{s}_bf16_noclip", "stage": s, "overrides": [*BF16_NOCLIP]}
+            for s in (2, 3)
+        ),
         {
             "name": "zero2_json",
             "stage": 2,
@@ -167,6 +176,13 @@ def test_zero3_bf16_model_is_the_unpartitioned_one(runs):
     # Before any update only the fp32 summation order of the norm differs.
     assert zero3[0]["grad_norm"] == pytest.approx(zero2[0]["grad_norm"], rel=1e-6)
     _assert_close(runs["zero3_bf16"], runs["zero2_bf16"], rtol=BF16_RTOL)
+    # Without clipping only the grad norm's fp32 order of sums differs, and it reaches no
+    # weight: the losses stay equal, bit for bit (measured norms: within 7.4e-8).
+    zero2, zero3 = _steps(runs["zero2_bf16_noclip"]), _steps(runs["zero3_bf16_noclip"])
+    assert len(zero3) == len(zero2) == 4
+    for step, r in zero3.items():
+        assert (r["loss"], r["heads"]) == (zero2[step]["loss"], zero2[step]["heads"]), step
+        assert r["grad_norm"] == pytest.approx(zero2[step]["grad_norm"], rel=1e-6), step
 
 
 @pytest.mark.slow
