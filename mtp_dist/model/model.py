@@ -74,7 +74,7 @@ class MTPModel(LanguageModule):
         self.seq_length = model_cfg.seq_length
         self.n_future_tokens = model_cfg.n_future_tokens
         self.vocab_size = model_cfg.padded_vocab_size
-        spec = layer_spec()
+        spec = layer_spec(model_cfg.attention)
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(
