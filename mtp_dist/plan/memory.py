@@ -113,9 +113,7 @@ def layer_activations_formula(bf16: bool, attention: str = "sdpa") -> str:
         qkv, scores = "[3 or 2+(h+2kv)/h]", f"{6 if bf16 else 4} a s^2 b/t"
     else:
         qkv, scores = "[1+kv/h+(h+2kv)/h]", "4 a s b/t"
-    return (
-        f"per layer 2(8+{B}) sbh + {B}{qkv} sbh/t + {B} sbh/t + {scores} + {5 * B} sbf/t"
-    )
+    return f"per layer 2(8+{B}) sbh + {B}{qkv} sbh/t + {B} sbh/t + {scores} + {5 * B} sbf/t"
 
 
 def logits_bytes(m: ModelConfig, tensor: int, micro_batch: int, bf16: bool, heads: int) -> float:
