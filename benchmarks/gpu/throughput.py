@@ -167,7 +167,8 @@ def child(shape: str, case: str, micro_batch: int, args) -> dict:
     env.pop("MASTER_PORT", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"error: {shape} {case} failed:\n{proc.stderr[-3000:]}")
+        print(proc.stderr[-3000:], file=sys.stderr)
+        fail(f"{shape} {case} failed (its output above)", status=1)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return {"shape": shape, "case": case, "micro_batch": micro_batch,
             **json.loads(line.removeprefix("RESULT "))}  # fmt: skip
@@ -206,7 +207,7 @@ def largest_micro_batch(shape: str, args) -> tuple[int, dict]:
         if not row["oom"]:
             return mb, row
         mb //= 2
-    raise SystemExit(f"error: {shape} n=1 does not fit at micro batch 1")
+    fail(f"{shape} n=1 does not fit at micro batch 1", status=1)
 
 
 def derived(rows: list[dict], shape: str) -> dict:
@@ -226,6 +227,12 @@ def derived(rows: list[dict], shape: str) -> dict:
         "sdpa_peak_over_megatron": ratio("n1", "n1_megatron", "peak_gib"),
         "ours_tokens_over_hf": ratio("n1", "hf_llama", "tokens_per_s"),
     }
+
+
+def fail(message: str, status: int = 2) -> None:
+    """One line on stderr and the exit status: 2 for bad input, 1 for a failed case."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
 
 
 def fmt(x, spec: str) -> str:
@@ -277,10 +284,10 @@ def main() -> None:
     shapes = ["tiny"] if args.tiny else args.shapes
     bad = [s for s in shapes if s not in SHAPES and s != "tiny"]
     if bad:
-        raise SystemExit(f"error: unknown shape {bad[0]!r}; choose from {', '.join(SHAPES)}")
+        fail(f"unknown shape {bad[0]!r}; choose from {', '.join(SHAPES)}")
     for name in ("seq", "max_micro_batch", "steps"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+            fail(f"--{name.replace('_', '-')} must be >= 1")
     if args.child:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
