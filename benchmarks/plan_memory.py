@@ -7,7 +7,9 @@ above the RSS before the step, after a warm-up step, gradients freed). Planned: 
 terms for that step (stage_memory: trunk activations, the heads, the logits) plus the fp32
 gradients (4 bytes per parameter); weights and megatron-core's attention buffer exist before
 the step and are not in either figure. The planner's terms are upper bounds summed over the
-step; the real peak comes at one moment of it.
+step; the real peak comes at one moment of it. Every case runs under both core attentions
+(model.attention: sdpa, and megatron-core's, whose case names end in "_megatron"); `--only`
+measures a subset.
 
 Under torchrun (gloo, CPU; each case its own torchrun, one rank per process): n=4 sequential
 at TP1, TP2 and PP2, the megatron engine's forward_backward (1F1B under PP), each rank's peak
@@ -23,6 +25,7 @@ mtp_dist.model.model.flops_per_token x tokens (the counter counts every matmul; 
 attention scores do not discount the causal mask, and neither does the local attention).
 
     python benchmarks/plan_memory.py          # table + benchmarks/results/plan_memory.json
+    python benchmarks/plan_memory.py --only n1 n1_megatron --out /tmp/plan_memory.json
 """
 
 from __future__ import annotations
@@ -52,16 +55,31 @@ DIST_CASES = {
 }
 """Under torchrun (gloo, CPU), one rank per process: n=4 sequential with a 4-layer trunk (PP2
 puts 2 layers on each stage; the heads, final norm and unembedding on stage 1)."""
+ATTENTION = ("sdpa", "megatron")
+"""Every case runs under both core attentions (model.attention); a megatron case's name ends in
+"_megatron"."""
 SHAPE = dict(hidden=256, heads=4, trunk_layers=4, seq=512, micro_batch=4, vocab=32000)
 TABLE_S5 = {"0.3b": 1.22, "0.6b": 1.13, "1.3b": 1.12, "3b": 1.07, "7b": 1.07, "13b": 1.09}
 """Training time of n=4 relative to n=1 (Gloeckle et al. 2024, Table S5)."""
 
 
+def split_case(case: str) -> tuple[str, str]:
+    """ "n4_seq_megatron" -> ("n4_seq", "megatron"); "n4_seq" -> ("n4_seq", "sdpa")."""
+    base = case.removesuffix("_megatron")
+    return base, "megatron" if base != case else "sdpa"
+
+
+def all_cases(cases: dict) -> list[str]:
+    return [c if a == "sdpa" else f"{c}_{a}" for c in cases for a in ATTENTION]
+
+
 def model_config(case: str):
     from mtp_dist.config import ModelConfig
 
+    case, attention = split_case(case)
     c = CASES[case]
     return ModelConfig(
+        attention=attention,
         n_future_tokens=c["n"],
         num_layers=SHAPE["trunk_layers"] + 1 - c["n"] if c["n"] > 1 else SHAPE["trunk_layers"],
         hidden_size=SHAPE["hidden"],
@@ -88,7 +106,7 @@ def planned(case: str) -> dict:
         dp=1,
         micro_batch=SHAPE["micro_batch"],
         num_microbatches=1,
-        recompute=CASES[case]["recompute"],
+        recompute=CASES[split_case(case)[0]]["recompute"],
         bf16=False,
         engine="megatron",
         zero_stage=1,
@@ -106,14 +124,15 @@ def run_case(case: str) -> dict:
 
     from mtp_dist import distributed
     from mtp_dist.compat import ignore_known_warnings
-    from mtp_dist.model.model import build_model, flops_per_token
+    from mtp_dist.model.model import build_model, flops_per_token, total_layers
+    from mtp_dist.model.spec import attention_score_flops_per_token
     from mtp_dist.model.weights import init_weights
 
     ignore_known_warnings()
     os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     distributed.init(1, 1, seed=1)
     m = model_config(case)
-    model = build_model(m, recompute=CASES[case]["recompute"])
+    model = build_model(m, recompute=CASES[split_case(case)[0]]["recompute"])
     init_weights(model, seed=1)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(
@@ -142,16 +161,19 @@ def run_case(case: str) -> dict:
         "planned_mib": {k: v / MiB for k, v in planned(case).items()},
         "counted_flops_per_token": counter.get_total_flops() / tokens_per_step,
         "planned_flops_per_token": flops_per_token(m),
+        "planned_score_flops_per_token": total_layers(m) * attention_score_flops_per_token(m),
     }
 
 
 def dist_config(case: str):
     from mtp_dist import config
 
-    c = DIST_CASES[case]
+    base, attention = split_case(case)
+    c = DIST_CASES[base]
     return config.load(
         None,
         [
+            f"model.attention={attention}",
             "model.n_future_tokens=4",
             f"model.num_layers={SHAPE['trunk_layers']}",
             f"model.hidden_size={SHAPE['hidden']}",
@@ -226,7 +248,7 @@ def dist_worker(case: str) -> None:
 def launch_dist(case: str, env: dict) -> dict:
     from mtp_dist.distributed import free_port
 
-    c = DIST_CASES[case]
+    c = DIST_CASES[split_case(case)[0]]
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={c['tensor'] * c['pipeline']}", f"--master-port={free_port()}",
@@ -243,7 +265,8 @@ def dist_table(results: list[dict]) -> None:
     """Per rank planned against measured, then the differences that isolate terms."""
     print(
         "\nUnder torchrun (gloo, CPU, one rank per process; megatron engine, forward_backward "
-        "only): n=4 sequential, trunk {trunk_layers} layers, hidden {hidden}, {heads} heads, seq "
+        "only; core attention sdpa, or megatron-core's for cases ending in _megatron): n=4 "
+        "sequential, trunk {trunk_layers} layers, hidden {hidden}, {heads} heads, seq "
         "{seq}, micro batch {micro_batch}, 1 microbatch, V {vocab}; planned = the planner's "
         "activations, heads and logits for the rank's stage (the fp32 gradients go to DDP's "
         "buffer, allocated before the step)".format(**SHAPE)
@@ -265,12 +288,15 @@ def dist_table(results: list[dict]) -> None:
                 f"{pl.get('logits', 0):.1f} |"
             )
     by_case = {res["case"]: res["ranks"] for res in results}
-    pairs = [
-        ("PP2 stage 1 - stage 0 (heads + logits: both stages hold 2 trunk layers)",
-         by_case["n4_seq_pp2"][1], by_case["n4_seq_pp2"][0]),
-        ("TP1 - TP2 rank 0 (the half of the sharded terms TP takes off a rank)",
-         by_case["n4_seq_tp1"][0], by_case["n4_seq_tp2"][0]),
-    ]  # fmt: skip
+    pairs = []
+    for suffix in ("", "_megatron"):
+        pp2, tp1, tp2 = (by_case.get(f"n4_seq_{x}{suffix}") for x in ("pp2", "tp1", "tp2"))
+        if pp2:
+            pairs.append((f"PP2{suffix} stage 1 - stage 0 (heads + logits: both stages hold 2 "
+                          "trunk layers)", pp2[1], pp2[0]))  # fmt: skip
+        if tp1 and tp2:
+            pairs.append((f"TP1 - TP2{suffix} rank 0 (the half of the sharded terms TP takes "
+                          "off a rank)", tp1[0], tp2[0]))  # fmt: skip
     for label, a, b in pairs:
         measured = a["measured_peak_mib"] - b["measured_peak_mib"]
         planned_diff = a["planned_total_mib"] - b["planned_total_mib"]
@@ -297,8 +323,14 @@ def table_s5() -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--case", choices=sorted(CASES))
-    p.add_argument("--dist-case", choices=sorted(DIST_CASES))
+    p.add_argument("--case", choices=all_cases(CASES))
+    p.add_argument("--dist-case", choices=all_cases(DIST_CASES))
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="CASE",
+        help="measure only these cases (single-process or torchrun; default: all)",
+    )
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args()
     if args.case:
@@ -314,8 +346,15 @@ def main() -> None:
         MALLOC_TRIM_THRESHOLD_="65536",
         PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     )
+    wanted = set(args.only or all_cases(CASES) + all_cases(DIST_CASES))
+    unknown = wanted - set(all_cases(CASES) + all_cases(DIST_CASES))
+    if unknown:
+        p.error(
+            f"unknown case(s) {sorted(unknown)}; choose from {all_cases(CASES)} and "
+            f"{all_cases(DIST_CASES)}"
+        )
     rows = []
-    for case in CASES:
+    for case in (c for c in all_cases(CASES) if c in wanted):
         out = subprocess.run(
             [sys.executable, __file__, "--case", case], env=env, capture_output=True, text=True
         )
@@ -323,7 +362,8 @@ def main() -> None:
             raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(
-        "One training step (fwd+bwd, no optimizer), fp32, 1 process; hidden {hidden}, "
+        "One training step (fwd+bwd, no optimizer), fp32, 1 process, core attention sdpa "
+        "(cases ending in _megatron: megatron-core's); hidden {hidden}, "
         "{heads} heads, depth {trunk_layers}+1 (trunk = depth - n), seq {seq}, micro batch "
         "{micro_batch}, V {vocab}".format(**SHAPE)
     )
@@ -342,23 +382,38 @@ def main() -> None:
             f"{pl['activations']:.1f} | {pl['heads']:.1f} | {pl['logits']:.1f} | "
             f"{pl['gradients']:.1f} |"
         )
-    seq, joint = (next(r for r in rows if r["case"] == c) for c in ("n4_seq", "n4_joint"))
-    diff_measured = joint["measured_peak_mib"] - seq["measured_peak_mib"]
-    diff_planned = joint["planned_total_mib"] - seq["planned_total_mib"]
+    by_name = {r["case"]: r for r in rows}
+    for suffix in ("", "_megatron"):
+        seq, joint = by_name.get(f"n4_seq{suffix}"), by_name.get(f"n4_joint{suffix}")
+        if not (seq and joint):
+            continue
+        diff_measured = joint["measured_peak_mib"] - seq["measured_peak_mib"]
+        diff_planned = joint["planned_total_mib"] - seq["planned_total_mib"]
+        print(
+            f"\njoint - sequential{suffix} (heads + logits terms isolated): measured "
+            f"{diff_measured:.1f} MiB, planned {diff_planned:.1f} MiB, "
+            f"ratio {diff_planned / diff_measured:.3f}"
+        )
+    dist_results = [launch_dist(c, env) for c in all_cases(DIST_CASES) if c in wanted]
+    if dist_results:
+        dist_table(dist_results)
     print(
-        f"\njoint - sequential (heads + logits terms isolated): measured {diff_measured:.1f} MiB, "
-        f"planned {diff_planned:.1f} MiB, ratio {diff_planned / diff_measured:.3f}"
+        "\nFLOPs: FlopCounterMode has no formula for the CPU flash-attention kernel, so an sdpa "
+        "row's count lacks the attention scores' matmuls; `+ scores` adds the planner's "
+        "attention-score FLOPs to it (the model's FLOPs do not depend on the kernel)."
     )
-    dist_results = [launch_dist(case, env) for case in DIST_CASES]
-    dist_table(dist_results)
-    print("\n| case | FLOPs/token counted (FlopCounterMode) | planned | planned / counted |")
+    print("| case | FLOPs/token counted (FlopCounterMode) | planned | planned / counted |")
     print("|---|---|---|---|")
     for r in rows:
-        if r["case"].endswith("recompute"):
+        if split_case(r["case"])[0].endswith("recompute"):
             continue
-        ratio = r["planned_flops_per_token"] / r["counted_flops_per_token"]
+        counted, note = r["counted_flops_per_token"], ""
+        if split_case(r["case"])[1] == "sdpa":
+            counted += r["planned_score_flops_per_token"]
+            note = " + scores"
+        ratio = r["planned_flops_per_token"] / counted
         print(
-            f"| {r['case']} | {r['counted_flops_per_token']:.4g} | "
+            f"| {r['case']} | {counted:.4g}{note} | "
             f"{r['planned_flops_per_token']:.4g} | {ratio:.4f} |"
         )
     s5 = table_s5()

@@ -49,6 +49,11 @@ class ModelConfig:
     time, the paper's Figure 2); joint: all heads in one autograd graph."""
     head_loss_weights: list[float] | None = None
     """Weight of each head's cross-entropy in the summed loss; None means 1.0 each."""
+    attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Core attention of every layer. sdpa: torch's scaled_dot_product_attention (fused
+    flash / memory-efficient kernels, no s x s probabilities kept); megatron: megatron-core's
+    own local attention (the reference; stores the softmax). No parameters either way: a
+    checkpoint loads under both."""
     tie_embeddings: bool = False
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5

@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 from torch import Tensor
 
-from mtp_dist.model.heads import HeadOutput
+from mtp_dist.model.heads import HeadOutput, check_loss_scale
 
 
 @dataclass
@@ -37,20 +37,34 @@ class StepResult:
 
     @classmethod
     def mean(cls, stats: list[dict[str, Tensor]]) -> StepResult:
-        """The mean over microbatches of `microbatch_stats` (the last stage's view)."""
-        loss = torch.stack([s["loss"].float() for s in stats]).mean().item()
-        heads = torch.stack([s["head_losses"].float() for s in stats]).mean(0).tolist()
-        acc = None
+        """The mean over microbatches of `microbatch_stats` (the last stage's view), after
+        every microbatch's backward. Everything the step reports (and the sequential heads'
+        loss-scale check) comes to the host in one transfer: the step's only synchronisation
+        here, none per microbatch."""
+        n = stats[0]["head_losses"].numel()
+        parts = [
+            torch.stack([s["loss"].float() for s in stats]).mean().view(1),
+            torch.stack([s["head_losses"].float() for s in stats]).mean(0),
+        ]
         if "head_accuracy" in stats[0]:
-            acc = torch.stack([s["head_accuracy"].float() for s in stats]).mean(0).tolist()
-        return cls(loss, heads, acc)
+            parts.append(torch.stack([s["head_accuracy"].float() for s in stats]).mean(0))
+        if "loss_scale_ratio" in stats[0]:
+            parts.append(torch.stack([s["loss_scale_ratio"] for s in stats]))
+        values = torch.cat(parts).tolist()
+        acc = values[1 + n : 1 + 2 * n] if "head_accuracy" in stats[0] else None
+        if "loss_scale_ratio" in stats[0]:
+            check_loss_scale(values[-len(stats) :])
+        return cls(values[0], values[1 : 1 + n], acc)
 
 
 def microbatch_stats(output: HeadOutput) -> dict[str, Tensor]:
-    """What a step reports of one microbatch (detached copies)."""
+    """What a step reports of one microbatch (detached copies; the sequential heads' loss-scale
+    ratio by reference: their backward writes it later)."""
     stats = {"loss": output.loss.detach().clone(), "head_losses": output.head_losses}
     if output.head_accuracy is not None:
         stats["head_accuracy"] = output.head_accuracy
+    if output.loss_scale_ratio is not None:
+        stats["loss_scale_ratio"] = output.loss_scale_ratio
     return stats
 
 

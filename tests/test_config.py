@@ -66,6 +66,15 @@ def test_bad_choice_names_key():
     assert "model.head_backward='both' is not one of" in err("model.head_backward=both")
 
 
+def test_attention_defaults_to_sdpa_and_names_a_bad_choice():
+    assert C.load(None, ["data.synthetic=true"]).model.attention == "sdpa"
+    assert (
+        C.load(None, ["data.synthetic=true", "model.attention=megatron"]).model.attention
+        == "megatron"
+    )
+    assert "model.attention='flash' is not one of" in err("model.attention=flash")
+
+
 def test_n_below_one():
     assert "model.n_future_tokens must be >= 1" in err("model.n_future_tokens=0")
 

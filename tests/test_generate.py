@@ -9,6 +9,7 @@ wrong, so that both the acceptance and the rejection paths run (the tests check 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -203,6 +204,31 @@ def test_caches_of_every_head_layer(trained):
     cache = KVCache(model, 1, 16, torch.device("cpu"))
     decoder._forward(torch.tensor([sample(1, 4)[0].tolist()]), cache, 3)
     assert sorted(cache.context.key_value_memory_dict) == list(range(1, cfg.num_layers + 4))
+
+
+def test_sdpa_decodes_as_megatron_attention_token_for_token(trained):
+    """The trained model (model.attention=sdpa, the default) and the same weights under
+    megatron-core's attention: the same greedy and speculative tokens for a batch whose rows
+    have different lengths (the explicit KV-cache masks), and the same cached logits."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    cfg, model, sample = trained
+    assert cfg.attention == "sdpa"
+    ref_cfg = dataclasses.replace(cfg, attention="megatron")
+    ref = build_model(ref_cfg)
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    assert any(isinstance(m, DotProductAttention) for m in ref.modules())
+    prompts = [sample(1, n)[0].tolist() for n in (2, 9, 30, 5)]
+    for k in (1, 2, 4):
+        got = Decoder(model, cfg.vocab_size).generate(prompts, 20, k=k)
+        want = Decoder(ref, cfg.vocab_size).generate(prompts, 20, k=k)
+        assert [r.tokens for r in got] == [r.tokens for r in want], f"k={k}"
+        assert [r.forwards for r in got] == [r.forwards for r in want], f"k={k}"
+    ids = sample(2, 24)
+    with torch.no_grad():
+        for a, b in zip(model.head_logits(ids), ref.head_logits(ids), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_weights_give_the_same_logits_and_tokens(trained):

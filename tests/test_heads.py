@@ -14,6 +14,7 @@ from mtp_dist.config import ModelConfig
 from mtp_dist.model.heads import head_targets
 from mtp_dist.model.model import build_model
 from mtp_dist.model.weights import init_weights
+from mtp_dist.schedule import StepResult, microbatch_stats
 
 
 def test_head_targets_shift_and_mask_tail():
@@ -76,11 +77,18 @@ def test_head_losses_match_hand_computed_reference(tiny_model):
 
 
 def test_sequential_heads_refuse_a_wrong_loss_scale(tiny_model):
+    """The backward records the scale it saw on the device; the step's one read of its stats
+    refuses a mismatch (and accepts the right scale)."""
     cfg, model = tiny_model
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + cfg.n_future_tokens))
     out = model(tokens, loss_scale=0.5)
-    with pytest.raises(RuntimeError, match="loss was scaled by 1 but the heads"):
-        out.loss.backward()
+    out.loss.backward()
+    with pytest.raises(RuntimeError, match="loss was scaled by 2 times the loss_scale"):
+        StepResult.mean([microbatch_stats(out)])
+    model.zero_grad()
+    right = model(tokens, loss_scale=0.5)
+    (right.loss * 0.5).backward()
+    assert StepResult.mean([microbatch_stats(right)]).loss == pytest.approx(right.loss.item())
 
 
 def test_sequential_frees_logits_between_heads(tiny_model):

@@ -105,6 +105,7 @@ ALTERNATIVES = {
     "vocab_multiple": 100,
     "seq_length": 16,
     "head_backward": "joint",
+    "attention": "megatron",
     "head_loss_weights": [1.0, 0.5],
     "tie_embeddings": True,
     "rotary_base": 500000.0,

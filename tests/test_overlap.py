@@ -24,6 +24,9 @@ RTOL = 1e-6
 for the grad norm, summed over other buckets)."""
 GRAD_ATOL = 1e-7
 """Reduced gradients of magnitude ~1e-3..1e-1 (measured: equal)."""
+BF16_RTOL = 1e-3
+"""A bf16 run's losses against the fp32 run's, first 4 steps of the tiny n=4 model (bf16 has
+8 mantissa bits; measured: 1.1e-5 relative, the loss being mostly ln V at the start)."""
 WEIGHT_ATOL = 1e-6
 """Weights after an AdamW step, which moves a weight by up to ~lr = 1e-3: a different bucket
 layout sums the clipping norm in another order (measured: up to 1e-7)."""
@@ -45,7 +48,14 @@ def _cases(prefix: str, layout: dict, ns=(1, 4)) -> list[dict]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("overlap")
-    two = _cases("dp2", {})
+    # First in the launch: torch warns of a dtype mismatch once per process.
+    two = [
+        {"name": f"{dtype}_{engine}", "n": 4, "engine": engine, "steps": 4,
+         "overrides": OFF + [f"train.dtype={dtype}"] + (ZERO2 if engine == "deepspeed" else [])}
+        for dtype in ("bf16", "fp32")
+        for engine in ("megatron", "deepspeed")
+    ]  # fmt: skip
+    two += _cases("dp2", {})
     two.append({"name": "dp2_n4_gather", "n": 4, "overrides": BOTH})
     tied = ["model.tie_embeddings=true"]
     two.append({"name": "tied_n4_off", "n": 4, "overrides": OFF + tied})
@@ -142,6 +152,24 @@ def test_checkpoint_continues_exactly_across_bucket_layouts(results, name):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_bf16_is_one_dtype_and_tracks_fp32(results, engine):
+    """train.dtype=bf16: every parameter is bf16, norms included (no dtype-mismatch fallback,
+    one gradient buffer, fp32 main parameters in the optimizer); losses track fp32's."""
+    bf16, fp32 = results(f"bf16_{engine}"), results(f"fp32_{engine}")
+    assert bf16["param_dtypes"] == ["torch.bfloat16"] and fp32["param_dtypes"] == ["torch.float32"]
+    assert bf16["dtype_warnings"] == []
+    if engine == "megatron":
+        assert bf16["grad_buffers"] == [["torch.bfloat16", "torch.float32"]]
+        assert bf16["main_param_dtypes"] == ["torch.float32"]
+    assert len(bf16["rows"]) == len(fp32["rows"]) == 4
+    for a, b in zip(bf16["rows"], fp32["rows"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=BF16_RTOL)
+        assert a["heads"] == pytest.approx(b["heads"], rel=BF16_RTOL)
+        assert a["loss"] != b["loss"]  # really bf16
+
+
 def test_param_gather_resolves_on_with_the_grad_overlap(results):
     assert results("dp2_n4_gather")["plan"] == [True, True]
     assert results("ds_n4_on")["plan"] == [True, False]

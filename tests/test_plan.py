@@ -5,6 +5,7 @@ run at cluster size."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -112,8 +113,12 @@ def _saved_activation_bytes(model, layer, s, b, dtype) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
-def test_layer_activations_are_what_autograd_saves(megatron_1proc, dtype, groups):
+@pytest.mark.parametrize("attention", ["sdpa", "megatron"])
+def test_layer_activations_are_what_autograd_saves(megatron_1proc, dtype, groups, attention):
+    """Exact, per core attention: megatron-core's keeps the s x s softmax, sdpa only its
+    log-sum-exp (the s^2 term must be there for one and absent for the other)."""
     m = ModelConfig(
+        attention=attention,
         n_future_tokens=1,
         num_layers=1,
         hidden_size=128,
@@ -127,6 +132,10 @@ def test_layer_activations_are_what_autograd_saves(megatron_1proc, dtype, groups
     model = build_model(m, dtype=dtype)
     saved = _saved_activation_bytes(model, model.trunk.layers[0], m.seq_length, 3, dtype)
     assert layer_activations(m, 1, 3, dtype == torch.bfloat16) == saved
+    softmax = 4 * m.num_attention_heads * m.seq_length**2 * 3
+    longer = dataclasses.replace(m, seq_length=2 * m.seq_length)
+    growth = layer_activations(longer, 1, 3, dtype == torch.bfloat16) - 2 * saved
+    assert growth >= 2 * softmax if attention == "megatron" else growth < 0.01 * softmax
 
 
 def test_model_states_agree_with_deepspeeds_estimators(megatron_1proc):
@@ -182,8 +191,13 @@ def test_plan_json_has_exact_params_memory_and_ranked_layouts(capsys):
 def test_plan_text_names_each_terms_formula(capsys):
     assert main(["configs/paper/0.3b-n4.yaml", "--gpus", "8", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    for needle in ("Parameters (exact)", "fp32 gradient buffer", "a s^2 b/t", "Layouts on 8"):
+    for needle in ("Parameters (exact)", "fp32 gradient buffer", "4 a s b/t", "Layouts on 8"):
         assert needle in out
+    assert "s^2" not in out  # sdpa, the default, keeps no s x s tensor
+    args = ["configs/paper/0.3b-n4.yaml", "model.attention=megatron", "--gpus", "8", "--top", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "a s^2 b/t" in out and "reused buffer for the scores matmul" in out
 
 
 @pytest.mark.parametrize(

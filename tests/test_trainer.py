@@ -178,6 +178,14 @@ def test_tp1pp1_checkpoint_continues_at_tp2pp2(reference, tmp_path):
     _continues(reference, start, tmp_path, 4, "parallel.tensor=2", "parallel.pipeline=2")
 
 
+def test_sdpa_checkpoint_continues_under_megatron_attention(reference, tmp_path):
+    """model.attention has no parameters: the reference's (sdpa) checkpoint continues under
+    megatron-core's attention with the same losses (fp32, to RESHARD_RTOL)."""
+    start = reference / "checkpoints" / "step_00000004"
+    _continues(reference, start, tmp_path, 1, "model.attention=megatron")
+    assert "attention: megatron" in (tmp_path / "config.yaml").read_text()
+
+
 def test_dp2_checkpoint_continues_at_dp1(reference, dp2, tmp_path):
     """The distributed optimizer's state, sharded over 2 data-parallel ranks, reshards to 1."""
     _continues(reference, dp2 / "checkpoints" / "step_00000004", tmp_path, 1)

@@ -141,11 +141,10 @@ class MegatronEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def _grads_finite(self) -> bool:
-        """All ranks agree whether every gradient is finite (one reduction)."""
+        """All ranks agree whether every gradient is finite (one reduction, one host read)."""
         bad = torch.zeros(1, device=collective_device())
         for buf in self.ddp.buffers:
-            if not torch.isfinite(buf.grad_data.sum()):
-                bad += 1
+            bad += (~torch.isfinite(buf.grad_data.sum())).to(bad.device, bad.dtype)
         dist.all_reduce(bad)
         return bad.item() == 0
 

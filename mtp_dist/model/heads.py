@@ -39,6 +39,25 @@ class HeadOutput(NamedTuple):
     """Each head's top-1 accuracy over its valid positions (only without grad), shape [n]."""
     head_tokens: Tensor | None = None
     """Each head's number of valid target positions, shape [n]."""
+    loss_scale_ratio: Tensor | None = None
+    """Sequential mode: the factor the caller scaled the loss by in its backward over the one
+    the heads were told (`loss_scale`); 1 until that backward has run. A 0-dim tensor on the
+    model's device, written by the backward and read once per step with the losses
+    (check_loss_scale), so that checking it costs no host synchronisation per microbatch."""
+
+
+LOSS_SCALE_RTOL = 1e-5
+
+
+def check_loss_scale(ratios: list[float]) -> None:
+    """Raise if any microbatch's backward scaled the loss otherwise than the sequential heads
+    were told (see HeadOutput.loss_scale_ratio): their gradients would be wrong."""
+    bad = [r for r in ratios if abs(r - 1.0) > LOSS_SCALE_RTOL]
+    if bad:
+        raise RuntimeError(
+            f"sequential heads: the loss was scaled by {bad[0]:.6g} times the loss_scale the "
+            "heads back-propagated with; pass the schedule's loss scale to the model"
+        )
 
 
 def head_targets(
@@ -88,16 +107,18 @@ class _SequentialHeads(torch.autograd.Function):
 
     `scale` is the factor the caller (the pipeline schedule, or DeepSpeed's gradient
     accumulation) will apply to the returned loss before back-propagating it; the heads'
-    own backward uses it so their parameter gradients match the trunk's. backward() checks
-    that the incoming gradient is exactly that factor.
+    own backward uses it so their parameter gradients match the trunk's. backward() records
+    the incoming gradient over that factor in `ratio` (on the device: comparing it on the
+    host would synchronise every microbatch); check_loss_scale reads it once per step.
     """
 
     @staticmethod
-    def forward(ctx, trunk_out: Tensor, run: Callable, scale: float):
+    def forward(ctx, trunk_out: Tensor, run: Callable, scale: float, ratio: Tensor):
         h = trunk_out.detach().requires_grad_(True)
         with torch.enable_grad():
             total, head_losses = run(h, scale)
         ctx.scale = scale
+        ctx.ratio = ratio
         ctx.save_for_backward(h.grad if h.grad is not None else torch.zeros_like(h))
         ctx.mark_non_differentiable(head_losses)
         return total, head_losses
@@ -105,13 +126,8 @@ class _SequentialHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: Tensor, _grad_head_losses: Tensor):
         (grad_h,) = ctx.saved_tensors
-        expected = torch.full_like(grad_total, ctx.scale)
-        if not torch.allclose(grad_total, expected, rtol=1e-5, atol=0.0):
-            raise RuntimeError(
-                f"sequential heads: the loss was scaled by {grad_total.item():.6g} but the heads "
-                f"back-propagated with {ctx.scale:.6g}; pass the schedule's loss scale to the model"
-            )
-        return grad_h, None, None
+        ctx.ratio.copy_(grad_total.detach().float() / ctx.scale)
+        return grad_h, None, None, None
 
 
 class _Batch(NamedTuple):
@@ -268,8 +284,9 @@ class MTPHeads(MegatronModule):
     def _sequential(self, trunk_out: Tensor, batch: _Batch, loss_scale: float) -> HeadOutput:
         """Each head's forward, loss and backward in turn; see _SequentialHeads."""
         run = functools.partial(self._forward_backward_each, batch=batch)
-        total, losses = _SequentialHeads.apply(trunk_out, run, loss_scale)
-        return HeadOutput(total, losses, None, batch.denom)
+        ratio = torch.ones((), dtype=torch.float32, device=trunk_out.device)
+        total, losses = _SequentialHeads.apply(trunk_out, run, loss_scale, ratio)
+        return HeadOutput(total, losses, None, batch.denom, ratio)
 
     def _forward_backward_each(self, h: Tensor, scale: float, batch: _Batch):
         """The sequential mode's body, run by _SequentialHeads.forward on the detached trunk
@@ -280,6 +297,6 @@ class MTPHeads(MegatronModule):
             # Free this head's logits before the next head allocates its own.
             torch.autograd.backward(loss * (w * scale))
             losses.append(loss.detach())
-        losses = torch.stack(losses)
-        weights = torch.tensor(self.loss_weights, dtype=losses.dtype, device=losses.device)
-        return (losses * weights).sum(), losses
+        # Python floats times device scalars: no host-to-device copy of the weights.
+        total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
+        return total, torch.stack(losses)

@@ -74,7 +74,7 @@ class MTPModel(LanguageModule):
         self.seq_length = model_cfg.seq_length
         self.n_future_tokens = model_cfg.n_future_tokens
         self.vocab_size = model_cfg.padded_vocab_size
-        spec = layer_spec()
+        spec = layer_spec(model_cfg.attention)
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(
@@ -192,4 +192,13 @@ def build_model(
         model = MTPModel(
             config, model_cfg, pre_process=pp_rank == 0, post_process=pp_rank == pipeline - 1
         )
+    # megatron-core builds every parameter in params_dtype except torch.nn.RMSNorm's gains,
+    # which take torch's default dtype. One dtype for all: a bf16 norm runs torch's fused
+    # kernel (a float32 gain with bf16 input falls back, with a warning), and megatron's DDP
+    # keeps one gradient buffer instead of one per dtype; the optimizer keeps fp32 main params.
+    # (ZeRO-3 builds under a bf16 default dtype: its partitioned parameters already match.)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
     return model

@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtp_dist.config import ModelConfig
+from mtp_dist.model.attention import SDPAttention
 
 
 def fused_softmax_kernels_available() -> bool:
@@ -87,10 +88,17 @@ def pipeline_layout(split: Sequence[int] | None) -> str | None:
     return "|".join(["E" + stages[0], *stages[1:-1], stages[-1] + "L"])
 
 
-def layer_spec() -> ModuleSpec:
-    """The transformer layer of both trunk and heads (megatron-core's local modules; on GPU the
-    same structure with Transformer Engine modules is a one-line change of spec)."""
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+def layer_spec(attention: str = "sdpa") -> ModuleSpec:
+    """The transformer layer of both trunk and heads (megatron-core's local modules, with the
+    chosen core attention; on GPU the same structure with Transformer Engine modules is a
+    one-line change of spec). attention: model.attention, "sdpa" (model/attention.py) or
+    "megatron" (megatron-core's DotProductAttention, the reference)."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention != "megatron":
+        raise ValueError(f"attention {attention!r} is neither 'sdpa' nor 'megatron'")
+    return spec
 
 
 LAYER_KEYS = ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")

@@ -9,10 +9,14 @@ Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation i
 Transformer Models", the sbh(34 + 5as/h) per layer without parallelism), adapted to what this
 model's layer saves for backward: RMSNorm instead of LayerNorm (computed in fp32), SwiGLU
 instead of a 4h GeLU, no dropout, rotary positions, grouped-query attention (megatron-core's
-local attention expands K and V to all heads before the matmuls), no sequence parallelism,
-and megatron-core's unfused local attention, which stores the softmax probabilities (the s^2
-term; a flash-attention kernel would not). Each coefficient was read off the tensors autograd
-saves for one layer (`benchmarks/plan_memory.py` measures the sum against the real peak).
+local attention expands K and V to all heads before the matmuls), no sequence parallelism.
+The core attention (model.attention) decides the one term that grows with s^2: megatron-core's
+unfused local attention (`megatron`) stores the softmax probabilities, and its scores matmul
+writes into a reused s x s buffer; `sdpa` (a fused flash / memory-efficient kernel) keeps only
+its output, which is the context the output projection keeps anyway, and the softmax's fp32
+log-sum-exp per query and head. Each coefficient was read off the tensors autograd saves for
+one layer, for both settings (`benchmarks/plan_memory.py` measures the sum against the real
+peak).
 """
 
 from __future__ import annotations
@@ -89,24 +93,27 @@ def layer_activations(m: ModelConfig, tensor: int, micro_batch: int, bf16: bool)
     kv = groups * hn
     sbh = s * b * h
     norms = 2 * (8 + B) * sbh + 2 * 4 * s * b  # fp32 input and normalized, output, 1/rms
-    if groups < a:  # q, and k, v expanded to every head
+    if m.attention == "megatron" and groups < a:  # q, and k, v expanded to every head
         qkv = 3 * B * sbh / t
     else:  # q, k after rotary; v is a view of the qkv output, which it keeps alive
-        qkv = B * (2 * sbh + s * b * (h + 2 * kv)) / t
+        qkv = B * (sbh + s * b * kv + s * b * (h + 2 * kv)) / t
     context = B * sbh / t
     rotary = 4 * B * s * hn  # cos and sin for q and k
-    scores = (4 + (2 if bf16 else 0)) * a * s * s * b / t  # fp32 softmax (+ its bf16 copy)
+    if m.attention == "megatron":
+        scores = (4 + (2 if bf16 else 0)) * a * s * s * b / t  # fp32 softmax (+ its bf16 copy)
+    else:
+        scores = 4 * a * s * b / t  # the fp32 log-sum-exp; the kernel's output is `context`
     mlp = 5 * B * s * b * f / t  # fc1 output (2f), silu, gate, product
     return norms + qkv + context + rotary + scores + mlp
 
 
-def layer_activations_formula(bf16: bool) -> str:
+def layer_activations_formula(bf16: bool, attention: str = "sdpa") -> str:
     B = 2 if bf16 else 4
-    scores = "6" if bf16 else "4"
-    return (
-        f"per layer 2(8+{B}) sbh + {B}[3 or 2+(h+2kv)/h] sbh/t + {B} sbh/t + {scores} a s^2 b/t "
-        f"+ {5 * B} sbf/t"
-    )
+    if attention == "megatron":
+        qkv, scores = "[3 or 2+(h+2kv)/h]", f"{6 if bf16 else 4} a s^2 b/t"
+    else:
+        qkv, scores = "[1+kv/h+(h+2kv)/h]", "4 a s b/t"
+    return f"per layer 2(8+{B}) sbh + {B}{qkv} sbh/t + {B} sbh/t + {scores} + {5 * B} sbf/t"
 
 
 def logits_bytes(m: ModelConfig, tensor: int, micro_batch: int, bf16: bool, heads: int) -> float:
@@ -153,13 +160,14 @@ def stage_memory(
     layer = layer_activations(m, tensor, micro_batch, bf16)
     in_flight = min(pipeline - stage, num_microbatches)
     terms = model_states(params, dp, engine, zero_stage, bf16, largest_layer)
-    terms.append(
-        Term(
-            "attention buffer",
-            B * m.num_attention_heads * m.seq_length**2 * micro_batch / tensor,
-            f"{B} a s^2 b/t (megatron-core's reused buffer for the scores matmul)",
+    if m.attention == "megatron":
+        terms.append(
+            Term(
+                "attention buffer",
+                B * m.num_attention_heads * m.seq_length**2 * micro_batch / tensor,
+                f"{B} a s^2 b/t (megatron-core's reused buffer for the scores matmul)",
+            )
         )
-    )
     n = m.n_future_tokens
     head = layer + (8 + B) * sbh  # a head's layer and the shared final norm
     sequential_last = last and m.head_backward == "sequential"
@@ -183,7 +191,7 @@ def stage_memory(
                 "activations",
                 in_flight * trunk_layers * layer,
                 f"{in_flight} microbatches x {trunk_layers} layers x "
-                + layer_activations_formula(bf16),
+                + layer_activations_formula(bf16, m.attention),
             )
         )
     if last:

@@ -87,8 +87,8 @@ def whole_build(cfg: C.Config, plan, dims):
 
 
 def equals_whole_build(engine, model, whole) -> bool:
-    """The engine-built model's initial weights equal the whole build's (on every rank; in
-    bf16 the whole build's norm gains are float32 until DeepSpeed casts them: values compared)."""
+    """The engine-built model's initial weights equal the whole build's (on every rank; values
+    compared in float32)."""
     expected = dict(whole.named_parameters())
     with engine.full_parameters():
         same = all(torch.equal(v.float(), expected[k].float()) for k, v in model.named_parameters())

@@ -1,9 +1,10 @@
 """Worker run under torchrun by tests/test_model_parallel.py.
 
-For each case (layout, n, head mode) it builds the model at that layout with the same full
-weights, runs one global batch through megatron-core's schedule with several microbatches,
-averages gradients over data-parallel ranks, and rank 0 saves the loss, per-head losses and
-every gradient as full tensors to OUT/<case name>.pt. Many cases per launch keep the suite fast.
+For each case (layout, n, head mode, core attention) it builds the model at that layout with
+the same full weights, runs one global batch through megatron-core's schedule with several
+microbatches, averages gradients over data-parallel ranks, and rank 0 saves the loss, per-head
+losses and every gradient as full tensors to OUT/<case name>.pt. Many cases per launch keep the
+suite fast.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ GLOBAL_BATCH = 8
 MICRO_BATCH = 2
 
 
-def model_config(n: int, mode: str) -> ModelConfig:
+def model_config(n: int, mode: str, attention: str = "sdpa") -> ModelConfig:
     return ModelConfig(
+        attention=attention,
         n_future_tokens=n,
         num_layers=4,
         hidden_size=64,
@@ -55,7 +57,7 @@ def global_batch(cfg: ModelConfig, extra: int) -> torch.Tensor:
 def run_case(case: dict, out_dir: str) -> None:
     tp, pp, n, mode = case["tp"], case["pp"], case["n"], case["mode"]
     dims = distributed.init(tp, pp, seed=SEED)
-    cfg = model_config(n, mode)
+    cfg = model_config(n, mode, case.get("attention", "sdpa"))
     model = build_model(cfg, tp, pp, dims.pp_rank)
     init_weights(model, SEED)
     tokens = global_batch(cfg, extra=case.get("extra", n))

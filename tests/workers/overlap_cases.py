@@ -6,9 +6,10 @@ gradient hook's calls in the first step and overlaps the reduction only from the
 every case runs two steps: the first through the engine's train_step, the second's forward
 and backward only (megatron engine), after which rank 0 saves the data-parallel reduced gradients as
 full tensors (megatron engine), the weights the optimizer steps produced, and every step's
-loss, head losses and grad norm, to OUT/<case name>.pt. A resume case checks that a checkpoint
-saved with one overlap setting (bucket layout) continues exactly with another. Many cases per
-launch keep it fast.
+loss, head losses and grad norm, to OUT/<case name>.pt, with the parameters' dtypes (and the
+megatron engine's gradient buffers and main parameters) and any dtype warning of the steps. A
+resume case checks that a checkpoint saved with one overlap setting (bucket layout) continues
+exactly with another. Many cases per launch keep it fast.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -158,25 +160,42 @@ def run_case(case: dict, out_dir: str) -> None:
     model = engines.build_model(cfg, plan, dims)
     engine = engines.build_engine(cfg, plan, dims, model)
     n = cfg.model.n_future_tokens
+    steps = case.get("steps", STEPS)
     rows = []
-    for step in range(STEPS - 1):
-        r = engine.train_step(my_microbatches(cfg, dims, step))
-        vals = dp_mean(dims, [r.loss, *r.head_losses], 1 + n)
-        rows.append({"loss": vals[0], "heads": vals[1:], "grad_norm": r.grad_norm})
-    payload: dict = {"rows": rows, "plan": [plan.overlap_grad_reduce, plan.overlap_param_gather]}
+    # Every warning of the training steps, whatever the filters say: a bf16 model must run
+    # without torch's dtype-mismatch fallback (placed first in a launch: torch warns once).
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for step in range(steps - 1):
+            r = engine.train_step(my_microbatches(cfg, dims, step))
+            vals = dp_mean(dims, [r.loss, *r.head_losses], 1 + n)
+            rows.append({"loss": vals[0], "heads": vals[1:], "grad_norm": r.grad_norm})
+    payload: dict = {
+        "rows": rows,
+        "plan": [plan.overlap_grad_reduce, plan.overlap_param_gather],
+        "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "dtype_warnings": sorted({str(w.message) for w in seen if "dtype" in str(w.message)}),
+    }
+    if engine_name == "megatron":
+        optimizers = getattr(engine.optimizer, "chained_optimizers", [engine.optimizer])
+        main = {p.dtype for o in optimizers for g in o.optimizer.param_groups for p in g["params"]}
+        payload["main_param_dtypes"] = sorted(map(str, main))
+        payload["grad_buffers"] = [
+            [str(b.param_dtype), str(b.grad_dtype)] for b in engine.ddp.buffers
+        ]
     if engine_name == "megatron":
         engine.sync_params()
         payload["weights"] = full_state(model)
         payload["buckets"] = bucket_params(engine)
         events = trace_reductions(engine) if plan.overlap_grad_reduce else []
-        r = engine.forward_backward(my_microbatches(cfg, dims, STEPS - 1))
+        r = engine.forward_backward(my_microbatches(cfg, dims, steps - 1))
         payload["events"] = events
         vals = dp_mean(dims, [r.loss, *r.head_losses], 1 + n)
         # A forward-backward without an optimizer step: no grad norm, so not a row.
         payload["last_forward"] = {"loss": vals[0], "heads": vals[1:]}
         payload["grads"] = reduced_grads(engine)
     else:
-        r = engine.train_step(my_microbatches(cfg, dims, STEPS - 1))
+        r = engine.train_step(my_microbatches(cfg, dims, steps - 1))
         vals = dp_mean(dims, [r.loss, *r.head_losses], 1 + n)
         rows.append({"loss": vals[0], "heads": vals[1:], "grad_norm": r.grad_norm})
     if dims.rank == 0:
