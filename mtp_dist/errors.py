@@ -3,6 +3,8 @@
 - an anticipated failure (bad input, a config mistake, an OS error) is one line on stderr,
   `error: ...`, naming the input and the fix, and exit status 2, with no traceback;
 - Ctrl-C is `error: interrupted`, exit status 130;
+- a closed stdout (`| head`) ends the command quietly, as it ends a Unix tool: exit status 141
+  (128 + SIGPIPE), nothing printed;
 - anything else is a bug: its traceback, then a line that says so, and exit status 1.
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Callable
 EXIT_USAGE = 2
 EXIT_BUG = 1
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
 
 
 class UserError(Exception):
@@ -54,24 +57,76 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def underlying(e: BaseException) -> BaseException:
+    """The exception behind a wrapper: torch's CheckpointException (a BaseException holding
+    each failed rank's exception and traceback; matched by its shape, torch is not imported
+    here) gives its first rank's."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        cause = first[0] if isinstance(first, tuple) else first
+        if isinstance(cause, BaseException):
+            return underlying(cause)
+    return e
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout, or not a file descriptor
+        return False
+
+
+def _end_quietly() -> int:
+    """A closed stdout: point it at /dev/null, so that the interpreter's final flush does not
+    raise again at exit, and end as SIGPIPE ends a Unix tool."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_PIPE
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run a command's main() under the contract above; returns its exit status."""
     try:
-        return main()
-    except (UserError, OSError) as e:
-        if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename is None:
-            # No path to name (a pipe, a socket): the line alone cannot say where it happened.
-            traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        status = main()
+        sys.stdout.flush()  # here, not at exit: a closed stdout is then handled as one
+        return status
+    except BaseException as e:
+        return _exit_status(e)
+
+
+def _exit_status(e: BaseException) -> int:
+    if isinstance(e, SystemExit):
+        raise e
+    cause = underlying(e)
+    if isinstance(cause, BrokenPipeError) and stdout_closed():
+        return _end_quietly()
+    if isinstance(cause, (UserError, OSError)):
+        if isinstance(cause, OSError) and not isinstance(cause, UserError):
+            if cause.filename is None:
+                # No path to name (a pipe, a socket): the line alone cannot say where it happened.
+                traceback.print_exception(e)
+        print(f"error: {one_line(cause)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    if isinstance(e, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception:
-        traceback.print_exc()
-        print(
-            "error: this is a bug in mtp-dist (an unexpected exception, traceback above): "
-            "please report it with the command and the traceback",
-            file=sys.stderr,
-        )
-        return EXIT_BUG
+    if not isinstance(e, Exception) and cause is e:
+        raise e  # GeneratorExit and the like: not the command's failure to report
+    traceback.print_exception(e)
+    print(
+        "error: this is a bug in mtp-dist (an unexpected exception, traceback above): "
+        "please report it with the command and the traceback",
+        file=sys.stderr,
+    )
+    return EXIT_BUG

@@ -7,6 +7,7 @@ either the old file or the new one. A failed write removes its temporary file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -29,6 +30,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to (any writer: open, torch.save,
     np.save ...); on success it is synced and renamed over `path`, on error removed."""
     path = Path(path)
+    if not path.parent.is_dir():
+        # Said here, by path: some writers (torch.save) report it as a RuntimeError.
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path.parent))
     tmp = tmp_name(path)
     try:
         yield tmp
@@ -39,6 +43,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_not_an_input(out: str | os.PathLike, inputs, what: str) -> None:
+    """Refuse an output path that is one of the command's inputs: no command writes over a
+    file it reads (a symlink or hard link to one counts as the same)."""
+    for given in inputs:
+        same = os.path.realpath(out) == os.path.realpath(given)
+        if not same and os.path.exists(out) and os.path.exists(given):
+            same = os.path.samefile(out, given)
+        if same:
+            raise UserError(
+                f"{out} is what {what} reads ({given}): writing it would destroy its input; "
+                "choose another output path"
+            )
+
+
+def read_utf8(path: str | os.PathLike, what: str = "a file") -> str:
+    """A text file's content; UserError naming it if it is not UTF-8 (its bytes' position)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} ({what}) is not UTF-8 text (byte {e.start}): give a UTF-8 file"
+        ) from e
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -353,7 +353,7 @@ def test_cli_help():
         ("n1", ["--speculative", "3"], "model.n_future_tokens=1"),
         ("n4", ["--speculative", "5"], "K must be in 2..4"),
         ("n4", ["--speculative", "1"], "K must be in 2..4"),
-        ("n4", ["--prompt", "x" * 70], "model.seq_length=64"),
+        ("n4", ["--prompt", "x" * 70], "a context of 64 tokens"),
         ("n4", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
     ],
 )
@@ -367,38 +367,34 @@ def test_cli_bad_input(exports, capsys, case, args, message):
 
 
 def test_the_tokenizer_recorded_with_a_model(tmp_path):
-    """generate and export --format hf read the tokenizer by one rule: the recorded one or the
-    given one, refused (one line naming the fix) if missing, unreadable, not the one training
-    used, or of another size; export alone may go without (optional)."""
-    from mtp_dist.errors import UserError
-    from mtp_dist.inference.load import Source, load_tokenizer
+    """generate and export --format hf read the tokenizer by one rule (sources.load_tokenizer):
+    the recorded one or the given one, refused (one line naming the fix) if missing,
+    unreadable, not the one training used, or of another size; export alone may go without
+    (optional)."""
+    from mtp_dist.sources import ModelSource, SourceError, load_tokenizer
 
-    def config(tokenizer):
-        return Config(model=tiny_config(), data=DataConfig(synthetic=True, tokenizer=tokenizer))
+    def source(tokenizer, tokenizer_hash=None, vocab_size=259):
+        m = ModelConfig(**{**tiny_config().__dict__, "vocab_size": vocab_size})
+        cfg = Config(model=m, data=DataConfig(synthetic=True, tokenizer=tokenizer))
+        return ModelSource(tmp_path, "export", cfg, 0, None, tokenizer_hash)
 
-    none, byte = Source(tmp_path, {}, 0), Source(tmp_path, {}, 0, tokenizer_hash="0" * 64)
-    assert load_tokenizer(none, config("byte")).vocab_size == 259
-    assert load_tokenizer(none, config(None), "byte").vocab_size == 259
-    assert load_tokenizer(none, config(None), optional=True) is None  # synthetic data
-    assert load_tokenizer(byte, config("byte"), "none", optional=True) is None
+    assert load_tokenizer(source("byte")).vocab_size == 259
+    assert load_tokenizer(source(None), "byte").vocab_size == 259
+    assert load_tokenizer(source(None), optional=True) is None  # synthetic data
+    assert load_tokenizer(source("byte", "0" * 64), "none", optional=True) is None
     (tmp_path / "bad.model").write_bytes(b"not a model")
     refused = [
-        (none, config(None), None, False, "records no tokenizer"),
-        (byte, config(None), None, True, "records no tokenizer"),
-        (none, config(str(tmp_path / "gone.model")), None, False, "does not exist here"),
-        (none, config(None), str(tmp_path / "bad.model"), True, "cannot be read"),
-        (byte, config("byte"), None, False, "is not the one"),
+        (source(None), None, False, "records no tokenizer"),
+        (source(None, "0" * 64), None, True, "records no tokenizer"),
+        (source(str(tmp_path / "gone.model")), None, False, "does not exist here"),
+        (source(None), str(tmp_path / "bad.model"), True, "cannot be read"),
+        (source("byte", "0" * 64), None, False, "was trained with tokenizer 000000000000"),
+        (source(None, vocab_size=250), "byte", False, "has 259 tokens, but export"),
     ]
-    for source, cfg, given, optional, message in refused:
-        with pytest.raises(UserError, match=message) as e:
-            load_tokenizer(source, cfg, given, optional=optional)
+    for src, given, optional, message in refused:
+        with pytest.raises(SourceError, match=message) as e:
+            load_tokenizer(src, given, optional=optional)
         assert "--tokenizer" in str(e.value) and "\n" not in str(e.value)
-    small = Config(
-        model=ModelConfig(**{**tiny_config().__dict__, "vocab_size": 250}),
-        data=DataConfig(synthetic=True),
-    )
-    with pytest.raises(UserError, match="has 259 tokens but the model's vocab_size is 250"):
-        load_tokenizer(none, small, "byte")
 
 
 def byte_prompt(text: str) -> list[int]:
@@ -433,16 +429,17 @@ def test_generate_from_a_tp2_checkpoint(megatron_1proc, tmp_path):
     """A run trained at TP2 with the byte tokenizer: generate reads its run directory (the latest
     checkpoint, the recorded tokenizer) at TP2 under torchrun, and gives the tokens of greedy
     decoding of the same checkpoint loaded here at TP1."""
-    from mtp_dist.inference import load
+    from mtp_dist.model.model import build_model
+    from mtp_dist.sources import open_source
 
     torchrun(2, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}",
              "data.synthetic=true", "data.tokenizer=byte", "model.vocab_size=259",
              "parallel.tensor=2", "train.steps=2", "train.warmup_steps=1",
              "logging.wandb=false")  # fmt: skip
-    source = load.read_source(tmp_path)
-    assert source.config["data"]["tokenizer"] == "byte"
-    cfg = load.model_config(source, 1)
-    model = load.load_model(source, cfg, megatron_1proc)
+    source = open_source(tmp_path)
+    assert source.tokenizer_name == "byte" and source.engine == "megatron"
+    model = build_model(source.model)
+    source.load_into(model)
     want = Decoder(model, 259).generate([byte_prompt("def f(x):")], 16, k=1, eos_id=257)
     (out,) = torchrun_generate(str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "16",
                                "--speculative", "3")  # fmt: skip

@@ -332,7 +332,8 @@ def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path, capsys):
 
 
 def test_a_source_trained_with_another_tokenizer_is_refused(megatron_1proc, tmp_path, tokenizer):
-    from mtp_dist.config import Config, ConfigError, DataConfig
+    from mtp_dist.config import Config, DataConfig
+    from mtp_dist.sources import SourceError
 
     m = CONFIGS["n3_gqa_untied"]
     out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer)
@@ -341,5 +342,5 @@ def test_a_source_trained_with_another_tokenizer_is_refused(megatron_1proc, tmp_
     cfg = Config(model=m, data=DataConfig(synthetic=True))
     init_from.check(source, cfg, tokenizer.identity_hash)
     init_from.check(source, cfg, None)  # synthetic data: no tokenizer to compare
-    with pytest.raises(ConfigError, match=f"tokenizer {tokenizer.identity_hash[:12]} but the"):
+    with pytest.raises(SourceError, match=f"tokenizer {tokenizer.identity_hash[:12]}, but the"):
         init_from.check(source, cfg, "0" * 64)

@@ -35,6 +35,18 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 HEADS_WEIGHTS = "mtp_heads.safetensors"
 HEADS_JSON = "mtp_heads.json"
 HEADS_FORMAT = "mtp-dist-heads-v1"
+RECORD = "mtp_dist.json"
+RECORD_FORMAT = "mtp-dist-llama-v1"
+"""What the directory's model was trained with that a Llama config cannot say: the identity of
+its tokenizer (also when no tokenizer file is written, e.g. the byte tokenizer) and its step."""
+_POSITIVE_INTS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
 
 _SAME = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -237,6 +249,14 @@ def model_fields(cfg: dict, where: str) -> dict:
             f"{where} has {key}={value!r}; this model's layers have {key}={ok!r} (SwiGLU, no "
             "biases): import a Llama with that layer"
         )
+    for key in (*_POSITIVE_INTS, "num_key_value_heads"):
+        value = cfg[key] if key in _POSITIVE_INTS else cfg.get(key) or 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise HFFormatError(f"{where} has {key}={value!r}: it must be an integer >= 1")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = cfg.get(key, 1.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise HFFormatError(f"{where} has {key}={value!r}: it must be a number > 0")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
         raise HFFormatError(
@@ -299,9 +319,16 @@ class LlamaDir:
     n_future_tokens: int
     """1 + the heads in its sidecar."""
     tokenizer_hash: str | None
-    """The identity hash of its tokenizer.model (as data_prep records tokenizers), if any."""
+    """The identity hash of the tokenizer its model was trained with (data_prep's): recorded
+    in mtp_dist.json, else that of its tokenizer.model, if any."""
     weight_files: list[str]
     """model.safetensors, or the shards of a sharded save."""
+    context: int
+    """max_position_embeddings: the longest sequence the model was trained on."""
+    tokenizer: str | None
+    """The tokenizer to encode with: `byte` (recorded), its tokenizer.model, or None."""
+    step: int
+    """The training step it was exported at (recorded; 0 if not)."""
 
 
 def read_dir(path: str | os.PathLike) -> LlamaDir:
@@ -334,9 +361,45 @@ def read_dir(path: str | os.PathLike) -> LlamaDir:
                 f"n_future_tokens >= 2): re-export it, or remove {HEADS_WEIGHTS} to import head "
                 "1 only"
             )
+    record = _read_record(path)
     tok = path / "tokenizer.model"
-    tokenizer_hash = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
-    return LlamaDir(path, cfg, fields, n, tokenizer_hash, weight_files)
+    file_hash = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
+    tokenizer_hash = record.get("tokenizer_hash") or file_hash
+    if file_hash and tokenizer_hash != file_hash:
+        raise HFFormatError(
+            f"{where}: its tokenizer.model is not the tokenizer {RECORD} says the model was "
+            f"trained with ({tokenizer_hash[:12]}): put the training tokenizer there"
+        )
+    from data_prep.tokenizers import ByteTokenizer
+
+    tokenizer = str(tok) if file_hash else None
+    if tokenizer_hash == ByteTokenizer().identity_hash:
+        tokenizer = "byte"
+    context = cfg["max_position_embeddings"]
+    step = record.get("step", 0)
+    return LlamaDir(path, cfg, fields, n, tokenizer_hash, weight_files, context, tokenizer, step)
+
+
+def _read_record(path: Path) -> dict:
+    """mtp_dist.json, checked ({} if there is none: a Llama from elsewhere)."""
+    if not (path / RECORD).is_file():
+        return {}
+    try:
+        record = json.loads((path / RECORD).read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    ok = isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+    if ok:
+        tok, step = record.get("tokenizer_hash"), record.get("step", 0)
+        ok = (tok is None or (isinstance(tok, str) and len(tok) == 64)) and (
+            isinstance(step, int) and not isinstance(step, bool) and step >= 0
+        )
+    if not ok:
+        raise HFFormatError(
+            f"{path / RECORD} is damaged (format {RECORD_FORMAT}, tokenizer_hash, step): "
+            "export the directory again, or remove the file to read it as a plain Llama"
+        )
+    return record
 
 
 def _weight_files(path: Path, where: str) -> list[str]:
@@ -392,11 +455,15 @@ def write_dir(
     m: ModelConfig,
     tokenizer=None,
     model_config: dict | None = None,
+    tokenizer_hash: str | None = None,
+    step: int = 0,
 ) -> Path:
     """Write the directory (refused if `out` exists and is not empty), built under a temporary
     name and renamed. tokenizer: a data_prep Tokenizer to write as tokenizer files (a
     sentencepiece model: tokenizer.model, and tokenizer.json if it is BPE), or None.
-    model_config: the run's model section, recorded in the sidecar's description."""
+    model_config: the run's model section, recorded in the sidecar's description.
+    tokenizer_hash: the identity of the tokenizer training used (default: `tokenizer`'s),
+    recorded with the step in mtp_dist.json."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -410,6 +477,10 @@ def write_dir(
     tmp.mkdir(parents=True)
     try:
         atomic_write_json(tmp / CONFIG, llama_config(m, special))
+        if tokenizer_hash is None and tokenizer is not None:
+            tokenizer_hash = tokenizer.identity_hash
+        record = {"format": RECORD_FORMAT, "tokenizer_hash": tokenizer_hash, "step": step}
+        atomic_write_json(tmp / RECORD, record)
         if special:
             atomic_write_json(tmp / "generation_config.json", special)
         # safetensors refuses views of one storage: every tensor is its own copy.
