@@ -267,6 +267,11 @@ def check_run(tmp_path, capsys, source, *overrides) -> tuple[int, str]:
         ({"intermediate_size": 256}, ["model.ffn_hidden_size=256", "config says", "192"]),
         ({"num_key_value_heads": 4}, ["model.num_query_groups=4", "set model.num_query_groups"]),
         ({"num_hidden_layers": 4}, ["model.num_layers=3"]),
+        ({"max_position_embeddings": 32}, ["a context of 32 tokens", "model.seq_length <= 32"]),
+        ({"num_attention_heads": 0}, ["num_attention_heads=0", "an integer >= 1"]),
+        ({"hidden_size": "64"}, ["hidden_size='64'", "an integer >= 1"]),
+        ({"rms_norm_eps": -1}, ["rms_norm_eps=-1", "a number > 0"]),
+        ({"max_position_embeddings": None}, ["max_position_embeddings=None"]),
     ],
 )
 def test_a_directory_that_is_not_this_llama_is_refused(
@@ -331,16 +336,67 @@ def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_a_source_trained_with_another_tokenizer_is_refused(megatron_1proc, tmp_path, tokenizer):
+def test_every_form_of_a_model_says_the_same(megatron_1proc, tmp_path, tokenizer, capsys):
+    """A Llama directory with its tokenizer, `export`ed to a .pt and back to a directory: each
+    form gives the same weights, context, step and tokenizer identity, and model.init_from
+    refuses each the same way when the run's data has another tokenizer."""
     from mtp_dist.config import Config, DataConfig
-    from mtp_dist.sources import SourceError
+    from mtp_dist.export import main as export
+    from mtp_dist.sources import SourceError, open_source
 
     m = CONFIGS["n3_gqa_untied"]
-    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer)
-    source = init_from.inspect(out)
-    assert source.tokenizer_hash == tokenizer.identity_hash
-    cfg = Config(model=m, data=DataConfig(synthetic=True))
-    init_from.check(source, cfg, tokenizer.identity_hash)
-    init_from.check(source, cfg, None)  # synthetic data: no tokenizer to compare
-    with pytest.raises(SourceError, match=f"tokenizer {tokenizer.identity_hash[:12]}, but the"):
-        init_from.check(source, cfg, "0" * 64)
+    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer, step=7)
+    assert export([str(out), str(tmp_path / "m.pt")]) == 0
+    assert export([str(tmp_path / "m.pt"), str(tmp_path / "again"), "--format", "hf"]) == 0
+    capsys.readouterr()
+    forms = [
+        open_source(p, "model.init_from") for p in (out, tmp_path / "m.pt", tmp_path / "again")
+    ]
+    assert [s.kind for s in forms] == ["hf", "export", "hf"]
+    want = forms[0].full_state()
+    for source in forms:
+        assert (source.context, source.step) == (48, 7)
+        assert source.tokenizer_hash == tokenizer.identity_hash
+        assert hf.effective_fields(source.model) == hf.effective_fields(m)
+        state = source.full_state()
+        assert set(state) == set(want) and all(torch.equal(state[k], v) for k, v in want.items())
+        cfg = Config(model=m, data=DataConfig(synthetic=True))
+        init_from.check(source, cfg, tokenizer.identity_hash)
+        init_from.check(source, cfg, None)  # synthetic data: no tokenizer to compare
+        with pytest.raises(SourceError, match=f"tokenizer {tokenizer.identity_hash[:12]}, but the"):
+            init_from.check(source, cfg, "0" * 64)
+    assert (tmp_path / "again" / "tokenizer.model").read_bytes() == open(
+        tokenizer.model_path, "rb"
+    ).read()
+
+
+def test_export_refuses_to_destroy_its_input_or_write_nowhere(tmp_path, capsys):
+    """export onto its own source, into a missing directory, or of a file that holds no export
+    (a bare tensor, a pickle that would run code): one error line, the files as they were."""
+    import pickle
+
+    from mtp_dist.export import main as export
+
+    cfg = {"model": {**GQA, "n_future_tokens": 3}, "data": {"synthetic": True}}
+    ckpt.export_consolidated(our_model(CONFIGS["n3_gqa_untied"]), tmp_path / "m.pt", cfg, 1)
+    before = (tmp_path / "m.pt").read_bytes()
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    cases = [
+        ([tmp_path / "m.pt", tmp_path / "m.pt"], "would destroy its input"),
+        ([tmp_path / "m.pt", tmp_path / "no" / "x.pt"], "No such file or directory"),
+        ([tmp_path / "tensor.pt", tmp_path / "x.pt"], "is not an mtp-dist export"),
+        ([tmp_path / "evil.pt", tmp_path / "x.pt"], "cannot be read as an mtp-dist export"),
+    ]
+    for args, message in cases:
+        assert export([str(a) for a in args]) == 2, args
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert "pwned" not in out
+    assert (tmp_path / "m.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "m.pt", "tensor.pt"]
