@@ -59,7 +59,8 @@ def load_error(e: BaseException) -> str:
     from mtp_dist.errors import underlying
 
     cause = underlying(e)
-    return " ".join(f"{type(cause).__name__}: {cause}".split())[:500]
+    text = " ".join(str(cause).split())[:500]
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _barrier() -> None:
@@ -178,6 +179,31 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep)]:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def raise_if_disk_full(e: BaseException, directory: Path, need: int) -> None:
+    """A CheckpointError if a save failed because the disk is full. torch's writers report a
+    full disk as a RuntimeError of their zip writer ("unexpected pos"), not as an OSError, so
+    the free space is measured instead, while the partial checkpoint still takes its room."""
+    from mtp_dist.errors import underlying
+
+    cause = underlying(e)
+    if isinstance(cause, (OSError, UserError, KeyboardInterrupt)):
+        return  # these say what happened themselves
+    code = re.search(r"\[Errno (\d+)\]", str(cause))
+    if code:  # an OSError that a writer thread turned into text
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(directory)) from e
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < max(need, 64 << 20):
+        raise CheckpointError(
+            f"saving the checkpoint {directory} failed ({load_error(e)}) with {free >> 20} MiB "
+            f"free on its disk, about {need >> 20} MiB being needed: the disk is full; free "
+            "disk space or set checkpoint.dir to another disk, then resume (train.resume=auto)"
+        ) from e
 
 
 def _step_of(path: Path) -> int:

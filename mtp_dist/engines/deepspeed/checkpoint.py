@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from mtp_dist.checkpointing import LOAD_ERRORS, CheckpointError
+from mtp_dist.checkpointing import LOAD_ERRORS, CheckpointError, load_error
 from mtp_dist.errors import run_cli
 from mtp_dist.model.model import MTPModel
 
@@ -139,6 +139,6 @@ def _to_universal(args) -> int:
         else:
             to_universal(source, args.out_dir, args.workers)
     except LOAD_ERRORS as e:
-        raise CheckpointError(f"{args.checkpoint_dir} cannot be converted: {e}") from e
+        raise CheckpointError(f"{args.checkpoint_dir} cannot be converted: {load_error(e)}") from e
     print(f"universal checkpoint: {os.path.abspath(args.out_dir)}")
     return 0
