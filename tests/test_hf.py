@@ -339,16 +339,28 @@ def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path, capsys):
 def test_every_form_of_a_model_says_the_same(megatron_1proc, tmp_path, tokenizer, capsys):
     """A Llama directory with its tokenizer, `export`ed to a .pt and back to a directory: each
     form gives the same weights, context, step and tokenizer identity, and model.init_from
-    refuses each the same way when the run's data has another tokenizer."""
+    refuses each the same way when the run's data has another tokenizer. Every exported file
+    has the mode the umask gives."""
+    import os
+    import stat
+
     from mtp_dist.config import Config, DataConfig
     from mtp_dist.export import main as export
     from mtp_dist.sources import SourceError, open_source
 
     m = CONFIGS["n3_gqa_untied"]
     out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer, step=7)
-    assert export([str(out), str(tmp_path / "m.pt")]) == 0
-    assert export([str(tmp_path / "m.pt"), str(tmp_path / "again"), "--format", "hf"]) == 0
+    mask = os.umask(0o002)  # a shared cluster's group-writable umask
+    try:
+        assert export([str(out), str(tmp_path / "m.pt")]) == 0
+        assert export([str(tmp_path / "m.pt"), str(tmp_path / "again"), "--format", "hf"]) == 0
+    finally:
+        os.umask(mask)
     capsys.readouterr()
+    exported = [tmp_path / "m.pt", *(tmp_path / "again").iterdir()]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in exported} == {
+        p.name: 0o664 for p in exported
+    }  # safetensors alone would write its files 0600
     forms = [
         open_source(p, "model.init_from") for p in (out, tmp_path / "m.pt", tmp_path / "again")
     ]
