@@ -143,6 +143,42 @@ def test_report_of_an_empty_or_missing_run(tmp_path):
     assert_user_error(run("mtp_dist.report", str(tmp_path)), "holds no steps")
 
 
+def test_report_over_runs_of_another_number_of_heads(tmp_path):
+    """A directory reused by a run with other heads: the last run's records are plotted, the
+    others named in a note (this crashed with a traceback)."""
+    old = [json.dumps({"step": s, "loss": 2.0, "head_losses": [1.0] * 4}) for s in (1, 2, 3)]
+    _metrics(tmp_path, [*old, _record(1), _record(2)])
+    proc = run("mtp_dist.report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 steps" in proc.stdout and "3 records of another number of heads" in proc.stderr
+    assert (tmp_path / "losses.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "record, fragment",
+    [
+        ({"step": 1, "head_losses": ["x", 1.0]}, "head_losses holds 'x'"),
+        ({"step": "1", "head_losses": [1.0]}, "step='1'"),
+        ({"step": 1, "head_losses": 2.0}, "head_losses must be a list"),
+        ({"step": 1, "head_losses": [1.0], "eval_head_accuracy": [0.5, 0.5]}, "one per head"),
+    ],
+)
+def test_report_refuses_records_of_the_wrong_types(tmp_path, record, fragment):
+    _metrics(tmp_path, [json.dumps(record), _record(2)])
+    assert_user_error(run("mtp_dist.report", str(tmp_path)), "line 1", fragment)
+
+
+def test_report_never_writes_over_its_input(tmp_path):
+    _metrics(tmp_path, [_record(1)])
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    out = tmp_path / "metrics.jsonl"
+    assert_user_error(run("mtp_dist.report", str(tmp_path), "--out", str(out)), "its input")
+    (tmp_path / "link.png").symlink_to(out)
+    proc = run("mtp_dist.report", str(tmp_path), "--out", str(tmp_path / "link.png"))
+    assert_user_error(proc, "its input")
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
 def test_report_into_a_missing_directory(tmp_path):
     _metrics(tmp_path, [_record(1)])
     proc = run("mtp_dist.report", str(tmp_path), "--out", str(tmp_path / "no" / "x.png"))
