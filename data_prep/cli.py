@@ -324,5 +324,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    return run_cli(lambda: COMMANDS[a.command](a))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _dispatch(build_parser().parse_args(argv)))
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    return COMMANDS[a.command](a)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 import traceback
 from collections.abc import Callable
@@ -82,6 +83,20 @@ def stdout_closed() -> bool:
         return False
 
 
+class StdoutLogHandler(logging.StreamHandler):
+    """Log lines on stdout; once its reader has gone (`| head`), further lines are dropped
+    quietly and the command goes on (a training keeps its checkpoints and metrics on disk),
+    instead of a "Logging error" traceback per line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError) and stdout_closed():
+            return
+        super().handleError(record)
+
+
 def _end_quietly() -> int:
     """A closed stdout: point it at /dev/null, so that the interpreter's final flush does not
     raise again at exit, and end as SIGPIPE ends a Unix tool."""
@@ -106,7 +121,12 @@ def run_cli(main: Callable[[], int]) -> int:
 
 
 def _exit_status(e: BaseException) -> int:
-    if isinstance(e, SystemExit):
+    if isinstance(e, SystemExit):  # argparse's --help or usage error: its own exit status
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            if stdout_closed():
+                return _end_quietly()
         raise e
     cause = underlying(e)
     if isinstance(cause, BrokenPipeError) and stdout_closed():

@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         help="hf: the tokenizer to include (a sentencepiece .model or 'none'); default: the one "
         "the run recorded (data.tokenizer)",
     )
-    args = p.parse_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(p.parse_args(argv)))
 
 
 def _main(args) -> int:

@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-document token")
-    args = p.parse_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(p.parse_args(argv)))
 
 
 def _main(args) -> int:

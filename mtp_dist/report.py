@@ -108,8 +108,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtp_dist.report", description=__doc__)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/losses.png)")
-    args = p.parse_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(p.parse_args(argv)))
 
 
 def _main(args) -> int:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mtp_dist import config as config_mod
-from mtp_dist.errors import run_cli
+from mtp_dist.errors import StdoutLogHandler, run_cli
 
 
 def parse_args(argv=None):
@@ -36,8 +36,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(parse_args(argv)))
 
 
 def _main(args) -> int:
@@ -64,7 +64,7 @@ def _log_to_stdout(is_main: bool) -> None:
     logger = logging.getLogger("mtp_dist")
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = StdoutLogHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.propagate = False

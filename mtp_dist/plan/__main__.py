@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--dry-run", action="store_true", help="build every position on meta")
     p.add_argument("--world", type=int, help="world size of the dry run (default: --gpus)")
-    args = p.parse_intermixed_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(p.parse_intermixed_args(argv)))
 
 
 def _main(args) -> int:

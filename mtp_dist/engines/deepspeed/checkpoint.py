@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     conv.add_argument("out_dir", help="where the universal checkpoint goes (must not exist)")
     conv.add_argument("--workers", type=int, default=1, help="extract/merge processes")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: _to_universal(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _to_universal(ap.parse_args(argv)))
 
 
 def _to_universal(args) -> int:
