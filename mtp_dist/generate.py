@@ -156,10 +156,10 @@ def _main(args) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: give at least 1")
-    texts = read_prompts(args.prompt, args.prompt_file)
-    source = sources.open_source(args.source)
     # The launcher's world (torchrun's ranks), checked: not a stale WORLD_SIZE alone.
     tensor = distributed.read_launch_env().world_size
+    texts = read_prompts(args.prompt, args.prompt_file)
+    source = sources.open_source(args.source)
     cfg = source.config_at(tensor)
     k = check_speculative(args.speculative, cfg.model.n_future_tokens, source.path)
     tokenizer = sources.load_tokenizer(source, args.tokenizer)
