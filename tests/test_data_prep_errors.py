@@ -175,3 +175,30 @@ def test_tokenizer_not_found(tmp_path, capsys):
     proc = cli(capsys, *tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out",
                                   str(tmp_path / "nope.model")))  # fmt: skip
     assert_one_error(proc, "nope.model", "train-tokenizer")
+
+
+@pytest.mark.parametrize(
+    "manifest, needle",
+    [
+        ({"format": "mtp-dist-shards-v1", "complete": True}, "it has no list of shards"),
+        ([1, 2], "it has no list of shards"),
+        ({"shards": [], "complete": "yes"}, "does not say whether"),
+        ({"shards": [{"status": "complete"}], "complete": True}, "without a shard name"),
+        (
+            {"shards": [{"shard": "s", "status": "complete", "tokens": "many"}], "complete": True},
+            "bin_bytes=None is not a count",
+        ),
+    ],
+)
+def test_a_damaged_manifest_is_one_line(tmp_path, capsys, manifest, needle):
+    """File contents are not trusted: a manifest of the wrong shape is refused by name, by
+    verify and by training's reader alike (both read it through load_manifest)."""
+    import json
+
+    from data_prep.manifest import ManifestError
+    from mtp_dist.data import data_identity
+
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_error(cli(capsys, "verify", tmp_path), "manifest.json is damaged", needle)
+    with pytest.raises(ManifestError, match="is damaged"):
+        data_identity([str(tmp_path)], 259)
