@@ -24,7 +24,7 @@ from data_prep.readers import (
     ReadStats,
     plan_input_shards,
 )
-from mtp_dist.errors import EXIT_USAGE, UserError, run_cli
+from mtp_dist.errors import EXIT_USAGE, UserError, number, run_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=_at_least(1), default=32000)
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     t.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false")
-    t.add_argument("--character-coverage", type=float, default=0.99995)
+    t.add_argument("--character-coverage", type=number(0, 1), default=0.99995)
     t.add_argument(
         "--no-split-digits",
         dest="split_digits",
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "files (deterministic order), for demos that need no download.",
     )
     s.add_argument("out_dir")
-    s.add_argument("--max-mb", type=float, default=None, help="stop after this many MB")
+    s.add_argument("--max-mb", type=number(0), default=None, help="stop after this many MB")
     s.add_argument("--num-shards", type=_at_least(1), default=4)
     s.add_argument("--format", default="jsonl", choices=["jsonl", "text"])
 

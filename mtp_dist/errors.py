@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import sys
@@ -25,6 +26,25 @@ EXIT_PIPE = 141
 class UserError(Exception):
     """An anticipated failure whose message names the input and the fix (the base of
     ConfigError, CheckpointError, BadInputFile ...)."""
+
+
+def number(above: float, at_most: float | None = None, integer: bool = False):
+    """An argparse type: a finite number > `above` (and <= `at_most`), so that the error names
+    the flag the user gave (argparse adds it) and no inf, nan or out-of-range value passes."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value <= above or (at_most is not None and value > at_most):
+            upper = f" and <= {at_most:g}" if at_most is not None else ""
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number > {above:g}{upper}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 _OS_FIXES = {

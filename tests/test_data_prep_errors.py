@@ -156,6 +156,12 @@ def test_bad_option_values_are_one_line(tmp_path, capsys):
     assert_one_error(proc, "--workers", "below 1")
     proc = cli(capsys, "tokenize", "x.jsonl")
     assert_one_error(proc, "--output-dir")
+    for size in ("0", "-1", "inf"):
+        proc = cli(capsys, "stdlib-corpus", tmp_path / "c", "--max-mb", size)
+        assert_one_error(proc, "--max-mb", "must be a finite number > 0")
+    proc = cli(capsys, "stdlib-corpus", tmp_path / "c", "--max-mb", "0.000001")
+    assert_one_error(proc, "--max-mb 1e-06 holds no source file")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):

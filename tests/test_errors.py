@@ -249,6 +249,25 @@ def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     [
         ("torchrun.sh", [], {}, ["usage: launch/torchrun.sh CONFIG"]),
         ("torchrun.sh", ["configs/tiny.yaml"], {"NPROC_PER_NODE": "x"}, ["NPROC_PER_NODE=x"]),
+        ("torchrun.sh", ["configs/tiny.yaml"], {"NPROC_PER_NODE": "0"}, ["NPROC_PER_NODE=0"]),
+        (
+            "torchrun.sh",
+            ["configs/tiny.yaml"],
+            {"NPROC_PER_NODE": "1", "NNODES": "2", "MASTER_ADDR": ""},
+            ["NNODES=2 needs MASTER_ADDR"],
+        ),
+        (
+            "torchrun.sh",
+            ["configs/tiny.yaml"],
+            {"NPROC_PER_NODE": "1", "NNODES": "2", "MASTER_ADDR": "h", "NODE_RANK": "2"},
+            ["NODE_RANK=2 must be 0..1"],
+        ),
+        (
+            "torchrun.sh",
+            ["configs/tiny.yaml"],
+            {"NPROC_PER_NODE": "1", "MASTER_PORT": "70000"},
+            ["MASTER_PORT=70000 is not a port"],
+        ),
         ("torchrun.sh", ["configs/nope.yaml"], {}, ["configs/nope.yaml does not exist"]),
         (
             "torchrun.sh",

@@ -265,6 +265,12 @@ def test_hardware_and_layouts_are_checked_before_any_compute(capsys):
     assert "--gpus=0 must be >= 1" in capsys.readouterr().err
     assert main(["configs/paper/0.3b-n1.yaml", "--gpus", "6", "parallel.tensor=4"]) == 2
     assert "does not divide the world size 6" in capsys.readouterr().err
+    for flag, value in (("--mfu", "5"), ("--mfu", "0"), ("--gpu-tflops", "inf"),
+                        ("--gpu-memory", "nan"), ("--gpu-memory", "-80")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["configs/paper/0.3b-n1.yaml", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: {value} must be a finite number" in err
 
 
 def test_candidates_cover_the_gpu_count():

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from mtp_dist.errors import run_cli
+from mtp_dist.errors import number, run_cli
 
 
 def main(argv=None) -> int:
@@ -25,9 +25,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--gpus-per-node", type=int, default=8, help="tensor parallelism stays in a node"
     )
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    p.add_argument("--gpu-tflops", type=float, default=989.0, help="dense bf16 peak per GPU")
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the matmuls (0.4)")
+    p.add_argument("--gpu-memory", type=number(0), default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--gpu-tflops", type=number(0), default=989.0, help="dense bf16 peak per GPU")
+    p.add_argument(
+        "--mfu", type=number(0, 1), default=0.4, help="assumed MFU of the matmuls (0 < MFU <= 1)"
+    )
     p.add_argument("--top", type=int, default=10, help="layouts to print (all with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--dry-run", action="store_true", help="build every position on meta")
@@ -48,9 +50,6 @@ def _main(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
-    for name in ("gpu_memory", "gpu_tflops", "mfu"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
     gpus = args.gpus or args.world or 8
     hw = layouts.Hardware(gpus, args.gpus_per_node, args.gpu_memory, args.gpu_tflops, args.mfu)
     cfg = config.load(args.config, args.overrides)
