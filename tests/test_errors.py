@@ -297,3 +297,24 @@ def test_train_check_reports_the_layout(tmp_path):
                f"run.dir={tmp_path}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok: 4 processes as TP2 x PP1 x DP2")
+
+
+def test_the_demo_keeps_the_contract_and_redoes_an_empty_stage(tmp_path):
+    """A typo in the training overrides is found before any stage runs; a corpus marker over
+    no corpus (an older demo's) is redone, not trusted; a failing stage is one error line."""
+    work = tmp_path / "demo"
+    proc = run("mtp_dist.demo", "--workdir", str(work), "train.stepz=3")
+    assert_user_error(proc, "unknown key train.stepz")
+    assert not work.exists()
+    proc = run("mtp_dist.demo", "--workdir", str(work), "--corpus-mb", "0")
+    assert proc.returncode == 2 and "argument --corpus-mb: 0 must be a finite number" in proc.stderr
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / ".done").write_text("ok")
+    proc = run("mtp_dist.demo", "--workdir", str(work), "--corpus-mb", "0.2", "--vocab-size", "10")
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # The stage's own line (the reason), then the demo's (which stage, and that a rerun resumes).
+    assert len(errors) == 2 and "raise --vocab-size" in errors[0], errors
+    assert errors[1].startswith("error: the demo's tokenizer stage failed (exit status 2")
+    assert sum(p.stat().st_size for p in (work / "corpus").glob("*.jsonl")) > 100_000
+    assert not (work / "tokenizer" / "tokenizer.model").exists()
