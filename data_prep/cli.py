@@ -7,6 +7,7 @@ variable, an OS error) is one `error:` line and exit status 2, Ctrl-C is exit st
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -244,6 +245,11 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
         seed=a.seed,
         num_threads=a.threads,
     )
+    from mtp_dist.files import check_not_an_input
+
+    inputs = [f for pattern in a.inputs for f in (glob.glob(pattern) or [pattern])]
+    outputs = [a.output + ".model", a.output + ".vocab"]
+    check_not_an_input(outputs, inputs, "train-tokenizer")
     try:
         tok = train_sentencepiece(_sentences(a), a.output, opts)
     except BadInputFile as e:  # without tokenize's hint: train-tokenizer has no --skip-bad-files

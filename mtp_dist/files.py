@@ -62,18 +62,27 @@ def umask() -> int:
     return mask
 
 
-def check_not_an_input(out: str | os.PathLike, inputs, what: str) -> None:
-    """Refuse an output path that is one of the command's inputs: no command writes over a
-    file it reads (a symlink or hard link to one counts as the same)."""
-    for given in inputs:
-        same = os.path.realpath(out) == os.path.realpath(given)
-        if not same and os.path.exists(out) and os.path.exists(given):
-            same = os.path.samefile(out, given)
-        if same:
+def check_not_an_input(outputs, inputs, what: str) -> None:
+    """Refuse output paths that are among the command's inputs: no command writes over a file
+    it reads (a symlink to one, or a hard link where the output exists, counts as the same)."""
+    outputs = [outputs] if isinstance(outputs, (str, os.PathLike)) else list(outputs)
+    given = {os.path.realpath(p): p for p in inputs}
+    for out in outputs:
+        same = given.get(os.path.realpath(out))
+        if same is None and os.path.exists(out) and len(given) < 64:
+            same = next((p for p in given.values() if _same_file(out, p)), None)
+        if same is not None:
             raise UserError(
-                f"{out} is what {what} reads ({given}): writing it would destroy its input; "
+                f"{out} is what {what} reads ({same}): writing it would destroy its input; "
                 "choose another output path"
             )
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def read_utf8(path: str | os.PathLike, what: str = "a file") -> str:

@@ -208,3 +208,21 @@ def test_a_damaged_manifest_is_one_line(tmp_path, capsys, manifest, needle):
     assert_one_error(cli(capsys, "verify", tmp_path), "manifest.json is damaged", needle)
     with pytest.raises(ManifestError, match="is damaged"):
         data_identity([str(tmp_path)], 259)
+
+
+def test_no_output_over_an_input(tmp_path, capsys):
+    """A shard, sidecar or manifest name, or a tokenizer's .model/.vocab, that is one of the
+    inputs: refused before anything is written, the input as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    write_jsonl(out / "shard-00000.json", stdlib_docs(2))  # a JSON-lines input named as a sidecar
+    before = (out / "shard-00000.json").read_bytes()
+    proc = cli(capsys, *tokenize_args([out / "shard-00000.json"], out, "byte", "--format", "jsonl"))
+    assert_one_error(proc, "shard-00000.json is what tokenize reads", "destroy its input")
+    write_jsonl(tmp_path / "tok.vocab", stdlib_docs(20))
+    proc = cli(capsys, "train-tokenizer", tmp_path / "*.vocab", "--output", tmp_path / "tok",
+               "--vocab-size", "300", "--format", "jsonl")  # fmt: skip
+    assert_one_error(proc, "tok.vocab is what train-tokenizer reads")
+    assert (out / "shard-00000.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.json"]
+    assert not (tmp_path / "tok.model").exists()
