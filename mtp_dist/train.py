@@ -32,6 +32,13 @@ def parse_args(argv=None):
         "what the launch scripts do once before they start the ranks",
     )
     p.add_argument("--world-size", type=int, default=1, help="with --check: processes in all")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="only load and validate the config and overrides, and exit (no world, data or "
+        "checkpoint checks): what slurm/pipeline.sh does before it submits the jobs that make "
+        "the data",
+    )
     return p.parse_args(argv)
 
 
@@ -43,6 +50,8 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     # The config first, before the seconds of importing torch and megatron-core.
     cfg = config_mod.load(args.config, args.overrides)
+    if args.check_config:
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mtp_dist.compat import ignore_known_warnings
 

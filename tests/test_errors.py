@@ -292,6 +292,32 @@ def test_launch_scripts_check_before_starting_ranks(script, args, env, fragments
     assert "ChildFailedError" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "script, args, fragments",
+    [
+        ("pipeline.sh", ["CORPUS", "OUT", "configs/tiny.yaml", "train.stepz=3"], ["train.stepz"]),
+        ("tokenizer.sbatch", ["x.jsonl", "--output", "t"], ["submit this with sbatch"]),
+        ("train.sbatch", ["configs/tiny.yaml"], ["submit this with sbatch"]),
+        ("data_prep.sbatch", ["x.jsonl"], ["submit this as an array: sbatch --array"]),
+    ],
+)
+def test_slurm_scripts_check_before_submitting(tmp_path, script, args, fragments):
+    """Run with plain bash, each template says to submit it with sbatch; the pipeline checks
+    the training config and overrides before it submits anything (sbatch is never reached:
+    where it is not installed, reaching it would be "command not found" instead)."""
+    import os
+
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n')
+    names = {"CORPUS": str(tmp_path / "*.jsonl"), "OUT": str(tmp_path / "out")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        ["bash", f"slurm/{script}", *(names.get(a, a) for a in args)], cwd=ROOT,
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert_user_error(proc, *fragments)
+    assert "command not found" not in proc.stderr and not list(tmp_path.glob("out/*"))
+
+
 def test_train_check_reports_the_layout(tmp_path):
     proc = run("mtp_dist.train", "--check", "--world-size", "4", *TINY, "parallel.tensor=2",
                f"run.dir={tmp_path}")  # fmt: skip
