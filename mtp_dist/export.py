@@ -25,7 +25,7 @@ def export(source_path: Path, out: Path, fmt: str = "pt", tokenizer: str | None 
     from mtp_dist import checkpointing as ckpt
     from mtp_dist import sources
     from mtp_dist.files import check_not_an_input
-    from mtp_dist.model import hf
+    from mtp_dist.model import hf_dir
 
     source = sources.open_source(source_path)
     check_not_an_input(out, [source.path], "the export")
@@ -33,10 +33,10 @@ def export(source_path: Path, out: Path, fmt: str = "pt", tokenizer: str | None 
     if fmt == "pt":
         state = source.full_state(source.config.train.seed)
         return ckpt.write_consolidated(out, state, config, source.step, source.tokenizer_hash)
-    hf.check_empty(out)
+    hf_dir.check_empty(out)
     tok = sources.load_tokenizer(source, tokenizer, optional=True)
     state = source.full_state(source.config.train.seed)
-    return hf.write_dir(
+    return hf_dir.write_dir(
         out, state, source.model, tok, config["model"], source.tokenizer_hash, source.step
     )
 

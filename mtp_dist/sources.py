@@ -98,9 +98,9 @@ class ModelSource:
         if self._state is not None:
             state = self._state
         elif self.kind == "hf":
-            from mtp_dist.model import hf
+            from mtp_dist.model import hf_dir
 
-            state = hf.load_dir(self._llama, self.model)
+            state = hf_dir.load_dir(self._llama, self.model)
         else:
             state = self._checkpoint_state(seed)
         vocab = self.model.vocab_size
@@ -199,9 +199,9 @@ def _export(path: Path, what: str) -> ModelSource:
 
 
 def _llama(path: Path, what: str) -> ModelSource:
-    from mtp_dist.model import hf
+    from mtp_dist.model import hf_dir
 
-    d = hf.read_dir(path)
+    d = hf_dir.read_dir(path)
     model = {**d.fields, "n_future_tokens": d.n_future_tokens, "seq_length": d.context}
     cfg = _config({"model": model, "data": {"synthetic": True, "tokenizer": d.tokenizer}}, path)
     return ModelSource(path, "hf", cfg, d.step, None, d.tokenizer_hash, what, _llama=d)

@@ -287,7 +287,7 @@ def exports(trained, tmp_path_factory):
     (export --format hf, byte tokenizer: no tokenizer file, its identity in mtp_dist.json),
     both recording the byte tokenizer; and an n=1 model's export."""
     from data_prep.tokenizers import ByteTokenizer
-    from mtp_dist.model import hf
+    from mtp_dist.model import hf_dir
     from mtp_dist.model.weights import full_state
 
     cfg, model, _ = trained
@@ -300,7 +300,7 @@ def exports(trained, tmp_path_factory):
     one = build_model(cfg1)
     init_weights(one, seed=1)
     n1 = export_consolidated(one, root / "n1.pt", Config(model=cfg1, data=data).to_dict(), 0, byte)
-    llama = hf.write_dir(root / "hf", full_state(model), cfg, None, config["model"], byte, 8)
+    llama = hf_dir.write_dir(root / "hf", full_state(model), cfg, None, config["model"], byte, 8)
     return n4, n1, llama
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mtp_dist import checkpointing as ckpt
 from mtp_dist import init_from
 from mtp_dist.config import ModelConfig
-from mtp_dist.model import hf
+from mtp_dist.model import hf, hf_dir
 from mtp_dist.model.model import build_model
 from mtp_dist.model.weights import VOCAB_PARAMS, full_state, init_weights, load_full
 from tests.support import ROOT
@@ -61,7 +61,7 @@ def tokenizer(tmp_path_factory):
 
 
 def export_dir(tmp_path, m, model, tokenizer=None):
-    return hf.write_dir(tmp_path / "hf", full_state(model), m, tokenizer, {"n": 0})
+    return hf_dir.write_dir(tmp_path / "hf", full_state(model), m, tokenizer, {"n": 0})
 
 
 def llama(path):
@@ -193,7 +193,7 @@ def test_heads_added_and_dropped_on_import(megatron_1proc, tmp_path):
             for k, v in head(loaded, i).items():
                 assert torch.equal(v, head(state, j)[k])
         assert loaded["output_layer.weight"].shape[0] == 500  # padding dropped, not copied
-    plain = hf.write_dir(tmp_path / "hf", state, ModelConfig(**{**GQA, "n_future_tokens": 1}))
+    plain = hf_dir.write_dir(tmp_path / "hf", state, ModelConfig(**{**GQA, "n_future_tokens": 1}))
     loaded = init_from.load(init_from.inspect(plain), ModelConfig(**{**GQA, "n_future_tokens": 2}))
     for k, v in head(loaded, 1).items():
         assert torch.equal(v, head(state, 0)[k])
@@ -202,7 +202,7 @@ def test_heads_added_and_dropped_on_import(megatron_1proc, tmp_path):
 def test_a_llama_saved_by_transformers_imports_as_exported(megatron_1proc, tmp_path):
     """save_pretrained's own config (transformers' version of it) and sharded files."""
     m = CONFIGS["n1_mha_tied"]
-    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
+    out = hf_dir.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
     llama(out).save_pretrained(tmp_path / "saved", max_shard_size="100KB")
     assert (tmp_path / "saved" / hf.WEIGHTS_INDEX).is_file()
     saved = init_from.inspect(tmp_path / "saved")
@@ -220,7 +220,7 @@ def test_import_fills_any_vocabulary_padding_and_loads_exactly(megatron_1proc, t
 
     m = CONFIGS["n3_gqa_untied"]
     state = full_state(our_model(m))
-    out = hf.write_dir(tmp_path / "hf", state, m)
+    out = hf_dir.write_dir(tmp_path / "hf", state, m)
     target = ModelConfig(**{**GQA, "n_future_tokens": 3, "vocab_multiple": 128})  # 512 again
     source = init_from.load(init_from.inspect(out), target)
     model = build_model(target)
@@ -240,7 +240,7 @@ def test_import_fills_any_vocabulary_padding_and_loads_exactly(megatron_1proc, t
 
 def write_llama(tmp_path, m, **config_changes):
     """An HF directory of model config m, its config.json changed as given."""
-    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
+    out = hf_dir.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
     cfg = json.loads((out / hf.CONFIG).read_text())
     (out / hf.CONFIG).write_text(json.dumps({**cfg, **config_changes}))
     return out
@@ -305,11 +305,11 @@ def test_damaged_directories_are_refused(megatron_1proc, tmp_path, capsys):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, out / hf.WEIGHTS, {"format": "pt"})
     with pytest.raises(hf.HFFormatError, match="lacks model.layers.1.mlp.up_proj.weight"):
-        hf.load_dir(hf.read_dir(out), m)
+        hf_dir.load_dir(hf_dir.read_dir(out), m)
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(192, 63)
     save_file(tensors, out / hf.WEIGHTS, {"format": "pt"})
     with pytest.raises(hf.HFFormatError, match=r"up_proj.weight has shape \(192, 63\)"):
-        hf.load_dir(hf.read_dir(out), m)
+        hf_dir.load_dir(hf_dir.read_dir(out), m)
     for bad in (tmp_path / "nothing", tmp_path / "run"):
         bad.mkdir(exist_ok=True)
         code, (_, stderr) = check_run(tmp_path, capsys, bad)
@@ -349,7 +349,7 @@ def test_every_form_of_a_model_says_the_same(megatron_1proc, tmp_path, tokenizer
     from mtp_dist.sources import SourceError, open_source
 
     m = CONFIGS["n3_gqa_untied"]
-    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer, step=7)
+    out = hf_dir.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer, step=7)
     mask = os.umask(0o002)  # a shared cluster's group-writable umask
     try:
         assert export([str(out), str(tmp_path / "m.pt")]) == 0
