@@ -30,6 +30,18 @@ def main(argv=None) -> int:
     p.add_argument(
         "--mfu", type=number(0, 1), default=0.4, help="assumed MFU of the matmuls (0 < MFU <= 1)"
     )
+    p.add_argument(
+        "--intra-node-gbs",
+        type=number(0),
+        default=300.0,
+        help="GB/s of a GPU's collectives inside a node (NVLink; default 300)",
+    )
+    p.add_argument(
+        "--inter-node-gbs",
+        type=number(0),
+        default=40.0,
+        help="GB/s per GPU between nodes (default 40: a 400 Gb/s NIC per GPU)",
+    )
     p.add_argument("--top", type=int, default=10, help="layouts to print (all with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--dry-run", action="store_true", help="build every position on meta")
@@ -51,7 +63,15 @@ def _main(args) -> int:
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
     gpus = args.gpus or args.world or 8
-    hw = layouts.Hardware(gpus, args.gpus_per_node, args.gpu_memory, args.gpu_tflops, args.mfu)
+    hw = layouts.Hardware(
+        gpus,
+        args.gpus_per_node,
+        args.gpu_memory,
+        args.gpu_tflops,
+        args.mfu,
+        args.intra_node_gbs,
+        args.inter_node_gbs,
+    )
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:
         from mtp_dist.plan import dry_run
@@ -74,7 +94,8 @@ def _main(args) -> int:
 
 
 def _rest(hw) -> tuple:
-    return hw.gpus_per_node, hw.memory_gib, hw.tflops, hw.mfu
+    return (hw.gpus_per_node, hw.memory_gib, hw.tflops, hw.mfu, hw.intra_node_gbs,
+            hw.inter_node_gbs)  # fmt: skip
 
 
 if __name__ == "__main__":
