@@ -122,6 +122,8 @@ class ModelSource:
                     for k, v in self.full_state().items()
                 }
                 load_full(model, state)
+        except UserError:
+            raise  # says what is wrong itself (a Llama directory's HFFormatError)
         except (*ckpt.LOAD_ERRORS, NotImplementedError) as e:  # the latter: a layout not read
             raise ckpt.CheckpointError(
                 f"{self.describe()} cannot be loaded ({ckpt.load_error(e)}): it is damaged or "

@@ -402,6 +402,7 @@ def test_export_refuses_to_destroy_its_input_or_write_nowhere(tmp_path, capsys):
     cases = [
         ([tmp_path / "m.pt", tmp_path / "m.pt"], "would destroy its input"),
         ([tmp_path / "m.pt", tmp_path / "no" / "x.pt"], "No such file or directory"),
+        ([tmp_path / "m.pt", tmp_path / "no" / "x", "--format", "hf"], "No such file or"),
         ([tmp_path / "tensor.pt", tmp_path / "x.pt"], "is not an mtp-dist export"),
         ([tmp_path / "evil.pt", tmp_path / "x.pt"], "cannot be read as an mtp-dist export"),
     ]

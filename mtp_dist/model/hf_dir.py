@@ -6,6 +6,7 @@ Llama config cannot say: the tokenizer's identity, the step). Read without its t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -214,8 +215,10 @@ def write_dir(
     if tokenizer is not None:
         ids = (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eod_id))
         special = {k: i for k, i in (*ids, ("pad_token_id", tokenizer.pad_id)) if i >= 0}
+    if not out.parent.is_dir():  # as every other output: a missing parent is a mistyped path
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(out.parent))
     tmp = tmp_name(out)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         atomic_write_json(tmp / CONFIG, llama_config(m, special))
         if tokenizer_hash is None and tokenizer is not None:
