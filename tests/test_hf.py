@@ -382,7 +382,7 @@ def test_every_form_of_a_model_says_the_same(megatron_1proc, tmp_path, tokenizer
     ).read()
 
 
-def test_export_refuses_to_destroy_its_input_or_write_nowhere(tmp_path, capsys):
+def test_export_refuses_to_destroy_its_input_or_write_nowhere(megatron_1proc, tmp_path, capsys):
     """export onto its own source, into a missing directory, or of a file that holds no export
     (a bare tensor, a pickle that would run code): one error line, the files as they were."""
     import pickle
