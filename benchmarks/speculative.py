@@ -315,18 +315,18 @@ def main() -> None:
 
     import torch
 
-    from mtp_dist import distributed
+    from mtp_dist import distributed, sources
     from mtp_dist.compat import ignore_known_warnings
     from mtp_dist.files import atomic_write
-    from mtp_dist.inference import load
     from mtp_dist.inference.decode import Decoder
+    from mtp_dist.model.model import build_model
 
     ignore_known_warnings()
     torch.set_num_threads(args.threads)
-    source = load.read_source(args.workdir / "run")
+    source = sources.open_source(args.workdir / "run")
     training = training_summary(args.workdir / "run", source.step, command)
-    cfg = load.model_config(source, 1)
-    tokenizer = load.load_tokenizer(source, cfg)
+    cfg = source.config
+    tokenizer = sources.load_tokenizer(source)
     need = args.prompt_tokens + args.new_tokens
     if need > cfg.model.seq_length:
         raise SystemExit(f"--prompt-tokens + --new-tokens must be <= {cfg.model.seq_length}")
@@ -335,7 +335,9 @@ def main() -> None:
     )
     dims = distributed.init(1, 1, seed=0)
     try:
-        model = load.load_model(source, cfg, dims)
+        model = build_model(cfg.model, device=dims.device)
+        source.load_into(model)
+        model.eval()
         accuracy = head_accuracy(model, windows, cfg.model.vocab_size)
         matmul = matmul_microseconds(cfg.model.hidden_size, cfg.model.ffn_size)
         vocab = cfg.model.vocab_size

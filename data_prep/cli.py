@@ -7,6 +7,7 @@ variable, an OS error) is one `error:` line and exit status 2, Ctrl-C is exit st
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from data_prep.readers import (
     ReadStats,
     plan_input_shards,
 )
-from mtp_dist.errors import EXIT_USAGE, UserError, run_cli
+from mtp_dist.errors import EXIT_USAGE, UserError, number, run_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=_at_least(1), default=32000)
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     t.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false")
-    t.add_argument("--character-coverage", type=float, default=0.99995)
+    t.add_argument("--character-coverage", type=number(0, 1), default=0.99995)
     t.add_argument(
         "--no-split-digits",
         dest="split_digits",
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "files (deterministic order), for demos that need no download.",
     )
     s.add_argument("out_dir")
-    s.add_argument("--max-mb", type=float, default=None, help="stop after this many MB")
+    s.add_argument("--max-mb", type=number(0), default=None, help="stop after this many MB")
     s.add_argument("--num-shards", type=_at_least(1), default=4)
     s.add_argument("--format", default="jsonl", choices=["jsonl", "text"])
 
@@ -244,6 +245,11 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
         seed=a.seed,
         num_threads=a.threads,
     )
+    from mtp_dist.files import check_not_an_input
+
+    inputs = [f for pattern in a.inputs for f in (glob.glob(pattern) or [pattern])]
+    outputs = [a.output + ".model", a.output + ".vocab"]
+    check_not_an_input(outputs, inputs, "train-tokenizer")
     try:
         tok = train_sentencepiece(_sentences(a), a.output, opts)
     except BadInputFile as e:  # without tokenize's hint: train-tokenizer has no --skip-bad-files
@@ -324,5 +330,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    return run_cli(lambda: COMMANDS[a.command](a))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _dispatch(build_parser().parse_args(argv)))
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    return COMMANDS[a.command](a)

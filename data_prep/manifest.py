@@ -49,11 +49,39 @@ def remove_stale_tmp(path: str) -> None:
 
 
 def read_sidecar(out_dir: str, name: str) -> dict | None:
+    """A shard's sidecar, or None if it is missing or not a valid one (the shard is redone)."""
     try:
         with open(sidecar_path(out_dir, name)) as f:
-            return json.load(f)
+            sidecar = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return sidecar if sidecar_problem(sidecar) is None else None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def sidecar_problem(sc) -> str | None:
+    """What makes a sidecar (or a manifest's shard entry) unusable, or None: the fields every
+    reader uses, with their types (file contents are not trusted)."""
+    if not isinstance(sc, dict) or not isinstance(sc.get("shard"), str) or not sc["shard"]:
+        return "an entry without a shard name"
+    if sc.get("status") == "skipped":
+        return None
+    if sc.get("status") != "complete":
+        return f"shard {sc['shard']}: status {sc.get('status')!r} is neither complete nor skipped"
+    for key in ("bin_bytes", "idx_bytes", "tokens", "documents"):
+        if not _is_int(sc.get(key)):
+            return f"shard {sc['shard']}: {key}={sc.get(key)!r} is not a count"
+    tok = sc.get("tokenizer")
+    if not isinstance(sc.get("sha256"), str) or not (
+        isinstance(tok, dict)
+        and isinstance(tok.get("hash"), str)
+        and _is_int(tok.get("vocab_size"))
+    ):
+        return f"shard {sc['shard']}: its sha256 or tokenizer (hash, vocab_size) is missing"
+    return None
 
 
 def is_done(out_dir: str, sidecar: dict | None) -> bool:
@@ -142,8 +170,8 @@ def merge_manifest(out_dir: str, expected_shards: list[str] | None = None) -> di
 def load_manifest(out_dir: str, required: bool = True) -> dict | None:
     path = os.path.join(out_dir, MANIFEST)
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            manifest = json.load(f)
     except FileNotFoundError:
         if required:
             raise ManifestError(
@@ -155,3 +183,16 @@ def load_manifest(out_dir: str, required: bool = True) -> dict | None:
             f"{path} is not valid JSON ({e}): rebuild it with `python -m data_prep manifest "
             f"{out_dir}`"
         ) from None
+    problem = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        problem = "it has no list of shards"
+    elif not isinstance(manifest.get("complete"), bool):
+        problem = "it does not say whether the directory is complete"
+    else:
+        problem = next(filter(None, map(sidecar_problem, manifest["shards"])), None)
+    if problem:
+        raise ManifestError(
+            f"{path} is damaged ({problem}): rebuild it with `python -m data_prep manifest "
+            f"{out_dir}`"
+        )
+    return manifest

@@ -8,6 +8,7 @@ import json
 import os
 import sysconfig
 
+from mtp_dist.errors import UserError
 from mtp_dist.files import atomic_path
 
 
@@ -42,6 +43,11 @@ def write_stdlib_corpus(
         used += len(data)
         # A few test files are deliberately not UTF-8; the corpus is text, so replace.
         docs.append((os.path.relpath(path, root), data.decode("utf-8", errors="replace")))
+    if not docs:
+        raise UserError(
+            f"--max-mb {max_mb} holds no source file of the standard library (the first alone "
+            "is larger): give more, e.g. --max-mb 1"
+        )
     os.makedirs(out_dir, exist_ok=True)
     target = max(1, used // max(1, num_shards))
     shards: list[list[tuple[str, str]]] = [[]]

@@ -24,7 +24,10 @@ from data_prep.shards import ShardJob, remove_leftovers, shard_fingerprint, toke
 from data_prep.tokenizers import Tokenizer, load_tokenizer
 from data_prep.workers import run_in_workers
 from mtp_dist.errors import UserError
-from mtp_dist.files import DirectoryLock, is_locked
+from mtp_dist.files import DirectoryLock, check_not_an_input, is_locked
+
+SHARD_FILES = ("bin", "idx", "json")
+"""What each output shard is made of: its tokens, its index and its sidecar."""
 
 
 class TokenizeError(UserError, ValueError):
@@ -93,6 +96,9 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     jobs = plan_jobs(cfg)
     names = [j.name for j in jobs]
+    outputs = [os.path.join(cfg.out_dir, f"{n}.{ext}") for n in names for ext in SHARD_FILES]
+    outputs.append(os.path.join(cfg.out_dir, mf.MANIFEST))
+    check_not_an_input(outputs, [p for j in jobs for p in j.shard.paths], "tokenize")
     with task_lock(cfg.out_dir, cfg.task_index, cfg.num_tasks):
         # Round robin rather than contiguous blocks: neighbouring inputs tend to be alike in size.
         mine = [j for i, j in enumerate(jobs) if i % cfg.num_tasks == cfg.task_index]

@@ -50,6 +50,7 @@ fi
 if [ -n "${HOSTFILE:-}" ]; then  # pdsh over ssh: every node of the hostfile, NPROC each
   [ -f "$HOSTFILE" ] || fail "HOSTFILE=$HOSTFILE does not exist: one line per node, 'HOST slots=N'"
   hosts=$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE" || true)
+  [ "$hosts" -ge 1 ] || fail "HOSTFILE=$HOSTFILE names no node: one line per node, 'HOST slots=N'"
   python -m mtp_dist.train --check --world-size $((NPROC * hosts)) --config "$CONFIG" engine=deepspeed "$@" >/dev/null
   exec deepspeed --hostfile "$HOSTFILE" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" \
     --no_local_rank --module mtp_dist.train --config "$CONFIG" engine=deepspeed "$@"

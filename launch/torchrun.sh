@@ -14,12 +14,16 @@ fail() { echo "error: $*" >&2; exit 2; }
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per rank on CPU: ranks share cores
-for v in NPROC_PER_NODE NNODES NODE_RANK MASTER_PORT; do
-    [[ ${!v} =~ ^[0-9]+$ ]] || fail "$v=${!v} is not a number: set it to a positive integer"
+for v in NPROC_PER_NODE NNODES MASTER_PORT; do
+    [[ ${!v} =~ ^[1-9][0-9]{0,5}$ ]] || fail "$v=${!v} is not a positive integer: set it to one"
 done
+[[ $NODE_RANK =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] || fail "NODE_RANK=$NODE_RANK must be 0..$((NNODES - 1)) (NNODES=$NNODES)"
+[ "$MASTER_PORT" -le 65535 ] || fail "MASTER_PORT=$MASTER_PORT is not a port: give 1..65535"
+# Several nodes meet at MASTER_ADDR: a default of this host would leave the others waiting.
+[ "$NNODES" = 1 ] || [ -n "${MASTER_ADDR:-}" ] || fail "NNODES=$NNODES needs MASTER_ADDR (the first node's address), the same on every node"
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 
 CONFIG=$1; shift
 python -m mtp_dist.train --check --world-size $((NPROC_PER_NODE * NNODES)) --config "$CONFIG" "$@" >/dev/null

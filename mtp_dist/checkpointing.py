@@ -33,9 +33,34 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names it and the fix."""
 
 
-LOAD_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (
+        RuntimeError,
+        KeyError,
+        ValueError,
+        EOFError,
+        pickle.UnpicklingError,
+        CheckpointException,  # a BaseException: `except Exception` misses it
+        CheckpointingException,
+    )
+
+
+LOAD_ERRORS = _load_errors()
 """What torch.load, dist_checkpointing and DeepSpeed raise for missing, truncated or foreign
 checkpoint files: the caller turns them into a CheckpointError naming the checkpoint."""
+
+
+def load_error(e: BaseException) -> str:
+    """One line saying what a LOAD_ERRORS exception found (torch's CheckpointException holds
+    each rank's exception with its traceback: the first rank's exception, without it)."""
+    from mtp_dist.errors import underlying
+
+    cause = underlying(e)
+    text = " ".join(str(cause).split())[:500]
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _barrier() -> None:
@@ -156,6 +181,31 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def raise_if_disk_full(e: BaseException, directory: Path, need: int) -> None:
+    """A CheckpointError if a save failed because the disk is full. torch's writers report a
+    full disk as a RuntimeError of their zip writer ("unexpected pos"), not as an OSError, so
+    the free space is measured instead, while the partial checkpoint still takes its room."""
+    from mtp_dist.errors import underlying
+
+    cause = underlying(e)
+    if isinstance(cause, (OSError, UserError, KeyboardInterrupt)):
+        return  # these say what happened themselves
+    code = re.search(r"\[Errno (\d+)\]", str(cause))
+    if code:  # an OSError that a writer thread turned into text
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(directory)) from e
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < max(need, 64 << 20):
+        raise CheckpointError(
+            f"saving the checkpoint {directory} failed ({load_error(e)}) with {free >> 20} MiB "
+            f"free on its disk, about {need >> 20} MiB being needed: the disk is full; free "
+            "disk space or set checkpoint.dir to another disk, then resume (train.resume=auto)"
+        ) from e
+
+
 def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
@@ -244,7 +294,9 @@ def load_rng(directory: Path, rank: int) -> bool:
     return True
 
 
-def export_consolidated(model, path: Path, config: dict, step: int) -> Path | None:
+def export_consolidated(
+    model, path: Path, config: dict, step: int, tokenizer_hash: str | None = None
+) -> Path | None:
     """One file of full tensors (global names), written by rank 0 to a temporary name and
     renamed. Collective over the model-parallel ranks."""
     from megatron.core import parallel_state
@@ -255,15 +307,54 @@ def export_consolidated(model, path: Path, config: dict, step: int) -> Path | No
     if state is None:
         _barrier()
         return None
-    payload = {"format": CONSOLIDATED_FORMAT, "step": step, "config": config, "state": state}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_consolidated(path, state, config, step, tokenizer_hash)
     _barrier()
     return path
 
 
+def write_consolidated(
+    path: Path, state: dict, config: dict, step: int, tokenizer_hash: str | None
+) -> Path:
+    """The export file: full tensors, the config, the step and the identity of the tokenizer
+    training used (so that every reader checks the tokenizer it is given against it)."""
+    payload = {
+        "format": CONSOLIDATED_FORMAT,
+        "step": step,
+        "config": config,
+        "tokenizer_hash": tokenizer_hash,
+        "state": state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
 def load_consolidated(path: str | Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != CONSOLIDATED_FORMAT:
-        raise CheckpointError(f"{path} is not an mtp-dist consolidated export")
+    """An export's payload, checked (format, step, config, state of tensors). Read with
+    weights_only (a file that pickles anything else is refused, never run) and memory-mapped."""
+    fix = "give a file written by `python -m mtp_dist.export`, a checkpoint or a Llama directory"
+    try:
+        payload = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # a foreign file raises whatever its unpickler or reader does
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(
+            f"{path} cannot be read as an mtp-dist export ({type(e).__name__}: {reason}): {fix}"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != CONSOLIDATED_FORMAT:
+        raise CheckpointError(f"{path} is not an mtp-dist export ({CONSOLIDATED_FORMAT}): {fix}")
+    state = payload.get("state")
+    step = payload.get("step")
+    if (
+        not isinstance(step, int)
+        or isinstance(step, bool)
+        or not isinstance(payload.get("config"), dict)
+        or not isinstance(state, dict)
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise CheckpointError(
+            f"{path} is a damaged mtp-dist export (its step, config or tensors are missing or of "
+            "the wrong type): export it again"
+        )
     return payload

@@ -69,32 +69,66 @@ def _first_slurm_host(nodelist: str) -> str:
         return m.group(1) + (m.group(2) or "") if m else nodelist
 
 
+def _int_var(env, name: str, low: int, high: int | None = None) -> int:
+    from mtp_dist.errors import UserError
+
+    value = env[name]
+    ok = value.strip().isdigit() and int(value) >= low and (high is None or int(value) < high)
+    if not ok:
+        bound = f">= {low}" + (f" and < {high}" if high is not None else "")
+        raise UserError(
+            f"{name}={value!r} in the environment must be an integer {bound}: a launcher "
+            "(torchrun, deepspeed, srun) sets it; unset it to run one process"
+        )
+    return int(value)
+
+
 def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     """Rank, world size and rendezvous address from torchrun/deepspeed (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT) or SLURM (SLURM_PROCID, SLURM_NTASKS, ...); a plain process
-    is rank 0 of 1."""
+    is rank 0 of 1. Variables left over from another job (a WORLD_SIZE of several without a
+    launcher's RANK and MASTER_ADDR) are refused: this process would wait for peers that never
+    come."""
+    from mtp_dist.errors import UserError
+
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        world_size = int(env["WORLD_SIZE"])
+        world_size = _int_var(env, "WORLD_SIZE", 1)
+        rank = _int_var(env, "RANK", 0, world_size)
+        if world_size > 1 and "MASTER_ADDR" not in env:
+            raise UserError(
+                f"RANK={rank} and WORLD_SIZE={world_size} are set but MASTER_ADDR is not: a "
+                "launcher sets all three, so these are stale; start the ranks with torchrun (or "
+                "launch/), or unset RANK and WORLD_SIZE to run one process"
+            )
         # One process without a given port needs no well-known one: concurrent runs must not
         # collide on 29500.
         default_port = "29500" if world_size > 1 else str(free_port())
         return LaunchEnv(
-            rank=int(env["RANK"]),
+            rank=rank,
             world_size=world_size,
-            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_rank=_int_var(env, "LOCAL_RANK", 0) if "LOCAL_RANK" in env else 0,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=env.get("MASTER_PORT") or default_port,
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = int(env.get("SLURM_JOB_ID", "0"))
+        ntasks = _int_var(env, "SLURM_NTASKS", 1)
         return LaunchEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            rank=_int_var(env, "SLURM_PROCID", 0, ntasks),
+            world_size=ntasks,
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR")
             or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=env.get("MASTER_PORT", str(20000 + job % 10000)),
+        )
+    stale = [k for k in ("WORLD_SIZE", "RANK") if k in env and env[k].strip() not in ("0", "1")]
+    if stale:
+        raise UserError(
+            f"{stale[0]}={env[stale[0]]} is set without "
+            f"{'RANK' if stale[0] == 'WORLD_SIZE' else 'WORLD_SIZE'}: it is left over from "
+            "another job (a launcher sets both); start the ranks with torchrun (or launch/), or "
+            f"unset {stale[0]} to run one process"
         )
     # A lone process: any free port, so that concurrent single-process runs do not collide.
     return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port()))

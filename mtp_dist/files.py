@@ -7,6 +7,7 @@ either the old file or the new one. A failed write removes its temporary file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -29,16 +30,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to (any writer: open, torch.save,
     np.save ...); on success it is synced and renamed over `path`, on error removed."""
     path = Path(path)
+    if not path.parent.is_dir():
+        # Said here, by path: some writers (torch.save) report it as a RuntimeError.
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path.parent))
     tmp = tmp_name(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # Some writers (safetensors) create private files: give the mode the umask says, as a
+        # plain open would, so that a shared cluster's group can read what is exported.
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def umask() -> int:
+    """This process's umask (read from /proc, without the set-and-restore race of os.umask)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_not_an_input(outputs, inputs, what: str) -> None:
+    """Refuse output paths that are among the command's inputs: no command writes over a file
+    it reads (a symlink to one, or a hard link where the output exists, counts as the same)."""
+    outputs = [outputs] if isinstance(outputs, (str, os.PathLike)) else list(outputs)
+    given = {os.path.realpath(p): p for p in inputs}
+    for out in outputs:
+        same = given.get(os.path.realpath(out))
+        if same is None and os.path.exists(out) and len(given) < 64:
+            same = next((p for p in given.values() if _same_file(out, p)), None)
+        if same is not None:
+            raise UserError(
+                f"{out} is what {what} reads ({same}): writing it would destroy its input; "
+                "choose another output path"
+            )
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def read_utf8(path: str | os.PathLike, what: str = "a file") -> str:
+    """A text file's content; UserError naming it if it is not UTF-8 (its bytes' position)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} ({what}) is not UTF-8 text (byte {e.start}): give a UTF-8 file"
+        ) from e
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from mtp_dist.errors import UserError, run_cli
+from mtp_dist.files import read_utf8
 
 
 def read_prompts(texts: list[str], files: list[Path]) -> list[str]:
     """--prompt texts, then each --prompt-file: a `.jsonl` file holds one prompt per line (a JSON
-    string, or an object with a "prompt" or "text" field); any other file is one prompt."""
-    prompts = list(texts)
+    string, or an object with a "prompt" or "text" field); any other file is one prompt. All
+    must be UTF-8 text."""
+    prompts = [_utf8(text, f"--prompt {i}") for i, text in enumerate(texts, 1)]
     for path in files:
-        data = path.read_text(encoding="utf-8")
+        data = read_utf8(path, "a prompt file")
         if path.suffix != ".jsonl":
             prompts.append(data)
             continue
@@ -40,10 +41,22 @@ def read_prompts(texts: list[str], files: list[Path]) -> list[str]:
                 raise UserError(
                     f'{path}:{number}: a line must be a JSON string or hold a "prompt" string'
                 )
-            prompts.append(item)
+            prompts.append(_utf8(item, f"{path}:{number}"))
     if not prompts:
         raise UserError("no prompt given: use --prompt TEXT or --prompt-file FILE")
     return prompts
+
+
+def _utf8(text: str, where: str) -> str:
+    """A prompt that is Unicode text: Python keeps an argument's invalid UTF-8 bytes as lone
+    surrogates (and JSON's \\ud800 escapes make them too), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"{where} is not valid UTF-8 text (at character {e.start}): give the prompt as UTF-8"
+        ) from e
+    return text
 
 
 def check_speculative(k: int | None, n: int, where: Path) -> int:
@@ -63,17 +76,20 @@ def check_speculative(k: int | None, n: int, where: Path) -> int:
     return k
 
 
-def encode_prompts(tokenizer, prompts: list[str], seq_length: int) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list[str], source) -> list[list[int]]:
     """Token ids of each prompt, after an end-of-document token: a prompt starts a document as
-    one does in training, where every document follows the previous one's end token."""
+    one does in training, where every document follows the previous one's end token. Each
+    leaves room in the model's context for at least one new token."""
+    from mtp_dist.sources import check_context
+
     encoded = [[tokenizer.eod_id, *map(int, ids)] for ids in tokenizer.encode_batch(prompts)]
     for i, ids in enumerate(encoded, 1):
-        if len(ids) >= seq_length:
-            raise UserError(
-                f"prompt {i} is {len(ids)} tokens long (with the start-of-document token), but "
-                f"the model's context is model.seq_length={seq_length} tokens: shorten it to at "
-                f"most {seq_length - 2} tokens so that at least one can be generated"
-            )
+        check_context(
+            source,
+            len(ids) + 1,
+            f"prompt {i} with the start-of-document token and one new token",
+            f"shorten it to at most {source.context - 2} tokens",
+        )
     return encoded
 
 
@@ -132,35 +148,37 @@ def main(argv=None) -> int:
         action="store_true",
         help="also show upstream packages' warnings (or set MTP_DIST_VERBOSE=1)",
     )
-    args = p.parse_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(p.parse_args(argv)))
 
 
 def _main(args) -> int:
     from mtp_dist.compat import quiet_upstream_warnings
 
     quiet_upstream_warnings(args.verbose)  # before megatron-core is imported: it warns then
-    from mtp_dist.inference import load
+    from mtp_dist import distributed, sources
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: give at least 1")
+    # The launcher's world (torchrun's ranks), checked: not a stale WORLD_SIZE alone.
+    tensor = distributed.read_launch_env().world_size
     texts = read_prompts(args.prompt, args.prompt_file)
-    source = load.read_source(args.source)
-    tensor = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = load.model_config(source, tensor)
+    source = sources.open_source(args.source)
+    cfg = source.config_at(tensor)
     k = check_speculative(args.speculative, cfg.model.n_future_tokens, source.path)
-    tokenizer = load.load_tokenizer(source, cfg, args.tokenizer)
-    prompts = encode_prompts(tokenizer, texts, cfg.model.seq_length)
+    tokenizer = sources.load_tokenizer(source, args.tokenizer)
+    prompts = encode_prompts(tokenizer, texts, source)
 
-    from mtp_dist import distributed
     from mtp_dist.inference.decode import Decoder
+    from mtp_dist.model.model import build_model
 
     dims = distributed.init(tensor, 1, seed=cfg.train.seed)
     try:
-        model = load.load_model(source, cfg, dims)
-        decoder = Decoder(model, cfg.model.vocab_size)
+        model = build_model(cfg.model, tensor=dims.tp, device=dims.device)
+        source.load_into(model)
+        decoder = Decoder(model.eval(), cfg.model.vocab_size)
         eos = None if args.no_eos else tokenizer.eod_id
         results = []
         for first in range(0, len(prompts), args.batch):

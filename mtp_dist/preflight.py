@@ -22,8 +22,8 @@ from mtp_dist import init_from
 from mtp_dist.config import Config, ConfigError
 from mtp_dist.engines.optim import decay_steps
 from mtp_dist.files import DirectoryLock
-from mtp_dist.init_from import Source
 from mtp_dist.run_plan import RunPlan, resolve
+from mtp_dist.sources import ModelSource
 
 SYNTHETIC = "synthetic"
 
@@ -52,7 +52,7 @@ class Preflight:
     tokenizer_hash: str | None
     data_fingerprint: str
     locks: list[DirectoryLock]
-    init_from: Source | None = None
+    init_from: ModelSource | None = None
     """The weights a new run starts from (model.init_from; None when the run resumes)."""
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mtp_dist import config as config_mod
-from mtp_dist.errors import run_cli
+from mtp_dist.errors import StdoutLogHandler, run_cli
 
 
 def parse_args(argv=None):
@@ -32,17 +32,26 @@ def parse_args(argv=None):
         "what the launch scripts do once before they start the ranks",
     )
     p.add_argument("--world-size", type=int, default=1, help="with --check: processes in all")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="only load and validate the config and overrides, and exit (no world, data or "
+        "checkpoint checks): what slurm/pipeline.sh does before it submits the jobs that make "
+        "the data",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(parse_args(argv)))
 
 
 def _main(args) -> int:
     # The config first, before the seconds of importing torch and megatron-core.
     cfg = config_mod.load(args.config, args.overrides)
+    if args.check_config:
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mtp_dist.compat import ignore_known_warnings
 
@@ -64,7 +73,7 @@ def _log_to_stdout(is_main: bool) -> None:
     logger = logging.getLogger("mtp_dist")
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = StdoutLogHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.propagate = False

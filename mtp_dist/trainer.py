@@ -22,7 +22,7 @@ from mtp_dist import checkpointing as ckpt
 from mtp_dist.config import Config
 from mtp_dist.distributed import ParallelDims, collective_device
 from mtp_dist.metrics import Metrics, memory_gib
-from mtp_dist.model.costs import pipeline_split
+from mtp_dist.model.costs import parameter_breakdown, pipeline_split
 from mtp_dist.model.model import flops_per_token
 from mtp_dist.run_plan import RunPlan
 
@@ -131,11 +131,20 @@ class Trainer:
             self.engine.save(str(tmp / "engine"))
             ckpt.save_rng(tmp, self.dims.rank)
             final = self.manager.commit(tmp, self.step, meta, self.dims.is_main)
-        except BaseException:
-            self.manager.abort(tmp, self.dims.is_main)  # e.g. a full disk: nothing half-written
+        except BaseException as e:
+            try:
+                ckpt.raise_if_disk_full(e, tmp, self._checkpoint_bytes())
+            finally:
+                self.manager.abort(tmp, self.dims.is_main)  # e.g. a full disk: nothing half-written
             raise
         log.info(f"saved checkpoint {final}")
         return final
+
+    def _checkpoint_bytes(self) -> int:
+        """Roughly what this rank's share of a checkpoint takes: fp32 weights, main weights and
+        Adam's two moments (16 bytes a parameter), split over the ranks."""
+        params = parameter_breakdown(self.cfg.model)["total"]
+        return 16 * params // self.dims.world_size
 
     def resume(self, path: Path, meta: dict) -> None:
         """Continue from a checkpoint that preflight found compatible (its meta given)."""
@@ -146,7 +155,10 @@ class Trainer:
         try:
             self.engine.load(str(path / "engine"))
         except (*ckpt.LOAD_ERRORS, OSError) as e:
-            raise ckpt.CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} cannot be loaded ({ckpt.load_error(e)}): it is damaged or "
+                "incomplete; resume from another step (train.resume=PATH)"
+            ) from e
         self.load_state_dict(meta)
         self.resumed = True
         # Per-rank RNG streams only mean the same thing at the same layout.

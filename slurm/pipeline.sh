@@ -26,19 +26,34 @@ done
 compgen -G "$CORPUS" >/dev/null || fail "CORPUS_GLOB '$CORPUS' matches no file: quote the glob, e.g. '/data/*.jsonl'"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+train_args=("$CONFIG" "data.paths=[$OUT/shards]" "data.tokenizer=$OUT/tokenizer.model"
+            "model.vocab_size=$VOCAB_SIZE" "run.dir=$OUT/run" "$@")
+# The training config and overrides, checked before any job is submitted: a typo is found now,
+# not when the third job starts after the first two have run.
+python -m mtp_dist.train --check-config --config "${train_args[@]}" || exit $?
 read -r -a common <<<"${SBATCH_ARGS:-}"
 read -r -a train_extra <<<"${TRAIN_SBATCH_ARGS:-}"
 
-tok=$(sbatch --parsable "${common[@]}" "$HERE/tokenizer.sbatch" "$CORPUS" \
-      --output "$OUT/tokenizer" --vocab-size "$VOCAB_SIZE")
-tok=${tok%%;*}
-shards=$(sbatch --parsable "${common[@]}" --kill-on-invalid-dep=yes --dependency=afterok:"$tok" --array=0-$((TASKS - 1)) \
-         "$HERE/data_prep.sbatch" "$CORPUS" --output-dir "$OUT/shards" --tokenizer "$OUT/tokenizer.model")
-shards=${shards%%;*}
-train=$(sbatch --parsable "${common[@]}" "${train_extra[@]}" --kill-on-invalid-dep=yes --dependency=afterok:"$shards" \
-        --nodes="$NODES" "$HERE/train.sbatch" "$CONFIG" "data.paths=[$OUT/shards]" \
-        "data.tokenizer=$OUT/tokenizer.model" "model.vocab_size=$VOCAB_SIZE" "run.dir=$OUT/run" "$@")
-train=${train%%;*}
+submitted=()
+submit() {  # submit VAR SBATCH_ARGS...: the job id into VAR; a failure cancels the jobs before
+    local id
+    if ! id=$(sbatch --parsable "${@:2}"); then
+        if [ ${#submitted[@]} -gt 0 ]; then
+            scancel "${submitted[@]}" || true
+            fail "sbatch failed (its message is above): cancelled the jobs already submitted (${submitted[*]}); fix it and rerun"
+        fi
+        fail "sbatch failed (its message is above): nothing was submitted"
+    fi
+    id=${id%%;*}
+    submitted+=("$id")
+    printf -v "$1" %s "$id"
+}
+submit tok "${common[@]}" "$HERE/tokenizer.sbatch" "$CORPUS" \
+    --output "$OUT/tokenizer" --vocab-size "$VOCAB_SIZE"
+submit shards "${common[@]}" --kill-on-invalid-dep=yes --dependency=afterok:"$tok" --array=0-$((TASKS - 1)) \
+    "$HERE/data_prep.sbatch" "$CORPUS" --output-dir "$OUT/shards" --tokenizer "$OUT/tokenizer.model"
+submit train "${common[@]}" "${train_extra[@]}" --kill-on-invalid-dep=yes --dependency=afterok:"$shards" \
+    --nodes="$NODES" "$HERE/train.sbatch" "${train_args[@]}"
 
 cat <<MSG
 tokenizer job $tok -> tokenize array $shards (tasks 0-$((TASKS - 1))) -> training job $train

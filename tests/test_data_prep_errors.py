@@ -156,6 +156,12 @@ def test_bad_option_values_are_one_line(tmp_path, capsys):
     assert_one_error(proc, "--workers", "below 1")
     proc = cli(capsys, "tokenize", "x.jsonl")
     assert_one_error(proc, "--output-dir")
+    for size in ("0", "-1", "inf"):
+        proc = cli(capsys, "stdlib-corpus", tmp_path / "c", "--max-mb", size)
+        assert_one_error(proc, "--max-mb", "must be a finite number > 0")
+    proc = cli(capsys, "stdlib-corpus", tmp_path / "c", "--max-mb", "0.000001")
+    assert_one_error(proc, "--max-mb 1e-06 holds no source file")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
@@ -175,3 +181,48 @@ def test_tokenizer_not_found(tmp_path, capsys):
     proc = cli(capsys, *tokenize_args([tmp_path / "a.jsonl"], tmp_path / "out",
                                   str(tmp_path / "nope.model")))  # fmt: skip
     assert_one_error(proc, "nope.model", "train-tokenizer")
+
+
+@pytest.mark.parametrize(
+    "manifest, needle",
+    [
+        ({"format": "mtp-dist-shards-v1", "complete": True}, "it has no list of shards"),
+        ([1, 2], "it has no list of shards"),
+        ({"shards": [], "complete": "yes"}, "does not say whether"),
+        ({"shards": [{"status": "complete"}], "complete": True}, "without a shard name"),
+        (
+            {"shards": [{"shard": "s", "status": "complete", "tokens": "many"}], "complete": True},
+            "bin_bytes=None is not a count",
+        ),
+    ],
+)
+def test_a_damaged_manifest_is_one_line(tmp_path, capsys, manifest, needle):
+    """File contents are not trusted: a manifest of the wrong shape is refused by name, by
+    verify and by training's reader alike (both read it through load_manifest)."""
+    import json
+
+    from data_prep.manifest import ManifestError
+    from mtp_dist.data import data_identity
+
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_error(cli(capsys, "verify", tmp_path), "manifest.json is damaged", needle)
+    with pytest.raises(ManifestError, match="is damaged"):
+        data_identity([str(tmp_path)], 259)
+
+
+def test_no_output_over_an_input(tmp_path, capsys):
+    """A shard, sidecar or manifest name, or a tokenizer's .model/.vocab, that is one of the
+    inputs: refused before anything is written, the input as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    write_jsonl(out / "shard-00000.json", stdlib_docs(2))  # a JSON-lines input named as a sidecar
+    before = (out / "shard-00000.json").read_bytes()
+    proc = cli(capsys, *tokenize_args([out / "shard-00000.json"], out, "byte", "--format", "jsonl"))
+    assert_one_error(proc, "shard-00000.json is what tokenize reads", "destroy its input")
+    write_jsonl(tmp_path / "tok.vocab", stdlib_docs(20))
+    proc = cli(capsys, "train-tokenizer", tmp_path / "*.vocab", "--output", tmp_path / "tok",
+               "--vocab-size", "300", "--format", "jsonl")  # fmt: skip
+    assert_one_error(proc, "tok.vocab is what train-tokenizer reads")
+    assert (out / "shard-00000.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.json"]
+    assert not (tmp_path / "tok.model").exists()

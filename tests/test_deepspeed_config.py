@@ -48,7 +48,7 @@ def _json(tmp_path: Path, body: dict) -> str:
     ],
 )
 def test_contradicting_json_is_an_error(tmp_path, body, message):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
+    from mtp_dist.engines.deepspeed.ds_config import build_ds_config
 
     cfg = _cfg(f"deepspeed.config={_json(tmp_path, body)}")
     with pytest.raises(ValueError, match="deepspeed.config") as e:
@@ -58,7 +58,7 @@ def test_contradicting_json_is_an_error(tmp_path, body, message):
 
 
 def test_json_completed_from_train_config(tmp_path):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
+    from mtp_dist.engines.deepspeed.ds_config import build_ds_config
 
     path = _json(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5})
     cfg = _cfg(f"deepspeed.config={path}")
@@ -70,7 +70,7 @@ def test_json_completed_from_train_config(tmp_path):
 
 
 def test_gpu_config_uses_bf16_and_deepspeed_adamw():
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
+    from mtp_dist.engines.deepspeed.ds_config import build_ds_config
 
     ds = build_ds_config(_cfg(), _plan(_cfg(), 1, on_gpu=True), on_gpu=True)
     assert ds["bf16"]["enabled"] and ds["optimizer"]["type"] == "AdamW"
@@ -78,7 +78,7 @@ def test_gpu_config_uses_bf16_and_deepspeed_adamw():
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_ready_made_configs(stage):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
+    from mtp_dist.engines.deepspeed.ds_config import build_ds_config
 
     path = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
     cfg = _cfg(f"deepspeed.zero_stage={stage}", f"deepspeed.config={path}")
@@ -164,7 +164,7 @@ def test_bf16_optimizer_refusal_is_needed(megatron_1proc, tmp_path):
 
 
 def test_deepspeed_bf16_must_agree_with_train_dtype(tmp_path):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
+    from mtp_dist.engines.deepspeed.ds_config import build_ds_config
 
     cfg = _cfg(
         "train.dtype=fp32", f"deepspeed.config={_json(tmp_path, {'bf16': {'enabled': True}})}"

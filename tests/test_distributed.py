@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
 from mtp_dist.distributed import read_launch_env
+from mtp_dist.errors import UserError
+from tests.support import ROOT
 
 
 def test_torchrun_and_deepspeed_launcher_env():
@@ -31,7 +40,8 @@ def test_slurm_nodelist_forms():
 
 
 def test_torchrun_env_wins_over_slurm():
-    env = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "7", "SLURM_NTASKS": "9"}
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "SLURM_PROCID": "7",
+           "SLURM_NTASKS": "9"}  # fmt: skip
     assert read_launch_env(env).world_size == 2
 
 
@@ -46,5 +56,35 @@ def test_one_process_with_rank_env_but_no_port_gets_a_free_one():
     must not both take 29500."""
     a = read_launch_env({"RANK": "0", "WORLD_SIZE": "1"})
     assert a.world_size == 1 and a.master_port != "29500"
-    many = read_launch_env({"RANK": "1", "WORLD_SIZE": "2"})
+    many = read_launch_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "n1"})
     assert many.master_port == "29500"  # ranks of one job must agree: the launcher's default
+
+
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"WORLD_SIZE": "4"}, "WORLD_SIZE=4 is set without RANK"),
+        ({"RANK": "3"}, "RANK=3 is set without WORLD_SIZE"),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR is not"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "n"}, "RANK='2' in the environment"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE='0'"),
+        ({"RANK": "0", "WORLD_SIZE": "x"}, "WORLD_SIZE='x'"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS='0'"),
+    ],
+)
+def test_stale_or_impossible_launcher_variables_are_refused(env, fragment):
+    """A process would otherwise wait for peers that never come, or fail in torch."""
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        read_launch_env(env)
+
+
+def test_generate_with_a_stale_world_size_says_so(tmp_path):
+    """Before: generate took WORLD_SIZE alone as its tensor-parallel size, and crashed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtp_dist.generate", str(tmp_path), "--prompt", "a"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "WORLD_SIZE": "4"},
+    )  # fmt: skip
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "WORLD_SIZE=4 is set without RANK" in errors[0]

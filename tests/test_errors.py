@@ -143,11 +143,74 @@ def test_report_of_an_empty_or_missing_run(tmp_path):
     assert_user_error(run("mtp_dist.report", str(tmp_path)), "holds no steps")
 
 
+def test_report_over_runs_of_another_number_of_heads(tmp_path):
+    """A directory reused by a run with other heads: the last run's records are plotted, the
+    others named in a note (this crashed with a traceback)."""
+    old = [json.dumps({"step": s, "loss": 2.0, "head_losses": [1.0] * 4}) for s in (1, 2, 3)]
+    _metrics(tmp_path, [*old, _record(1), _record(2)])
+    proc = run("mtp_dist.report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 steps" in proc.stdout and "3 records of another number of heads" in proc.stderr
+    assert (tmp_path / "losses.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "record, fragment",
+    [
+        ({"step": 1, "head_losses": ["x", 1.0]}, "head_losses holds 'x'"),
+        ({"step": "1", "head_losses": [1.0]}, "step='1'"),
+        ({"step": 1, "head_losses": 2.0}, "head_losses must be a list"),
+        ({"step": 1, "head_losses": [1.0], "eval_head_accuracy": [0.5, 0.5]}, "one per head"),
+    ],
+)
+def test_report_refuses_records_of_the_wrong_types(tmp_path, record, fragment):
+    _metrics(tmp_path, [json.dumps(record), _record(2)])
+    assert_user_error(run("mtp_dist.report", str(tmp_path)), "line 1", fragment)
+
+
+def test_report_never_writes_over_its_input(tmp_path):
+    _metrics(tmp_path, [_record(1)])
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    out = tmp_path / "metrics.jsonl"
+    assert_user_error(run("mtp_dist.report", str(tmp_path), "--out", str(out)), "its input")
+    (tmp_path / "link.png").symlink_to(out)
+    proc = run("mtp_dist.report", str(tmp_path), "--out", str(tmp_path / "link.png"))
+    assert_user_error(proc, "its input")
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
 def test_report_into_a_missing_directory(tmp_path):
     _metrics(tmp_path, [_record(1)])
     proc = run("mtp_dist.report", str(tmp_path), "--out", str(tmp_path / "no" / "x.png"))
     assert_user_error(proc, "No such file or directory", "check the path")
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["mtp_dist.plan", "configs/paper/1.3b-n4.yaml", "--gpus", "8"],
+        ["mtp_dist.train", "--check", *TINY, "run.dir=RUN"],
+        ["mtp_dist.report", "RUN"],
+        ["data_prep", "--help"],
+    ],
+)
+def test_a_closed_stdout_ends_quietly(tmp_path, args):
+    """`cmd | head` whose reader has gone: no traceback, no error line, the status of a Unix
+    tool ended by SIGPIPE (141), or 0 where nothing was left to write."""
+    import os
+
+    _metrics(tmp_path, [_record(1)])
+    args = [str(tmp_path) if a == "RUN" else a.replace("=RUN", f"={tmp_path}") for a in args]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert proc.returncode in (0, 141) and proc.stderr == "", proc.stderr[-3000:]
+    assert proc.returncode == 141 or args[0] == "data_prep"  # argparse's help drops it itself
 
 
 def test_an_unexpected_exception_is_called_a_bug(capsys):
@@ -186,6 +249,25 @@ def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     [
         ("torchrun.sh", [], {}, ["usage: launch/torchrun.sh CONFIG"]),
         ("torchrun.sh", ["configs/tiny.yaml"], {"NPROC_PER_NODE": "x"}, ["NPROC_PER_NODE=x"]),
+        ("torchrun.sh", ["configs/tiny.yaml"], {"NPROC_PER_NODE": "0"}, ["NPROC_PER_NODE=0"]),
+        (
+            "torchrun.sh",
+            ["configs/tiny.yaml"],
+            {"NPROC_PER_NODE": "1", "NNODES": "2", "MASTER_ADDR": ""},
+            ["NNODES=2 needs MASTER_ADDR"],
+        ),
+        (
+            "torchrun.sh",
+            ["configs/tiny.yaml"],
+            {"NPROC_PER_NODE": "1", "NNODES": "2", "MASTER_ADDR": "h", "NODE_RANK": "2"},
+            ["NODE_RANK=2 must be 0..1"],
+        ),
+        (
+            "torchrun.sh",
+            ["configs/tiny.yaml"],
+            {"NPROC_PER_NODE": "1", "MASTER_PORT": "70000"},
+            ["MASTER_PORT=70000 is not a port"],
+        ),
         ("torchrun.sh", ["configs/nope.yaml"], {}, ["configs/nope.yaml does not exist"]),
         (
             "torchrun.sh",
@@ -210,8 +292,55 @@ def test_launch_scripts_check_before_starting_ranks(script, args, env, fragments
     assert "ChildFailedError" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "script, args, fragments",
+    [
+        ("pipeline.sh", ["CORPUS", "OUT", "configs/tiny.yaml", "train.stepz=3"], ["train.stepz"]),
+        ("tokenizer.sbatch", ["x.jsonl", "--output", "t"], ["submit this with sbatch"]),
+        ("train.sbatch", ["configs/tiny.yaml"], ["submit this with sbatch"]),
+        ("data_prep.sbatch", ["x.jsonl"], ["submit this as an array: sbatch --array"]),
+    ],
+)
+def test_slurm_scripts_check_before_submitting(tmp_path, script, args, fragments):
+    """Run with plain bash, each template says to submit it with sbatch; the pipeline checks
+    the training config and overrides before it submits anything (sbatch is never reached:
+    where it is not installed, reaching it would be "command not found" instead)."""
+    import os
+
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n')
+    names = {"CORPUS": str(tmp_path / "*.jsonl"), "OUT": str(tmp_path / "out")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        ["bash", f"slurm/{script}", *(names.get(a, a) for a in args)], cwd=ROOT,
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert_user_error(proc, *fragments)
+    assert "command not found" not in proc.stderr and not list(tmp_path.glob("out/*"))
+
+
 def test_train_check_reports_the_layout(tmp_path):
     proc = run("mtp_dist.train", "--check", "--world-size", "4", *TINY, "parallel.tensor=2",
                f"run.dir={tmp_path}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok: 4 processes as TP2 x PP1 x DP2")
+
+
+def test_the_demo_keeps_the_contract_and_redoes_an_empty_stage(tmp_path):
+    """A typo in the training overrides is found before any stage runs; a corpus marker over
+    no corpus (an older demo's) is redone, not trusted; a failing stage is one error line."""
+    work = tmp_path / "demo"
+    proc = run("mtp_dist.demo", "--workdir", str(work), "train.stepz=3")
+    assert_user_error(proc, "unknown key train.stepz")
+    assert not work.exists()
+    proc = run("mtp_dist.demo", "--workdir", str(work), "--corpus-mb", "0")
+    assert proc.returncode == 2 and "argument --corpus-mb: 0 must be a finite number" in proc.stderr
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / ".done").write_text("ok")
+    proc = run("mtp_dist.demo", "--workdir", str(work), "--corpus-mb", "0.2", "--vocab-size", "10")
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # The stage's own line (the reason), then the demo's (which stage, and that a rerun resumes).
+    assert len(errors) == 2 and "raise --vocab-size" in errors[0], errors
+    assert errors[1].startswith("error: the demo's tokenizer stage failed (exit status 2")
+    assert sum(p.stat().st_size for p in (work / "corpus").glob("*.jsonl")) > 100_000
+    assert not (work / "tokenizer" / "tokenizer.model").exists()

@@ -309,17 +309,36 @@ def test_the_speculative_benchmark_measures_what_it_reports(trained):
 
 @pytest.fixture(scope="module")
 def exports(trained, tmp_path_factory):
-    """The trained model, and an n=1 model, as `python -m mtp_dist.export` files that record the
-    byte tokenizer."""
+    """The trained model as a `python -m mtp_dist.export` file and a Hugging Face directory
+    (export --format hf, byte tokenizer: no tokenizer file, its identity in mtp_dist.json),
+    both recording the byte tokenizer; and an n=1 model's export."""
+    from data_prep.tokenizers import ByteTokenizer
+    from mtp_dist.model import hf_dir
+    from mtp_dist.model.weights import full_state
+
     cfg, model, _ = trained
     root = tmp_path_factory.mktemp("exports")
     data = DataConfig(synthetic=True, tokenizer="byte")
-    n4 = export_consolidated(model, root / "n4.pt", Config(model=cfg, data=data).to_dict(), 8)
+    byte = ByteTokenizer().identity_hash
+    config = Config(model=cfg, data=data).to_dict()
+    n4 = export_consolidated(model, root / "n4.pt", config, 8, byte)
     cfg1 = tiny_config(n=1)
     one = build_model(cfg1)
     init_weights(one, seed=1)
-    n1 = export_consolidated(one, root / "n1.pt", Config(model=cfg1, data=data).to_dict(), 0)
-    return n4, n1
+    n1 = export_consolidated(one, root / "n1.pt", Config(model=cfg1, data=data).to_dict(), 0, byte)
+    llama = hf_dir.write_dir(root / "hf", full_state(model), cfg, None, config["model"], byte, 8)
+    return n4, n1, llama
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    """A sentencepiece tokenizer: not the one the exports were trained with."""
+    from data_prep.tokenizers import SentencePieceOptions, train_sentencepiece
+
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.isascii()]
+    out = tmp_path_factory.mktemp("tok") / "other"
+    train_sentencepiece(iter(lines), str(out), SentencePieceOptions(vocab_size=500, seed=0))
+    return f"{out}.model"
 
 
 def run_generate(*args: str) -> subprocess.CompletedProcess:
@@ -347,7 +366,7 @@ def test_cli_shows_upstream_warnings_only_when_asked(exports):
 
 
 def test_cli_speculative_json_matches_greedy(exports):
-    n4, _ = exports
+    n4, _, _ = exports
     prompts = ["!%)-,+", "/#('&$%!,+*)"]  # bytes 33..47: the training tokens
     args = [str(n4), "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "20"]
     greedy = generate(*args)
@@ -366,18 +385,17 @@ def test_cli_speculative_json_matches_greedy(exports):
     assert sum(s["stats"]["forwards"] for s in spec) < sum(g["stats"]["forwards"] for g in greedy)
 
 
-def test_cli_reads_a_hugging_face_export(trained, exports, tmp_path):
-    """A Llama directory (export --format hf, with the sidecar's heads) decodes as the model it
-    was exported from: greedy and speculative over all four heads."""
-    from mtp_dist.model import hf
-    from mtp_dist.model.weights import full_state
-
-    cfg, model, _ = trained
-    out = hf.write_dir(tmp_path / "hf", full_state(model), cfg, None, {"n": 0})
-    args = ["--prompt", "!%)-,+", "--prompt", "/#('&$", "--max-new-tokens", "16"]
-    ours = generate(str(exports[0]), *args)
-    theirs = generate(str(out), *args, "--tokenizer", "byte", "--speculative", "4")
+def test_cli_reads_a_hugging_face_export(exports):
+    """A Llama directory (export --format hf, with the sidecar's heads) decodes as the export it
+    came from: its tokenizer (the byte tokenizer, recorded in mtp_dist.json) and its context
+    (max_position_embeddings=64) are the model's, so a prompt near the context's end stops at
+    the same token; greedy and speculative over all four heads."""
+    n4, _, llama = exports
+    args = ["--prompt", "!%)-,+", "--prompt", "/#('&$" * 10, "--max-new-tokens", "16", "--no-eos"]
+    ours = generate(str(n4), *args)
+    theirs = generate(str(llama), *args, "--speculative", "4")
     assert [r["tokens"] for r in theirs] == [r["tokens"] for r in ours]
+    assert len(ours[1]["tokens"]) == 64 - 61 and ours[1]["finish_reason"] == "length"
     assert all(set(r["stats"]["acceptance"]) == {"2", "3", "4"} for r in theirs)
 
 
@@ -393,52 +411,61 @@ def test_cli_help():
         ("n1", ["--speculative", "3"], "model.n_future_tokens=1"),
         ("n4", ["--speculative", "5"], "K must be in 2..4"),
         ("n4", ["--speculative", "1"], "K must be in 2..4"),
-        ("n4", ["--prompt", "x" * 70], "model.seq_length=64"),
+        ("n4", ["--prompt", "x" * 70], "a context of 64 tokens"),
+        ("hf", ["--prompt", "x" * 70], "a context of 64 tokens"),
         ("n4", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+        ("n4", ["--tokenizer", "OTHER"], "was trained with tokenizer"),
+        ("hf", ["--tokenizer", "OTHER"], "was trained with tokenizer"),
+        ("n4", ["--prompt", "caf\udce9"], "--prompt 1 is not valid UTF-8"),
+        ("n4", ["--prompt-file", "LATIN1"], "is not UTF-8 text (byte 3)"),
+        ("n4", ["--prompt-file", "BAD.jsonl"], "BAD.jsonl:1 is not valid UTF-8"),
     ],
 )
-def test_cli_bad_input(exports, capsys, case, args, message):
-    """Refused before any process group or weight: one `error:` line, exit 2."""
-    source = exports[0] if case == "n4" else exports[1]
-    argv = [str(source), *(args if "--prompt" in args else ["--prompt", "ab", *args])]
+def test_cli_bad_input(exports, other_tokenizer, tmp_path, capsys, case, args, message):
+    """Refused before any process group or weight: one `error:` line, exit 2. Each form of a
+    model (export, Llama directory) carries its tokenizer's identity and its context."""
+    (tmp_path / "LATIN1").write_bytes(b"caf\xe9")
+    (tmp_path / "BAD.jsonl").write_text('"caf\\udce9"\n')
+    source = {"n4": exports[0], "n1": exports[1], "hf": exports[2]}[case]
+    names = {"OTHER": other_tokenizer, "LATIN1": str(tmp_path / "LATIN1")}
+    names["BAD.jsonl"] = str(tmp_path / "BAD.jsonl")
+    args = [names.get(a, a) for a in args]
+    prompts = "--prompt" in args or "--prompt-file" in args
+    argv = [str(source), *(args if prompts else ["--prompt", "ab", *args])]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_the_tokenizer_recorded_with_a_model(tmp_path):
-    """generate and export --format hf read the tokenizer by one rule: the recorded one or the
-    given one, refused (one line naming the fix) if missing, unreadable, not the one training
-    used, or of another size; export alone may go without (optional)."""
-    from mtp_dist.errors import UserError
-    from mtp_dist.inference.load import Source, load_tokenizer
+    """generate and export --format hf read the tokenizer by one rule (sources.load_tokenizer):
+    the recorded one or the given one, refused (one line naming the fix) if missing,
+    unreadable, not the one training used, or of another size; export alone may go without
+    (optional)."""
+    from mtp_dist.sources import ModelSource, SourceError, load_tokenizer
 
-    def config(tokenizer):
-        return Config(model=tiny_config(), data=DataConfig(synthetic=True, tokenizer=tokenizer))
+    def source(tokenizer, tokenizer_hash=None, vocab_size=259):
+        m = ModelConfig(**{**tiny_config().__dict__, "vocab_size": vocab_size})
+        cfg = Config(model=m, data=DataConfig(synthetic=True, tokenizer=tokenizer))
+        return ModelSource(tmp_path, "export", cfg, 0, None, tokenizer_hash)
 
-    none, byte = Source(tmp_path, {}, 0), Source(tmp_path, {}, 0, tokenizer_hash="0" * 64)
-    assert load_tokenizer(none, config("byte")).vocab_size == 259
-    assert load_tokenizer(none, config(None), "byte").vocab_size == 259
-    assert load_tokenizer(none, config(None), optional=True) is None  # synthetic data
-    assert load_tokenizer(byte, config("byte"), "none", optional=True) is None
+    assert load_tokenizer(source("byte")).vocab_size == 259
+    assert load_tokenizer(source(None), "byte").vocab_size == 259
+    assert load_tokenizer(source(None), optional=True) is None  # synthetic data
+    assert load_tokenizer(source("byte", "0" * 64), "none", optional=True) is None
     (tmp_path / "bad.model").write_bytes(b"not a model")
     refused = [
-        (none, config(None), None, False, "records no tokenizer"),
-        (byte, config(None), None, True, "records no tokenizer"),
-        (none, config(str(tmp_path / "gone.model")), None, False, "does not exist here"),
-        (none, config(None), str(tmp_path / "bad.model"), True, "cannot be read"),
-        (byte, config("byte"), None, False, "is not the one"),
+        (source(None), None, False, "records no tokenizer"),
+        (source(None, "0" * 64), None, True, "records no tokenizer"),
+        (source(str(tmp_path / "gone.model")), None, False, "does not exist here"),
+        (source(None), str(tmp_path / "bad.model"), True, "cannot be read"),
+        (source("byte", "0" * 64), None, False, "was trained with tokenizer 000000000000"),
+        (source(None, vocab_size=250), "byte", False, "has 259 tokens, but export"),
     ]
-    for source, cfg, given, optional, message in refused:
-        with pytest.raises(UserError, match=message) as e:
-            load_tokenizer(source, cfg, given, optional=optional)
+    for src, given, optional, message in refused:
+        with pytest.raises(SourceError, match=message) as e:
+            load_tokenizer(src, given, optional=optional)
         assert "--tokenizer" in str(e.value) and "\n" not in str(e.value)
-    small = Config(
-        model=ModelConfig(**{**tiny_config().__dict__, "vocab_size": 250}),
-        data=DataConfig(synthetic=True),
-    )
-    with pytest.raises(UserError, match="has 259 tokens but the model's vocab_size is 250"):
-        load_tokenizer(none, small, "byte")
 
 
 def byte_prompt(text: str) -> list[int]:
@@ -473,16 +500,17 @@ def test_generate_from_a_tp2_checkpoint(megatron_1proc, tmp_path):
     """A run trained at TP2 with the byte tokenizer: generate reads its run directory (the latest
     checkpoint, the recorded tokenizer) at TP2 under torchrun, and gives the tokens of greedy
     decoding of the same checkpoint loaded here at TP1."""
-    from mtp_dist.inference import load
+    from mtp_dist.model.model import build_model
+    from mtp_dist.sources import open_source
 
     torchrun(2, "-m", "mtp_dist.train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}",
              "data.synthetic=true", "data.tokenizer=byte", "model.vocab_size=259",
              "parallel.tensor=2", "train.steps=2", "train.warmup_steps=1",
              "logging.wandb=false")  # fmt: skip
-    source = load.read_source(tmp_path)
-    assert source.config["data"]["tokenizer"] == "byte"
-    cfg = load.model_config(source, 1)
-    model = load.load_model(source, cfg, megatron_1proc)
+    source = open_source(tmp_path)
+    assert source.tokenizer_name == "byte" and source.engine == "megatron"
+    model = build_model(source.model)
+    source.load_into(model)
     want = Decoder(model, 259).generate([byte_prompt("def f(x):")], 16, k=1, eos_id=257)
     (out,) = torchrun_generate(str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "16",
                                "--speculative", "3")  # fmt: skip

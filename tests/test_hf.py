@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mtp_dist import checkpointing as ckpt
 from mtp_dist import init_from
 from mtp_dist.config import ModelConfig
-from mtp_dist.model import hf
+from mtp_dist.model import hf, hf_dir
 from mtp_dist.model.model import build_model
 from mtp_dist.model.weights import VOCAB_PARAMS, full_state, init_weights, load_full
 from tests.support import ROOT
@@ -61,7 +61,7 @@ def tokenizer(tmp_path_factory):
 
 
 def export_dir(tmp_path, m, model, tokenizer=None):
-    return hf.write_dir(tmp_path / "hf", full_state(model), m, tokenizer, {"n": 0})
+    return hf_dir.write_dir(tmp_path / "hf", full_state(model), m, tokenizer, {"n": 0})
 
 
 def llama(path):
@@ -193,7 +193,7 @@ def test_heads_added_and_dropped_on_import(megatron_1proc, tmp_path):
             for k, v in head(loaded, i).items():
                 assert torch.equal(v, head(state, j)[k])
         assert loaded["output_layer.weight"].shape[0] == 500  # padding dropped, not copied
-    plain = hf.write_dir(tmp_path / "hf", state, ModelConfig(**{**GQA, "n_future_tokens": 1}))
+    plain = hf_dir.write_dir(tmp_path / "hf", state, ModelConfig(**{**GQA, "n_future_tokens": 1}))
     loaded = init_from.load(init_from.inspect(plain), ModelConfig(**{**GQA, "n_future_tokens": 2}))
     for k, v in head(loaded, 1).items():
         assert torch.equal(v, head(state, 0)[k])
@@ -202,7 +202,7 @@ def test_heads_added_and_dropped_on_import(megatron_1proc, tmp_path):
 def test_a_llama_saved_by_transformers_imports_as_exported(megatron_1proc, tmp_path):
     """save_pretrained's own config (transformers' version of it) and sharded files."""
     m = CONFIGS["n1_mha_tied"]
-    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
+    out = hf_dir.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
     llama(out).save_pretrained(tmp_path / "saved", max_shard_size="100KB")
     assert (tmp_path / "saved" / hf.WEIGHTS_INDEX).is_file()
     saved = init_from.inspect(tmp_path / "saved")
@@ -220,7 +220,7 @@ def test_import_fills_any_vocabulary_padding_and_loads_exactly(megatron_1proc, t
 
     m = CONFIGS["n3_gqa_untied"]
     state = full_state(our_model(m))
-    out = hf.write_dir(tmp_path / "hf", state, m)
+    out = hf_dir.write_dir(tmp_path / "hf", state, m)
     target = ModelConfig(**{**GQA, "n_future_tokens": 3, "vocab_multiple": 128})  # 512 again
     source = init_from.load(init_from.inspect(out), target)
     model = build_model(target)
@@ -240,7 +240,7 @@ def test_import_fills_any_vocabulary_padding_and_loads_exactly(megatron_1proc, t
 
 def write_llama(tmp_path, m, **config_changes):
     """An HF directory of model config m, its config.json changed as given."""
-    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
+    out = hf_dir.write_dir(tmp_path / "hf", full_state(our_model(m)), m)
     cfg = json.loads((out / hf.CONFIG).read_text())
     (out / hf.CONFIG).write_text(json.dumps({**cfg, **config_changes}))
     return out
@@ -267,6 +267,11 @@ def check_run(tmp_path, capsys, source, *overrides) -> tuple[int, str]:
         ({"intermediate_size": 256}, ["model.ffn_hidden_size=256", "config says", "192"]),
         ({"num_key_value_heads": 4}, ["model.num_query_groups=4", "set model.num_query_groups"]),
         ({"num_hidden_layers": 4}, ["model.num_layers=3"]),
+        ({"max_position_embeddings": 32}, ["a context of 32 tokens", "model.seq_length <= 32"]),
+        ({"num_attention_heads": 0}, ["num_attention_heads=0", "an integer >= 1"]),
+        ({"hidden_size": "64"}, ["hidden_size='64'", "an integer >= 1"]),
+        ({"rms_norm_eps": -1}, ["rms_norm_eps=-1", "a number > 0"]),
+        ({"max_position_embeddings": None}, ["max_position_embeddings=None"]),
     ],
 )
 def test_a_directory_that_is_not_this_llama_is_refused(
@@ -300,11 +305,11 @@ def test_damaged_directories_are_refused(megatron_1proc, tmp_path, capsys):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, out / hf.WEIGHTS, {"format": "pt"})
     with pytest.raises(hf.HFFormatError, match="lacks model.layers.1.mlp.up_proj.weight"):
-        hf.load_dir(hf.read_dir(out), m)
+        hf_dir.load_dir(hf_dir.read_dir(out), m)
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(192, 63)
     save_file(tensors, out / hf.WEIGHTS, {"format": "pt"})
     with pytest.raises(hf.HFFormatError, match=r"up_proj.weight has shape \(192, 63\)"):
-        hf.load_dir(hf.read_dir(out), m)
+        hf_dir.load_dir(hf_dir.read_dir(out), m)
     for bad in (tmp_path / "nothing", tmp_path / "run"):
         bad.mkdir(exist_ok=True)
         code, (_, stderr) = check_run(tmp_path, capsys, bad)
@@ -331,15 +336,80 @@ def test_export_into_a_directory_that_is_not_empty_is_refused(tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_a_source_trained_with_another_tokenizer_is_refused(megatron_1proc, tmp_path, tokenizer):
-    from mtp_dist.config import Config, ConfigError, DataConfig
+def test_every_form_of_a_model_says_the_same(megatron_1proc, tmp_path, tokenizer, capsys):
+    """A Llama directory with its tokenizer, `export`ed to a .pt and back to a directory: each
+    form gives the same weights, context, step and tokenizer identity, and model.init_from
+    refuses each the same way when the run's data has another tokenizer. Every exported file
+    has the mode the umask gives."""
+    import os
+    import stat
+
+    from mtp_dist.config import Config, DataConfig
+    from mtp_dist.export import main as export
+    from mtp_dist.sources import SourceError, open_source
 
     m = CONFIGS["n3_gqa_untied"]
-    out = hf.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer)
-    source = init_from.inspect(out)
-    assert source.tokenizer_hash == tokenizer.identity_hash
-    cfg = Config(model=m, data=DataConfig(synthetic=True))
-    init_from.check(source, cfg, tokenizer.identity_hash)
-    init_from.check(source, cfg, None)  # synthetic data: no tokenizer to compare
-    with pytest.raises(ConfigError, match=f"tokenizer {tokenizer.identity_hash[:12]} but the"):
-        init_from.check(source, cfg, "0" * 64)
+    out = hf_dir.write_dir(tmp_path / "hf", full_state(our_model(m)), m, tokenizer, step=7)
+    mask = os.umask(0o002)  # a shared cluster's group-writable umask
+    try:
+        assert export([str(out), str(tmp_path / "m.pt")]) == 0
+        assert export([str(tmp_path / "m.pt"), str(tmp_path / "again"), "--format", "hf"]) == 0
+    finally:
+        os.umask(mask)
+    capsys.readouterr()
+    exported = [tmp_path / "m.pt", *(tmp_path / "again").iterdir()]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in exported} == {
+        p.name: 0o664 for p in exported
+    }  # safetensors alone would write its files 0600
+    forms = [
+        open_source(p, "model.init_from") for p in (out, tmp_path / "m.pt", tmp_path / "again")
+    ]
+    assert [s.kind for s in forms] == ["hf", "export", "hf"]
+    want = forms[0].full_state()
+    for source in forms:
+        assert (source.context, source.step) == (48, 7)
+        assert source.tokenizer_hash == tokenizer.identity_hash
+        assert hf.effective_fields(source.model) == hf.effective_fields(m)
+        state = source.full_state()
+        assert set(state) == set(want) and all(torch.equal(state[k], v) for k, v in want.items())
+        cfg = Config(model=m, data=DataConfig(synthetic=True))
+        init_from.check(source, cfg, tokenizer.identity_hash)
+        init_from.check(source, cfg, None)  # synthetic data: no tokenizer to compare
+        with pytest.raises(SourceError, match=f"tokenizer {tokenizer.identity_hash[:12]}, but the"):
+            init_from.check(source, cfg, "0" * 64)
+    assert (tmp_path / "again" / "tokenizer.model").read_bytes() == open(
+        tokenizer.model_path, "rb"
+    ).read()
+
+
+def test_export_refuses_to_destroy_its_input_or_write_nowhere(megatron_1proc, tmp_path, capsys):
+    """export onto its own source, into a missing directory, or of a file that holds no export
+    (a bare tensor, a pickle that would run code): one error line, the files as they were."""
+    import pickle
+
+    from mtp_dist.export import main as export
+
+    cfg = {"model": {**GQA, "n_future_tokens": 3}, "data": {"synthetic": True}}
+    ckpt.export_consolidated(our_model(CONFIGS["n3_gqa_untied"]), tmp_path / "m.pt", cfg, 1)
+    before = (tmp_path / "m.pt").read_bytes()
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    cases = [
+        ([tmp_path / "m.pt", tmp_path / "m.pt"], "would destroy its input"),
+        ([tmp_path / "m.pt", tmp_path / "no" / "x.pt"], "No such file or directory"),
+        ([tmp_path / "m.pt", tmp_path / "no" / "x", "--format", "hf"], "No such file or"),
+        ([tmp_path / "tensor.pt", tmp_path / "x.pt"], "is not an mtp-dist export"),
+        ([tmp_path / "evil.pt", tmp_path / "x.pt"], "cannot be read as an mtp-dist export"),
+    ]
+    for args, message in cases:
+        assert export([str(a) for a in args]) == 2, args
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert "pwned" not in out
+    assert (tmp_path / "m.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "m.pt", "tensor.pt"]

@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtp_dist import checkpointing as ckpt
 from mtp_dist.distributed import free_port
 from mtp_dist.model import hf
 from tests.support import ROOT
@@ -67,10 +66,13 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 def checkpoint_model(run_dir: Path):
     """The run's latest checkpoint in a TP1 model (in megatron_1proc's world)."""
-    from mtp_dist.init_from import checkpoint_model
+    from mtp_dist.model.model import build_model
+    from mtp_dist.sources import open_source
 
-    checkpoint = ckpt.find_checkpoint(run_dir)
-    return checkpoint_model(checkpoint, ckpt.read_meta(checkpoint)).eval()
+    source = open_source(run_dir)
+    model = build_model(source.model)
+    source.load_into(model)
+    return model.eval()
 
 
 def as_llama(run_dir: Path) -> tuple[dict, dict]:

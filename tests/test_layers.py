@@ -8,7 +8,7 @@ Layers, bottom to top (README, Layout):
   model       model, distributed   the architecture, and process groups
   step        schedule, data, checkpointing, metrics
   engines     engines              megatron-core and DeepSpeed behind one table
-  inference   inference            KV cache, greedy/speculative decoding, loading a model
+  inference   inference, sources   KV cache, greedy/speculative decoding; reading a model
   trainer     trainer, preflight (the checks before any process group), init_from
   commands    train, export, report, demo, plan, generate
 """
@@ -26,7 +26,7 @@ LAYERS = [
     ("mtp_dist.model", "mtp_dist.distributed"),
     ("mtp_dist.schedule", "mtp_dist.data", "mtp_dist.checkpointing", "mtp_dist.metrics"),
     ("mtp_dist.engines",),
-    ("mtp_dist.inference",),
+    ("mtp_dist.inference", "mtp_dist.sources"),
     ("mtp_dist.trainer", "mtp_dist.preflight", "mtp_dist.init_from"),
     (
         "mtp_dist.train",

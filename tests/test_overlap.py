@@ -213,7 +213,7 @@ def test_param_gather_without_grad_overlap_on_cpu_is_refused():
 
 
 def test_deepspeed_overlap_comm_follows_the_plan(tmp_path):
-    from mtp_dist.engines.deepspeed.engine import build_ds_config
+    from mtp_dist.engines.deepspeed.ds_config import build_ds_config
 
     cfg = _cfg("engine=deepspeed", "deepspeed.zero_stage=2")
     for on_gpu in (True, False):

@@ -277,8 +277,17 @@ def test_help():
 def test_hardware_and_layouts_are_checked_before_any_compute(capsys):
     assert main(["configs/paper/0.3b-n1.yaml", "--gpus", "0"]) == 2
     assert "--gpus=0 must be >= 1" in capsys.readouterr().err
-    assert main(["configs/paper/0.3b-n1.yaml", "--gpus", "6", "parallel.tensor=4"]) == 2
-    assert "does not divide the world size 6" in capsys.readouterr().err
+    # The config's own layout does not divide 6 GPUs: said, and the layouts that do are ranked.
+    assert main(["configs/paper/0.3b-n1.yaml", "--gpus", "6", "parallel.tensor=4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "does not divide the world size 6" in r["layout"]["refused"]
+    assert r["layouts"] and all(x["tensor"] * x["pipeline"] * x["data"] == 6 for x in r["layouts"])
+    for flag, value in (("--mfu", "5"), ("--mfu", "0"), ("--gpu-tflops", "inf"),
+                        ("--gpu-memory", "nan"), ("--gpu-memory", "-80")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["configs/paper/0.3b-n1.yaml", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: {value} must be a finite number" in err
 
 
 def test_candidates_cover_the_gpu_count():
@@ -291,3 +300,41 @@ def test_candidates_cover_the_gpu_count():
     deep = [p for p in feasible if p.run.pp == 16]
     assert deep and all(min(s.trunk_layers for s in p.stages) >= 1 for p in deep)
     assert all(sum(s.trunk_layers for s in p.stages) == 20 for p in deep)
+
+
+def _at(cfg, tp: int, pp: int, hw: layouts.Hardware) -> layouts.LayoutPlan:
+    at = layouts.with_layout(cfg, tp, pp, 1, False)
+    return layouts.plan(at, layouts.check(at, hw.gpus), hw)
+
+
+def test_communication_orders_the_layouts_as_known():
+    """Where the order is known: TP8 across a node boundary is slower than inside a node (its
+    all-reduces at every layer take the slow link); TP1 is fastest where the model fits, and
+    more tensor parallelism is slower at every step (more all-reduced bytes per token); data
+    parallelism across nodes costs more than inside one. Every term is reported."""
+    cfg = config.load(ROOT / "configs/paper/1.3b-n4.yaml")
+    inside, across = (_at(cfg, 8, 1, layouts.Hardware(8, gpus_per_node=n)) for n in (8, 4))
+    assert across.communication.tp_per_slot > 5 * inside.communication.tp_per_slot > 0
+    assert across.step_seconds > inside.step_seconds
+    hw = layouts.Hardware(8)
+    steps = [_at(cfg, tp, 1, hw).step_seconds for tp in (1, 2, 4, 8)]
+    assert steps == sorted(steps) and len(set(steps)) == 4, steps
+    feasible, _ = layouts.candidates(cfg, hw)
+    assert (feasible[0].run.tp, feasible[0].run.pp) == (1, 1)
+    one_node, two = (_at(cfg, 1, 1, layouts.Hardware(16, gpus_per_node=n)) for n in (16, 8))
+    assert two.communication.dp_per_step > one_node.communication.dp_per_step > 0
+    slow = _at(cfg, 8, 1, layouts.Hardware(8, intra_node_gbs=30.0))  # a user's own bandwidth
+    assert slow.communication.tp_per_slot == pytest.approx(10 * inside.communication.tp_per_slot)
+
+
+def test_no_tensor_parallel_group_spans_two_nodes(capsys):
+    feasible, _ = layouts.candidates(
+        config.load(ROOT / "configs/paper/1.3b-n4.yaml"), layouts.Hardware(16, gpus_per_node=4)
+    )
+    assert feasible and max(p.run.tp for p in feasible) == 4
+    args = ["configs/paper/1.3b-n4.yaml", "--gpus", "8", "--gpus-per-node", "4", "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {x["tensor"] for x in r["layouts"]} <= {1, 2, 4}
+    terms = {"tp_per_microbatch", "pp_per_microbatch", "dp_per_step"}
+    assert all(set(x["communication_seconds"]) == terms for x in r["layouts"])

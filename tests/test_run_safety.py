@@ -154,3 +154,58 @@ def test_a_resumed_run_must_keep_what_decides_its_data_and_schedule(tmp_path, ov
     train(run, "train.steps=2")
     message = one_error(train(run, "train.steps=4", override, expect=2))
     assert key in message and "step_00000002" in message
+
+
+def test_a_damaged_checkpoint_is_refused_by_every_reader(tmp_path, capsys):
+    """A missing or truncated .distcp file: resume, export and generate each end with one
+    `error:` line naming the checkpoint (torch's CheckpointException is a BaseException, which
+    used to escape as a traceback), and nothing is written."""
+    from mtp_dist.export import main as export
+
+    run = tmp_path / "run"
+    train(run, "train.steps=2", "data.tokenizer=byte", "model.vocab_size=259")
+    step = run / "checkpoints" / "step_00000002"
+    (step / "engine" / "__0_1.distcp").unlink()
+    proc = train(run, "train.steps=4", "data.tokenizer=byte", "model.vocab_size=259", expect=2)
+    assert f"checkpoint {step} cannot be loaded (FileNotFoundError" in one_error(proc)
+    generate = subprocess.run(
+        [sys.executable, "-m", "mtp_dist.generate", str(run), "--prompt", "a"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert generate.returncode == 2 and "cannot be loaded" in one_error(generate)
+    with open(step / "engine" / "__0_0.distcp", "r+b") as f:
+        f.truncate(1000)
+    assert export([str(run), str(tmp_path / "m.pt")]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {step} cannot be loaded")
+    assert not (tmp_path / "m.pt").exists() and not list(tmp_path.glob("m.pt.tmp*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        ".lock",
+        "latest",
+        "step_00000002",
+    ]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB file system (tmpfs; root only), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(disk)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (not root?): {mounted.stderr.decode()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_at_a_save_is_an_error_not_a_bug(small_disk):
+    """torch reports a full disk from its writer threads as text in a RuntimeError inside a
+    CheckpointException: the run says the disk is full, exit 2, and leaves no partial
+    checkpoint behind (the previous state: none)."""
+    run = small_disk / "run"
+    proc = train(run, "train.steps=2", expect=2)
+    message = one_error(proc)
+    assert "No space left on device" in message or "the disk is full" in message, message
+    assert "free disk space" in message
+    assert not list((run / "checkpoints").glob("*step_*"))

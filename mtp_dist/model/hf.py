@@ -1,5 +1,6 @@
 """The Hugging Face Llama format of a model: full tensors (weights.py's global names) <->
-`LlamaForCausalLM` tensors, its config.json <-> ModelConfig, and the directory that holds them.
+`LlamaForCausalLM` tensors, and its config.json <-> ModelConfig (the directory that holds them
+is hf_dir.py).
 
 A model with n heads is a Llama of num_layers + 1 layers (the trunk, then head 1), the shared
 final norm and the unembedding, with megatron's vocabulary padding removed. Heads 2..n are
@@ -17,17 +18,11 @@ rotary positions) is refused.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from mtp_dist.config import ModelConfig
 from mtp_dist.errors import UserError
-from mtp_dist.files import atomic_path, atomic_write_json, fsync_dir, tmp_name
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -35,6 +30,18 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 HEADS_WEIGHTS = "mtp_heads.safetensors"
 HEADS_JSON = "mtp_heads.json"
 HEADS_FORMAT = "mtp-dist-heads-v1"
+RECORD = "mtp_dist.json"
+RECORD_FORMAT = "mtp-dist-llama-v1"
+"""What the directory's model was trained with that a Llama config cannot say: the identity of
+its tokenizer (also when no tokenizer file is written, e.g. the byte tokenizer) and its step."""
+_POSITIVE_INTS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
 
 _SAME = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -158,21 +165,6 @@ def llama_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(tensors: dict[str, Tensor], shapes: dict, where: Path) -> None:
-    missing = sorted(set(shapes) - set(tensors))
-    if missing:
-        raise HFFormatError(
-            f"{where} lacks {missing[0]} (and {len(missing) - 1} more): not the model its "
-            f"{CONFIG} describes"
-        )
-    for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != shape:
-            raise HFFormatError(
-                f"{where}: {name} has shape {tuple(tensors[name].shape)}, its {CONFIG} says "
-                f"{shape}: not the model its {CONFIG} describes"
-            )
-
-
 def llama_config(m: ModelConfig, special_ids: dict[str, int] | None = None) -> dict:
     """config.json of the Llama that holds the trunk and head 1. special_ids: the tokenizer's
     bos/eos/pad ids (`bos_token_id` ...), if known."""
@@ -237,6 +229,14 @@ def model_fields(cfg: dict, where: str) -> dict:
             f"{where} has {key}={value!r}; this model's layers have {key}={ok!r} (SwiGLU, no "
             "biases): import a Llama with that layer"
         )
+    for key in (*_POSITIVE_INTS, "num_key_value_heads"):
+        value = cfg[key] if key in _POSITIVE_INTS else cfg.get(key) or 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise HFFormatError(f"{where} has {key}={value!r}: it must be an integer >= 1")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = cfg.get(key, 1.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise HFFormatError(f"{where} has {key}={value!r}: it must be a number > 0")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
         raise HFFormatError(
@@ -286,191 +286,3 @@ def check_matches(source: dict, m: ModelConfig, where: str) -> None:
                 f"{where} has model.{key}={have!r} but the config says model.{key}={want!r}: "
                 f"set model.{key}={have!r} to start from it"
             )
-
-
-@dataclass
-class LlamaDir:
-    """What a Llama directory holds, read without its tensors."""
-
-    path: Path
-    config: dict
-    fields: dict
-    """model_fields of its config."""
-    n_future_tokens: int
-    """1 + the heads in its sidecar."""
-    tokenizer_hash: str | None
-    """The identity hash of its tokenizer.model (as data_prep records tokenizers), if any."""
-    weight_files: list[str]
-    """model.safetensors, or the shards of a sharded save."""
-
-
-def read_dir(path: str | os.PathLike) -> LlamaDir:
-    """A Llama directory's config and sidecar description, checked."""
-    import hashlib
-
-    path = Path(path)
-    where = f"Hugging Face directory {path}"
-    try:
-        cfg = json.loads((path / CONFIG).read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFFormatError(f"{path / CONFIG} is not valid JSON ({e}): fix or re-export it") from e
-    if not isinstance(cfg, dict):
-        raise HFFormatError(f"{path / CONFIG} must hold a JSON object")
-    try:
-        fields = model_fields(cfg, where)
-    except KeyError as e:
-        raise HFFormatError(f"{path / CONFIG} lacks {e}: it is not a complete Llama config") from e
-    weight_files = _weight_files(path, where)
-    n = 1
-    if (path / HEADS_WEIGHTS).is_file():
-        try:
-            heads = json.loads((path / HEADS_JSON).read_bytes())
-            n = int(heads["n_future_tokens"]) if heads.get("format") == HEADS_FORMAT else 0
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            n = 0
-        if n < 2:
-            raise HFFormatError(
-                f"{where} has {HEADS_WEIGHTS} but no valid {HEADS_JSON} (format {HEADS_FORMAT}, "
-                f"n_future_tokens >= 2): re-export it, or remove {HEADS_WEIGHTS} to import head "
-                "1 only"
-            )
-    tok = path / "tokenizer.model"
-    tokenizer_hash = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
-    return LlamaDir(path, cfg, fields, n, tokenizer_hash, weight_files)
-
-
-def _weight_files(path: Path, where: str) -> list[str]:
-    """model.safetensors, or the shards its index names."""
-    if (path / WEIGHTS).is_file():
-        return [WEIGHTS]
-    index = path / WEIGHTS_INDEX
-    if not index.is_file():
-        raise HFFormatError(
-            f"{where} has neither {WEIGHTS} nor {WEIGHTS_INDEX}: give a directory saved with "
-            "safetensors (save_pretrained's default)"
-        )
-    try:
-        files = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HFFormatError(f"{index} is not a safetensors index ({e}): re-save the model") from e
-    absent = [f for f in files if not (path / f).is_file()]
-    if absent:
-        raise HFFormatError(f"{where} lacks {absent[0]}, which {WEIGHTS_INDEX} names")
-    return files
-
-
-def load_dir(d: LlamaDir, m: ModelConfig) -> dict[str, Tensor]:
-    """The full state of a Llama directory (global names, unpadded vocabulary, n from its
-    sidecar) for a model config matching it (check_matches); tensors named and shaped as its
-    config says, else HFFormatError."""
-    import dataclasses
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    source = dataclasses.replace(m, n_future_tokens=d.n_future_tokens)
-    try:
-        llama = {}
-        for name in d.weight_files:
-            llama.update(load_file(d.path / name))
-        extra = load_file(d.path / HEADS_WEIGHTS) if d.n_future_tokens > 1 else {}
-    except SafetensorError as e:
-        raise HFFormatError(f"{d.path}: a weights file is not safetensors ({e})") from e
-    _check_tensors(llama, llama_shapes(source), d.path)
-    layer = llama_layer_shapes(source)
-    heads = {
-        f"heads.{k}.{n}": s for k in range(2, source.n_future_tokens + 1) for n, s in layer.items()
-    }
-    _check_tensors(extra, heads, d.path / HEADS_WEIGHTS)
-    state = from_llama(llama, extra, source)
-    return {k: v.float() for k, v in state.items()}
-
-
-def write_dir(
-    out: str | os.PathLike,
-    state: dict[str, Tensor],
-    m: ModelConfig,
-    tokenizer=None,
-    model_config: dict | None = None,
-) -> Path:
-    """Write the directory (refused if `out` exists and is not empty), built under a temporary
-    name and renamed. tokenizer: a data_prep Tokenizer to write as tokenizer files (a
-    sentencepiece model: tokenizer.model, and tokenizer.json if it is BPE), or None.
-    model_config: the run's model section, recorded in the sidecar's description."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    check_empty(out)
-    llama, extra = to_llama(state, m)
-    special = None
-    if tokenizer is not None:
-        ids = (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eod_id))
-        special = {k: i for k, i in (*ids, ("pad_token_id", tokenizer.pad_id)) if i >= 0}
-    tmp = tmp_name(out)
-    tmp.mkdir(parents=True)
-    try:
-        atomic_write_json(tmp / CONFIG, llama_config(m, special))
-        if special:
-            atomic_write_json(tmp / "generation_config.json", special)
-        # safetensors refuses views of one storage: every tensor is its own copy.
-        with atomic_path(tmp / WEIGHTS) as f:
-            save_file({k: v.float().clone() for k, v in llama.items()}, f, {"format": "pt"})
-        if extra:
-            with atomic_path(tmp / HEADS_WEIGHTS) as f:
-                save_file({k: v.float().clone() for k, v in extra.items()}, f, {"format": "pt"})
-            atomic_write_json(tmp / HEADS_JSON, heads_description(m, model_config))
-        if tokenizer is not None:
-            write_tokenizer(tmp, tokenizer, m.seq_length)
-        if out.exists():
-            out.rmdir()  # empty (checked): rename replaces only a missing name portably
-        os.rename(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)
-    return out
-
-
-def check_empty(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "a file" if not out.is_dir() else "a directory that is not empty"
-        raise HFFormatError(f"export directory {out} is {what}: give a new or empty directory")
-
-
-def heads_description(m: ModelConfig, model_config: dict | None) -> dict:
-    return {
-        "format": HEADS_FORMAT,
-        "n_future_tokens": m.n_future_tokens,
-        "trunk_layers": m.num_layers,
-        "heads": {str(k): f"heads.{k}." for k in range(2, m.n_future_tokens + 1)},
-        "about": (
-            "Head k (k >= 2) is one Llama decoder layer, its tensors named heads.K.<name in a "
-            f"Llama layer> in {HEADS_WEIGHTS}. It takes the hidden states that enter Llama "
-            f"layer {m.num_layers} of {WEIGHTS} (the trunk's output; layer {m.num_layers} is "
-            "head 1), and its output goes through model.norm and lm_head; at position t it "
-            "predicts token t+k. Every layer uses the same rotary positions as the Llama."
-        ),
-        "model": model_config,
-    }
-
-
-def write_tokenizer(directory: Path, tokenizer, max_length: int) -> None:
-    """A sentencepiece model as tokenizer.model (sentencepiece, transformers' LlamaTokenizer)
-    and, for BPE, tokenizer.json + tokenizer_config.json (AutoTokenizer: encodes exactly as
-    sentencepiece). Other tokenizers (bytes) have no file to write."""
-    import shutil
-
-    from data_prep.hf_tokenizer import to_hf_tokenizer, tokenizer_config
-
-    if tokenizer.kind != "sentencepiece":
-        return
-    shutil.copyfile(tokenizer.model_path, directory / "tokenizer.model")
-    try:
-        hf = to_hf_tokenizer(tokenizer)
-    except ValueError:
-        return
-    with atomic_path(directory / "tokenizer.json") as f:
-        hf.save(str(f))
-    atomic_write_json(directory / "tokenizer_config.json", tokenizer_config(tokenizer, max_length))

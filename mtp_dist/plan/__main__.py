@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from mtp_dist.errors import run_cli
+from mtp_dist.errors import number, run_cli
 
 
 def main(argv=None) -> int:
@@ -25,15 +25,29 @@ def main(argv=None) -> int:
     p.add_argument(
         "--gpus-per-node", type=int, default=8, help="tensor parallelism stays in a node"
     )
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    p.add_argument("--gpu-tflops", type=float, default=989.0, help="dense bf16 peak per GPU")
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the matmuls (0.4)")
+    p.add_argument("--gpu-memory", type=number(0), default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--gpu-tflops", type=number(0), default=989.0, help="dense bf16 peak per GPU")
+    p.add_argument(
+        "--mfu", type=number(0, 1), default=0.4, help="assumed MFU of the matmuls (0 < MFU <= 1)"
+    )
+    p.add_argument(
+        "--intra-node-gbs",
+        type=number(0),
+        default=300.0,
+        help="GB/s of a GPU's collectives inside a node (NVLink; default 300)",
+    )
+    p.add_argument(
+        "--inter-node-gbs",
+        type=number(0),
+        default=40.0,
+        help="GB/s per GPU between nodes (default 40: a 400 Gb/s NIC per GPU)",
+    )
     p.add_argument("--top", type=int, default=10, help="layouts to print (all with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--dry-run", action="store_true", help="build every position on meta")
     p.add_argument("--world", type=int, help="world size of the dry run (default: --gpus)")
-    args = p.parse_intermixed_args(argv)
-    return run_cli(lambda: _main(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _main(p.parse_intermixed_args(argv)))
 
 
 def _main(args) -> int:
@@ -48,11 +62,16 @@ def _main(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
-    for name in ("gpu_memory", "gpu_tflops", "mfu"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
     gpus = args.gpus or args.world or 8
-    hw = layouts.Hardware(gpus, args.gpus_per_node, args.gpu_memory, args.gpu_tflops, args.mfu)
+    hw = layouts.Hardware(
+        gpus,
+        args.gpus_per_node,
+        args.gpu_memory,
+        args.gpu_tflops,
+        args.mfu,
+        args.intra_node_gbs,
+        args.inter_node_gbs,
+    )
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:
         from mtp_dist.plan import dry_run
@@ -75,7 +94,8 @@ def _main(args) -> int:
 
 
 def _rest(hw) -> tuple:
-    return hw.gpus_per_node, hw.memory_gib, hw.tflops, hw.mfu
+    return (hw.gpus_per_node, hw.memory_gib, hw.tflops, hw.mfu, hw.intra_node_gbs,
+            hw.inter_node_gbs)  # fmt: skip
 
 
 if __name__ == "__main__":

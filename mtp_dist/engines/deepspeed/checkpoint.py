@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from mtp_dist.checkpointing import LOAD_ERRORS, CheckpointError
+from mtp_dist.checkpointing import LOAD_ERRORS, CheckpointError, load_error
 from mtp_dist.errors import run_cli
 from mtp_dist.model.model import MTPModel
 
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     conv.add_argument("out_dir", help="where the universal checkpoint goes (must not exist)")
     conv.add_argument("--workers", type=int, default=1, help="extract/merge processes")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: _to_universal(args))
+    # Parsed inside run_cli: --help into a closed pipe ends as quietly as any output.
+    return run_cli(lambda: _to_universal(ap.parse_args(argv)))
 
 
 def _to_universal(args) -> int:
@@ -139,6 +139,6 @@ def _to_universal(args) -> int:
         else:
             to_universal(source, args.out_dir, args.workers)
     except LOAD_ERRORS as e:
-        raise CheckpointError(f"{args.checkpoint_dir} cannot be converted: {e}") from e
+        raise CheckpointError(f"{args.checkpoint_dir} cannot be converted: {load_error(e)}") from e
     print(f"universal checkpoint: {os.path.abspath(args.out_dir)}")
     return 0
