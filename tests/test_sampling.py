@@ -11,12 +11,23 @@ accepted and rejected, and the residual distribution max(0, p - q) matters."""
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections import Counter
+
 import pytest
 import torch
 
 from mtp_dist.config import ModelConfig
 from mtp_dist.inference.decode import Decoder
-from mtp_dist.inference.sampling import Sampling, draw, probabilities, sequence_seed
+from mtp_dist.inference.sampling import (
+    Sampler,
+    Sampling,
+    draw,
+    gather_vocab,
+    probabilities,
+    sequence_seed,
+)
 from mtp_dist.model.model import build_model
 from mtp_dist.model.weights import init_weights
 
@@ -112,6 +123,85 @@ def test_temperature_zero_is_greedy(small):
     for k in (1, 4):
         zero = decoder.generate([prompt, [5, 4]], 12, k, sampling=Sampling(0.0, 2, 0.5, seed=3))
         assert [r.tokens for r in zero] == [r.tokens for r in greedy]
+
+
+def exact_first_tokens(model, prompt: list[int], s: Sampling, m: int = 3) -> dict:
+    """The exact joint distribution of the first m sampled tokens, from head 1's logits over
+    every continuation (a full forward each, no cache: independent of the decoder)."""
+    pre = [list(c) for c in itertools.product(range(VOCAB), repeat=m - 1)]
+    with torch.no_grad():
+        (logits,) = model.head_logits(torch.tensor([prompt + c for c in pre]), heads=[0])
+    probs = probabilities(gather_vocab(logits, VOCAB), s)  # [len, b, V]
+    start = len(prompt) - 1
+    joint = {}
+    for b, c in enumerate(pre):
+        p = 1.0
+        for j, token in enumerate(c):
+            p *= float(probs[start + j, b, token])
+        for last in range(VOCAB):
+            joint[(*c, last)] = p * float(probs[start + m - 1, b, last])
+    return joint
+
+
+def distance_and_threshold(samples: list[tuple], exact: dict) -> tuple[float, float]:
+    """The total-variation distance of the samples' empirical distribution from the exact one,
+    and the largest distance N samples of the exact distribution reach with probability
+    1 - 1e-6: E[TV] <= 1/2 sum sqrt(p (1 - p) / N) (Jensen), and one sample moves TV by at
+    most 1/N, so P(TV > E[TV] + t) <= exp(-2 N t^2) (McDiarmid)."""
+    n = len(samples)
+    counts = Counter(samples)
+    tv = 0.5 * sum(abs(counts.get(x, 0) / n - p) for x, p in exact.items())
+    tv += 0.5 * sum(c / n for x, c in counts.items() if x not in exact)
+    expected = 0.5 * sum(math.sqrt(p * (1 - p) / n) for p in exact.values())
+    return tv, expected + math.sqrt(math.log(1e6) / (2 * n))
+
+
+SAMPLES = 20_000
+SETTINGS = [Sampling(1.0, seed=1), Sampling(0.7, top_k=3, seed=2), Sampling(1.3, top_p=0.8, seed=3)]
+
+
+def first_tokens(model, prompt, s: Sampling, k: int) -> tuple[list[tuple], list]:
+    # All samples of one prompt in one batch: each has its own stream (its sample index).
+    out = Decoder(model, VOCAB).generate(
+        [prompt] * SAMPLES, 3, k, sampling=s, samples=list(range(SAMPLES))
+    )
+    return [tuple(r.tokens[:3]) for r in out], out
+
+
+@pytest.mark.parametrize("s", SETTINGS, ids=["T1", "T0.7-top_k3", "T1.3-top_p0.8"])
+def test_speculative_sampling_keeps_the_distribution(small, s):
+    """Plain sampling (k=1) and self-speculative sampling over heads 1..2 (the first three
+    tokens take an accepted or replaced draft and a bonus token) and 1..4 (two drafts) draw the
+    first three tokens from the exact distribution."""
+    model, prompt = small
+    exact = exact_first_tokens(model, prompt, s)
+    for k in (1, 2, 4):
+        samples, out = first_tokens(model, prompt, s, k)
+        tv, threshold = distance_and_threshold(samples, exact)
+        assert tv < threshold, (k, tv, threshold)
+        if k > 1:  # both paths of the rule ran: drafts accepted and rejected
+            accepted = sum(r.drafts_accepted[0] for r in out)
+            verified = sum(r.verifications for r in out)
+            assert 0.2 < accepted / verified < 0.95, (k, accepted / verified)
+
+
+@pytest.mark.parametrize(
+    "name, attribute, broken",
+    [
+        ("every draft accepted", "accept", lambda u, p, q: torch.ones_like(p, dtype=torch.bool)),
+        ("accepted with probability p", "accept", lambda u, p, q: u < p),
+        ("a rejected draft replaced by a draw from p", "rejected", lambda p, q: p),
+    ],
+)
+def test_a_broken_rule_is_detected(small, monkeypatch, name, attribute, broken):
+    """The test above fails on wrong speculative-sampling rules, the subtle one too (the
+    replacement drawn from p instead of max(0, p - q))."""
+    model, prompt = small
+    s = SETTINGS[0]
+    monkeypatch.setattr(Sampler, attribute, staticmethod(broken))
+    samples, _ = first_tokens(model, prompt, s, 4)
+    tv, threshold = distance_and_threshold(samples, exact_first_tokens(model, prompt, s))
+    assert tv > 2 * threshold, (name, tv, threshold)
 
 
 @pytest.fixture(scope="module")
