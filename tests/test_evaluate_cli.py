@@ -115,6 +115,25 @@ def test_a_run_its_files_and_a_resumed_run(setup, tmp_path):
     assert (b / "samples.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
+def test_data_parallel_under_torchrun_gives_one_process_results(setup, tmp_path):
+    """Two data-parallel ranks continue a one-process run that did the first problem: the
+    samples and the summary are those of one process doing everything."""
+    from tests.support import torchrun
+
+    n4, _, problems = setup
+    common = [str(n4), "--problems", str(problems), *SETTINGS, "--batch", "3"]
+    alone = evaluate(*common, "--output", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert evaluate(*common, "--output", str(tmp_path / "dp"), "--limit", "1").returncode == 0
+    proc = torchrun(2, "-m", "mtp_dist.evaluate", "humaneval", *common, "--output",
+                    str(tmp_path / "dp"), timeout=300)  # fmt: skip
+    assert "pass@1" in proc.stdout
+    assert samples(tmp_path / "dp") == samples(tmp_path / "alone")
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("dp", "alone")]
+    assert summaries[0] == summaries[1]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -125,6 +144,7 @@ def test_a_run_its_files_and_a_resumed_run(setup, tmp_path):
         (["--top-p", "2"], "--top-p 2.0"),
         (["--limit", "0"], "--limit 0"),
         (["--speculative", "5"], "K must be in 2..4"),
+        (["--tensor", "2"], "--tensor 2 does not divide the 1 processes"),
     ],
 )
 def test_bad_input(setup, capsys, args, message):

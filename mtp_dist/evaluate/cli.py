@@ -103,7 +103,7 @@ def humaneval(args) -> int:
     # The whole problem set identifies the run, --limit does not: a rerun may take more.
     problem_set = json.dumps([[p.task_id, p.prompt, p.test] for p in problems]).encode()
     problems = problems[: args.limit]
-    model = Model(args.source, args.tokenizer, args.speculative)
+    model = Model(args.source, args.tokenizer, args.speculative, args.tensor)
     header = {
         "model": model.identity,
         "settings": settings_of(
@@ -115,7 +115,7 @@ def humaneval(args) -> int:
         ),  # fmt: skip
         "problems_sha256": hashlib.sha256(problem_set).hexdigest(),
     }
-    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun (TP), rank 0 checks and writes
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
     run = RunDir(args.output, header, writer) if args.output else None
     try:
         done = run.open() if run else {}
@@ -127,14 +127,22 @@ def humaneval(args) -> int:
                 total=len(problems) * n, initial=len(problems) * n - len(pending),
                 unit="sample", disable=not writer, file=sys.stderr, dynamic_ncols=True,
             ) as bar:  # fmt: skip
-                for first in range(0, len(pending), args.batch):
-                    batch = pending[first : first + args.batch]
-                    records = _sample_and_check(model, problems, encoded, batch, sampling, args)
+                # Shared out over the data-parallel groups; every rank takes the same number of
+                # steps (an empty batch at the end, where its share is short) to gather results.
+                rank, groups = model.share
+                share = pending[rank::groups]
+                per_group = -(-len(pending) // groups)
+                for step in range(-(-per_group // args.batch)):
+                    batch = share[step * args.batch : (step + 1) * args.batch]
+                    records = []
+                    if batch:
+                        records = _sample_and_check(model, problems, encoded, batch, sampling, args)
+                    records = model.gather(records)
                     if writer:
                         if run:
                             run.append(records)
                         done.update({(r["task_id"], r["sample"]): r for r in records})
-                        bar.update(len(batch))
+                        bar.update(len(records))
         if not writer:
             return 0
         summary = summarise(problems, done, ks, header)
@@ -150,14 +158,14 @@ def humaneval(args) -> int:
 
 
 def _sample_and_check(model, problems, encoded, batch, sampling, args) -> list[dict]:
-    """One batch of (problem index, sample index): generated, cut, run against the tests (on
-    rank 0; the other ranks only take part in generation). The samples' records."""
+    """One batch of (problem index, sample index): generated, cut, run against the tests (by
+    the first rank of the TP group; the others only take part in generation). Its records."""
     from mtp_dist.evaluate.execution import check_completions
     from mtp_dist.evaluate.humaneval import cut_completion
 
     prompts, samples = [encoded[i] for i, _ in batch], [s for _, s in batch]
     texts, results = model.continuations(prompts, samples, args.max_new_tokens, sampling)
-    if not model.is_main:
+    if not model.checks:
         return []
     completions = [cut_completion(t) for t in texts]
     items = [(problems[i], c) for (i, _), c in zip(batch, completions, strict=True)]
@@ -187,6 +195,12 @@ def main(argv=None) -> int:
     h.add_argument("--limit", type=int, help="the first N problems only")
     h.add_argument("--batch", type=int, default=16, help="sequences decoded together")
     h.add_argument("--speculative", type=int, metavar="K", help="self-speculative, heads 1..K")
+    h.add_argument(
+        "--tensor",
+        type=int,
+        default=1,
+        help="under torchrun: tensor-parallel size (default 1); the rest is data-parallel",
+    )
     h.add_argument("--max-new-tokens", type=int, default=384)
     h.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
     h.add_argument("--workers", type=int, help="programs run at once (default: the CPUs)")

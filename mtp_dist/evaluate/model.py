@@ -9,19 +9,29 @@ import json
 import os
 from dataclasses import asdict
 
+from mtp_dist.errors import UserError
 from mtp_dist.inference.sampling import Sampling
 
 
 class Model:
-    """A source's model, loaded for generation at this process group's TP size (WORLD_SIZE, as
-    `generate` does); a context manager that ends the process group on exit."""
+    """A source's model, loaded for generation with tensor-parallel size `tensor`; under
+    torchrun the other factor of the world size is data parallelism (each group of `tensor`
+    ranks holds the whole model). A context manager that ends the process group on exit."""
 
-    def __init__(self, source_path, tokenizer: str | None, speculative: int | None):
+    def __init__(
+        self, source_path, tokenizer: str | None, speculative: int | None, tensor: int = 1
+    ):
         from mtp_dist.generate import check_speculative
         from mtp_dist.inference import load
 
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if tensor < 1 or world % tensor:
+            raise UserError(
+                f"--tensor {tensor} does not divide the {world} processes: give a divisor of "
+                f"{world}"
+            )
         self.source = load.read_source(source_path)
-        self.tensor = int(os.environ.get("WORLD_SIZE", "1"))
+        self.tensor = tensor
         self.cfg = load.model_config(self.source, self.tensor)
         self.k = check_speculative(speculative, self.cfg.model.n_future_tokens, self.source.path)
         self.tokenizer = load.load_tokenizer(self.source, self.cfg, tokenizer)
@@ -59,8 +69,24 @@ class Model:
         distributed.destroy()
 
     @property
-    def is_main(self) -> bool:
-        return self.dims.rank == 0
+    def share(self) -> tuple[int, int]:
+        """(this rank's data-parallel index, the number of data-parallel groups)."""
+        return self.dims.dp_rank, self.dims.dp
+
+    @property
+    def checks(self) -> bool:
+        """Whether this rank runs its group's completions (the first of its TP group)."""
+        return self.dims.tp_rank == 0
+
+    def gather(self, records: list[dict]) -> list[dict]:
+        """Every rank's records, on every rank, in rank order."""
+        import torch.distributed as dist
+
+        if self.dims.world_size == 1:
+            return records
+        everyone = [None] * self.dims.world_size
+        dist.all_gather_object(everyone, records)
+        return [r for part in everyone for r in part]
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         from mtp_dist.generate import encode_prompts
