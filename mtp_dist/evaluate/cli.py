@@ -46,11 +46,12 @@ def summarise(problems, done: dict, ks: list[int], header: dict) -> dict:
     verifications = sum(r["verifications"] for r in records)
     heads = len(records[0]["drafts_accepted"]) if records else 0
     accepted = [sum(r["drafts_accepted"][j] for r in records) for j in range(heads)]
+    errors = Counter(r["error"] for r in records if r["error"])  # the most frequent first
     return {
         **{f"pass@{k}": round(mean_pass_at_k(counts, k), 6) for k in ks},
         "problems": len(problems),
         "samples_per_problem": n,
-        "errors": dict(Counter(r["error"] for r in records if r["error"]).most_common()),
+        "errors": dict(sorted(errors.items(), key=lambda e: (-e[1], e[0]))),
         "tokens_per_forward": round(tokens / max(1, forwards), 4),
         "acceptance": {
             str(j + 2): round(a / max(1, verifications), 4) for j, a in enumerate(accepted)
