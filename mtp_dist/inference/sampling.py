@@ -3,9 +3,10 @@ per sequence, and self-speculative sampling that keeps head 1's distribution exa
 
 Reproducibility: each sequence draws from its own torch.Generator, seeded from (the seed, the
 prompt's token ids, the sample index) by sequence_seed, and consumes a fixed number of uniforms
-per forward whatever happens in it (one per token in plain sampling; 2K-1 per verifying forward
-with K heads). Draws are an inverse-CDF lookup in float64 on CPU over the full vocabulary,
-gathered from the vocab-parallel logits, so that every tensor-parallel rank draws the same token
+per forward whatever happens in it (K at the prompt's forward with K heads, then 2K-1 per
+verifying forward; K=1, plain sampling: one per token). Draws are an inverse-CDF lookup in
+float64 on CPU over the full vocabulary, gathered from the vocab-parallel logits, so that every
+tensor-parallel rank draws the same token
 and the result does not depend on the TP layout, on --batch or on the other sequences of a batch
 (up to the floating-point differences of the logits themselves, which can move a draw only when
 its uniform falls within rounding of a boundary of the cumulative distribution).
@@ -37,7 +38,7 @@ class Sampling:
     temperature: float = 1.0
     """0: greedy (the decoder's argmax path); > 0: sample from softmax(logits / temperature)."""
     top_k: int = 0
-    """Keep the k most likely tokens (0: all)."""
+    """Keep the k most likely tokens (0: all; tokens tied with the k-th stay too)."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose probability reaches top_p (1: all)."""
     seed: int = 0
