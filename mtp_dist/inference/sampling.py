@@ -6,10 +6,10 @@ prompt's token ids, the sample index) by sequence_seed, and consumes a fixed num
 per forward whatever happens in it (K at the prompt's forward with K heads, then 2K-1 per
 verifying forward; K=1, plain sampling: one per token). Draws are an inverse-CDF lookup in
 float64 on CPU over the full vocabulary, gathered from the vocab-parallel logits, so that every
-tensor-parallel rank draws the same token
-and the result does not depend on the TP layout, on --batch or on the other sequences of a batch
-(up to the floating-point differences of the logits themselves, which can move a draw only when
-its uniform falls within rounding of a boundary of the cumulative distribution).
+tensor-parallel rank draws the same token and the result does not depend on the TP layout, on
+--batch or on the other sequences of a batch (up to the floating-point differences of the logits
+themselves, which can move a draw only when its uniform falls within rounding of a boundary of
+the cumulative distribution).
 
 Self-speculative sampling (Leviathan et al. 2023, Chen et al. 2023) with heads 2..K as the
 drafter: from the last accepted position, head j+1 proposes token j after the next one from its
