@@ -1,6 +1,8 @@
-"""`python -m mtp_dist.generate CHECKPOINT_OR_EXPORT --prompt TEXT`: greedy continuations from a
-trained model, optionally with self-speculative decoding over its extra heads (--speculative K:
-heads 2..K draft, head 1 verifies; the output is greedy decoding's, token for token).
+"""`python -m mtp_dist.generate CHECKPOINT_OR_EXPORT --prompt TEXT`: continuations from a trained
+model, greedy or sampled (--temperature > 0, --top-k, --top-p, --seed, --num-samples), optionally
+with self-speculative decoding over its extra heads (--speculative K: heads 2..K draft, head 1
+verifies; the output is greedy decoding's token for token, or follows the sampling distribution
+exactly).
 
 Prints each prompt's text and continuation, then a stats line (tokens/s, forwards, tokens per
 forward, each drafting head's acceptance rate); --json prints one JSON object per prompt instead.
@@ -93,6 +95,22 @@ def encode_prompts(tokenizer, prompts: list[str], source) -> list[list[int]]:
     return encoded
 
 
+def check_sampling(args):
+    """The sampling settings of the command line (temperature 0: greedy), each bad value
+    refused with the flag's name."""
+    from mtp_dist.inference.sampling import Sampling
+
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or more")
+    if args.top_k < 0:
+        raise UserError(f"--top-k {args.top_k}: give 0 (all tokens) or more")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: give a value in (0, 1] (1: all tokens)")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples}: give at least 1")
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+
+
 def stats(result, k: int) -> dict:
     return {
         "new_tokens": len(result.tokens),
@@ -137,9 +155,30 @@ def main(argv=None) -> int:
         "--speculative",
         type=int,
         metavar="K",
-        help="self-speculative decoding with heads 1..K (2 <= K <= n): same tokens, fewer forwards",
+        help="self-speculative decoding with heads 1..K (2 <= K <= n): greedy's tokens, or the "
+        "sampling distribution, with fewer forwards",
     )
-    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 (default): greedy; > 0: sample from the softmax of logits / temperature",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the likeliest tokens that hold probability top-p (1: all)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with the prompt and the sample index, fixes a sequence's samples (not --batch)",
+    )
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-document token")
@@ -162,6 +201,7 @@ def _main(args) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: give at least 1")
+    sampling = check_sampling(args)
     # The launcher's world (torchrun's ranks), checked: not a stale WORLD_SIZE alone.
     tensor = distributed.read_launch_env().world_size
     texts = read_prompts(args.prompt, args.prompt_file)
@@ -180,20 +220,29 @@ def _main(args) -> int:
         source.load_into(model)
         decoder = Decoder(model.eval(), cfg.model.vocab_size)
         eos = None if args.no_eos else tokenizer.eod_id
+        # Every prompt's samples in turn, batched together: (prompt, sample index) pairs.
+        pairs = [(i, s) for i in range(len(prompts)) for s in range(args.num_samples)]
         results = []
-        for first in range(0, len(prompts), args.batch):
-            batch = prompts[first : first + args.batch]
-            results += decoder.generate(batch, args.max_new_tokens, k=k, eos_id=eos)
+        for first in range(0, len(pairs), args.batch):
+            batch = pairs[first : first + args.batch]
+            results += decoder.generate(
+                [prompts[i] for i, _ in batch], args.max_new_tokens, k=k, eos_id=eos,
+                sampling=sampling, samples=[s for _, s in batch],
+            )  # fmt: skip
         seconds = sum(r.seconds for r in results[:: args.batch])
     finally:
         distributed.destroy()
     if dims.rank == 0:
-        _print(texts, prompts, results, tokenizer, k, seconds, args.json)
+        texts = [t for t in texts for _ in range(args.num_samples)]
+        prompts = [p for p in prompts for _ in range(args.num_samples)]
+        _print(texts, prompts, results, tokenizer, k, seconds, args.json, args.num_samples)
     return 0
 
 
-def _print(texts, prompts, results, tokenizer, k: int, seconds: float, as_json: bool) -> None:
-    for text, ids, result in zip(texts, prompts, results, strict=True):
+def _print(
+    texts, prompts, results, tokenizer, k: int, seconds: float, as_json: bool, samples: int = 1
+) -> None:
+    for n, (text, ids, result) in enumerate(zip(texts, prompts, results, strict=True)):
         # Decoded with the prompt, then cut: a tokenizer may join pieces across the boundary.
         prefix = tokenizer.decode(ids)
         completion = tokenizer.decode(ids + result.tokens)[len(prefix) :]
@@ -201,6 +250,7 @@ def _print(texts, prompts, results, tokenizer, k: int, seconds: float, as_json: 
         if as_json:
             record = {
                 "prompt": text,
+                "sample": n % samples,
                 "completion": completion,
                 "tokens": result.tokens,
                 "finish_reason": result.finish_reason,

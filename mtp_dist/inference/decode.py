@@ -1,4 +1,5 @@
-"""Greedy and self-speculative decoding with the training model's own layers and a KV cache.
+"""Greedy and self-speculative decoding, and sampling (sampling.py), with the training model's
+own layers and a KV cache.
 
 Self-speculative decoding with k heads (the paper's Section 3.2, after Stern et al. 2018): at
 the last accepted position, heads 2..k draft the k-1 tokens after head 1's next token. One
@@ -9,7 +10,9 @@ head 1's own token after it. The caches keep the accepted tokens (cache.KVCache.
 heads 2..k, which ran over the same chunk, draft again from the last accepted position. The
 output is greedy decoding's, token for token; each forward yields 1..k tokens.
 
-Greedy decoding is the case k=1: a chunk of one token, no drafts.
+Greedy decoding is the case k=1: a chunk of one token, no drafts. With a temperature > 0 the
+same loop samples: a sampling.Sampler draws the tokens and drafts and decides which drafts to
+accept (the speculative-sampling rule), where greedy (_Greedy) takes argmaxes and compares.
 
 Logits are vocab-parallel [s, b, V/tp]; the greedy token is the argmax over the whole
 vocabulary (a max and an index gathered over the tensor-parallel ranks), never a padding entry.
@@ -28,6 +31,7 @@ from torch import Tensor
 from mtp_dist.distributed import collective_device
 from mtp_dist.inference.cache import KVCache
 from mtp_dist.inference.packed_linear import packed_weights
+from mtp_dist.inference.sampling import Sampler, Sampling, sequence_seed
 
 
 def vocab_parallel_argmax(logits: Tensor, vocab_size: int) -> Tensor:
@@ -128,19 +132,30 @@ class Decoder:
         max_new_tokens: int,
         k: int = 1,
         eos_id: int | None = None,
+        sampling: Sampling | None = None,
+        samples: list[int] | None = None,
     ) -> list[Generation]:
-        """Greedy continuations of a batch of prompts (token ids), with self-speculative
-        decoding over heads 1..k if k >= 2 (k <= the model's n)."""
+        """Continuations of a batch of prompts (token ids), with self-speculative decoding over
+        heads 1..k if k >= 2 (k <= the model's n). Greedy unless `sampling` has a temperature
+        > 0; then samples[i] (default 0) is prompt i's sample index, which with the seed and
+        the prompt seeds its random stream (sampling.py)."""
         start = time.perf_counter()
+        if sampling is None or sampling.greedy:
+            chooser = _Greedy(self, k)
+        else:
+            samples = samples or [0] * len(prompts)
+            pairs = zip(prompts, samples, strict=True)
+            seeds = [sequence_seed(sampling.seed, p, i) for p, i in pairs]
+            chooser = Sampler(self.model.unembed, self.vocab_size, sampling, seeds, k)
         with packed_weights(self.model, self.packed_weights):
-            results = self._generate(prompts, max_new_tokens, k, eos_id)
+            results = self._generate(prompts, max_new_tokens, k, eos_id, chooser)
         seconds = time.perf_counter() - start
         for r in results:
             r.seconds = seconds
         return results
 
     def _generate(
-        self, prompts: list[list[int]], max_new_tokens: int, k: int, eos_id: int | None
+        self, prompts: list[list[int]], max_new_tokens: int, k: int, eos_id: int | None, chooser
     ) -> list[Generation]:
         n = self.model.n_future_tokens
         assert 1 <= k <= n, f"k={k} must be in 1..n={n}"
@@ -161,7 +176,7 @@ class Decoder:
         hidden = self._forward(padded, cache, k)
         cache.keep(lengths)
         # Every head at each prompt's last position: head 1's token, heads 2..k's drafts.
-        guesses = self._greedy([hs[lengths - 1, rows][None] for hs in hidden])[:, 0].T
+        guesses = chooser.start([hs[lengths - 1, rows] for hs in hidden]).to(self.device)
         ongoing = []
         for b in range(batch):
             results[b].forwards += 1
@@ -169,21 +184,13 @@ class Decoder:
             ongoing.append(self._commit(results[b], first, limits[b], len(prompts[b]), eos_id))
         index = list(range(batch))  # batch row -> prompt: finished sequences leave the batch
         while True:
-            guesses, index = self._drop_finished(cache, guesses, index, ongoing)
+            guesses, index = self._drop_finished(cache, chooser, guesses, index, ongoing)
             if not index:
                 break
-            rows = torch.arange(len(index), device=self.device)
             chunk = guesses  # [b, k]: the last token (head 1's), then the drafts
             hidden = self._forward(chunk, cache, k)
-            verified = self._greedy(hidden[:1])[0].T  # [b, k]: head 1 after each chunk token
-            agree = (chunk[:, 1:] == verified[:, :-1]).long().cumprod(dim=1)
-            accepted = agree.sum(dim=1)  # [b]: drafts accepted
+            accepted, guesses = chooser.verify(chunk, hidden)
             cache.keep(accepted + 1)
-            # Head 1's token after the last accepted one, and the drafts from that position.
-            guesses = verified[rows, accepted][:, None]
-            if k > 1:
-                drafts = self._greedy([hs[accepted, rows][None] for hs in hidden[1:]])[:, 0]
-                guesses = torch.cat([guesses, drafts.T], dim=1)
             ongoing = []
             for row, b in enumerate(index):
                 r, a = results[b], int(accepted[row])
@@ -197,7 +204,7 @@ class Decoder:
 
     @staticmethod
     def _drop_finished(
-        cache: KVCache, guesses: Tensor, index: list[int], ongoing: list[bool]
+        cache: KVCache, chooser, guesses: Tensor, index: list[int], ongoing: list[bool]
     ) -> tuple[Tensor, list[int]]:
         """The batch without its finished rows (their compute would be wasted)."""
         if all(ongoing):
@@ -205,6 +212,7 @@ class Decoder:
         keep = [row for row, going in enumerate(ongoing) if going]
         selected = torch.tensor(keep, dtype=torch.long, device=guesses.device)
         cache.select(selected)
+        chooser.select(keep)
         return guesses[selected], [index[row] for row in keep]
 
     @staticmethod
@@ -222,6 +230,32 @@ class Decoder:
                 result.finish_reason = "length"
                 return False
         return True
+
+
+class _Greedy:
+    """The decoder's token choice without sampling (sampling.Sampler's interface): head 1's
+    argmax, heads 2..k's argmax drafts; a draft is accepted if it is head 1's token."""
+
+    def __init__(self, decoder: Decoder, k: int):
+        self.decoder, self.k = decoder, k
+
+    def select(self, rows: list[int]) -> None:
+        pass
+
+    def start(self, last: list[Tensor]) -> Tensor:
+        return self.decoder._greedy([h[None] for h in last])[:, 0].T
+
+    def verify(self, chunk: Tensor, hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(chunk.shape[0], device=chunk.device)
+        verified = self.decoder._greedy(hidden[:1])[0].T  # [b, k]: head 1 after each token
+        agree = (chunk[:, 1:] == verified[:, :-1]).long().cumprod(dim=1)
+        accepted = agree.sum(dim=1)  # [b]: drafts accepted
+        # Head 1's token after the last accepted one, and the drafts from that position.
+        guesses = verified[rows, accepted][:, None]
+        if self.k > 1:
+            drafts = self.decoder._greedy([hs[accepted, rows][None] for hs in hidden[1:]])[:, 0]
+            guesses = torch.cat([guesses, drafts.T], dim=1)
+        return accepted, guesses
 
 
 @torch.no_grad()

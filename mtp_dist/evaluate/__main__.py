@@ -1,0 +1,5 @@
+import sys
+
+from mtp_dist.evaluate.cli import main
+
+sys.exit(main())
