@@ -10,7 +10,7 @@ Layers, bottom to top (README, Layout):
   engines     engines              megatron-core and DeepSpeed behind one table
   inference   inference, sources   KV cache, greedy/speculative decoding; reading a model
   trainer     trainer, preflight (the checks before any process group), init_from
-  commands    train, export, report, demo, plan, generate
+  commands    train, export, report, demo, plan, generate, evaluate
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ LAYERS = [
         "mtp_dist.demo",
         "mtp_dist.plan",
         "mtp_dist.generate",
+        "mtp_dist.evaluate",
     ),
 ]
 
