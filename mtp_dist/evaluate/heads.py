@@ -21,22 +21,29 @@ position t is therefore accepted when
 
     d_j[t] == g[t + j - 1]   for every j in 2..k,
 
-over the positions t where all n-1 drafts have a target inside the window (t <= seq_length - n,
-so that every head is counted over the same positions and the rates fall with k). The rate of
-head k is the decoder's per-head acceptance (Generation.acceptance: the fraction of verifying
-forwards that accepted its draft and every draft before it), and a verifying forward with
-heads 1..K yields 1 + (accepted drafts) tokens, so K heads give on average
+wherever all n-1 drafts have a target inside the window (t <= seq_length - n). The decoder
+does not verify at every position: after a forward at p that accepts a drafts it verifies next
+at p + a + 1. Where acceptance comes in runs (a stretch of easy text: long jumps, few forwards;
+a hard one: a forward per token) the rate per forward is lower than the rate per position, so
+the acceptance reported is the decoder's walk, replayed on the teacher-forced events: for each
+K, from the window's first position, p -> p + a_K(p) + 1 with a_K(p) the drafts of heads 2..K
+accepted at p, counting forwards and accepted drafts. Head k's `acceptance` is the fraction of
+the walk's forwards (K = n) that accepted its draft and every earlier one, which is the
+decoder's per-head acceptance (Generation.acceptance), and
 
-    tokens per forward (K) = 1 + sum over k = 2..K of acceptance(k).
+    tokens per forward (K) = 1 + (accepted drafts of the K walk) / (its forwards),
+
+the decoder's tokens per verifying forward. `acceptance_any_position` is the same event's rate
+over every position (higher than `acceptance` by as much as acceptance is clustered).
 
 Which tokens it conditions on. Here head 1's g[t + j - 1] sees the data's tokens up to t+j-1,
-where the decoder's head 1 sees its own greedy tokens. Both are the same thing when the
-sequence is the model's own greedy text: over `prompt + greedy continuation`, g[t] is the next
-token of the sequence, so the rule above is exactly the decoder's, position by position
-(tests/test_evaluate_heads.py replays the decoder's verifying positions on it and gets its
-counts exactly, and the average over all positions agrees with the decoder's measured rates
-within sampling noise). On held-out data the estimate is for text like the data: the decoder
-continuing with its own, usually more predictable, greedy text tends to accept more.
+where the decoder's head 1 sees its own greedy tokens. The two are the same when the sequence
+is the model's own greedy text: over `prompt + greedy continuation`, g[t] is the next token of
+the sequence, so the walk from the prompt's last position is the decoder's run, forward by
+forward (tests/test_evaluate_heads.py gets the decoder's counts exactly, and the rates on one
+set of prompts predict the decoder's on another within sampling noise). On held-out data the
+numbers are for text like the data; the decoder, continuing with its own and usually more
+predictable greedy text, tends to accept more (the tests measure both).
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ def held_out_windows(
     verify_indices(shards)
     bounds = (0.0, 1.0)
     if split != "all":
-        bounds = split_bounds(split_spec)[SPLITS.index(split) - 1]
+        bounds = split_bounds(split_spec)[SPLITS.index(split)]  # "all" stands where "train" is
         if bounds is None:
             raise DataError(f"data.split {split_spec!r} gives the {split} split nothing")
     pending = np.zeros(0, dtype=np.int64)
@@ -109,7 +116,8 @@ def split_bounds(spec: str) -> list[tuple[float, float] | None]:
 
     from mtp_dist.config import parse_split
 
-    return convert_split_vector_to_split_matrix(parse_split(spec))
+    parts = parse_split(spec)
+    return convert_split_vector_to_split_matrix([x / sum(parts) for x in parts])
 
 
 @dataclass
@@ -123,16 +131,29 @@ class Tally:
     targets: int = 0
     """Positions per head (the same for every head)."""
     accepted: list[int] = field(default_factory=list)
-    """Per drafting head (2..n): positions whose draft was accepted with all earlier ones."""
+    """Per drafting head (2..n), over every draft position: drafts accepted with all earlier."""
     draft_positions: int = 0
+    walks: dict = field(default_factory=dict)
+    """K -> [verifications, accepted drafts of heads 2..K] of the decoder's walk (walk())."""
 
     def __post_init__(self):
         self.loss = self.loss or [0.0] * self.n
         self.correct = self.correct or [0] * self.n
         self.accepted = self.accepted or [0] * (self.n - 1)
+        self.walks = self.walks or {k: [0, [0] * (k - 1)] for k in range(2, self.n + 1)}
+
+    def add_acceptance(self, accepted: Tensor, start: int = 0) -> None:
+        """accepted_drafts() of some sequences; the decoder's walks start at position `start`."""
+        self.draft_positions += accepted.shape[1] * accepted.shape[2]
+        for k in range(self.n - 1):
+            self.accepted[k] += int(accepted[k].sum())
+        for K, (verifications, counts) in self.walks.items():
+            v, c = walk(accepted, K, start)
+            self.walks[K] = [verifications + v, [a + b for a, b in zip(counts, c, strict=True)]]
 
     def summary(self) -> dict:
         heads = []
+        full = self.walks.get(self.n)
         for i in range(self.n):
             head = {
                 "head": i + 1,
@@ -140,17 +161,37 @@ class Tally:
                 "accuracy": round(self.correct[i] / max(1, self.targets), 4),
             }
             if i:
-                head["acceptance"] = round(self.accepted[i - 1] / max(1, self.draft_positions), 4)
+                head["acceptance"] = round(full[1][i - 1] / max(1, full[0]), 4)
+                head["acceptance_any_position"] = round(
+                    self.accepted[i - 1] / max(1, self.draft_positions), 4
+                )
             heads.append(head)
-        rates = [a / max(1, self.draft_positions) for a in self.accepted]
-        per_forward = {str(k): round(1 + sum(rates[: k - 1]), 4) for k in range(2, self.n + 1)}
+        per_forward = {str(k): round(1 + sum(c) / max(1, v), 4) for k, (v, c) in self.walks.items()}
         return {
             "windows": self.windows,
             "positions": self.targets,
-            "draft_positions": self.draft_positions,
+            "verifications": full[0] if full else 0,
             "heads": heads,
             "tokens_per_forward": per_forward,
         }
+
+
+def walk(accepted: Tensor, K: int, start: int = 0) -> tuple[int, list[int]]:
+    """The decoder's verifying forwards with heads 1..K over each sequence of accepted_drafts()
+    [n-1, positions, b]: the first at `start`, each next one after the drafts it accepted and
+    head 1's token (p -> p + accepted + 1), while the drafts' targets are in the sequence.
+    (verifications, accepted drafts of heads 2..K)."""
+    leading = accepted[: K - 1].sum(dim=0).T.tolist()  # [b][positions]: drafts accepted at p
+    verifications, counts = 0, [0] * (K - 1)
+    for row in leading:
+        p = start
+        while p < len(row):
+            a = row[p]
+            verifications += 1
+            for k in range(a):
+                counts[k] += 1
+            p += a + 1
+    return verifications, counts
 
 
 def accepted_drafts(argmax: Tensor) -> Tensor:
@@ -188,24 +229,23 @@ def tally_windows(model, windows: Tensor, vocab_size: int, tally: Tally) -> None
         argmax.append(vocab_parallel_argmax(logits, vocab_size))
         tally.correct[i] += int((argmax[-1] == targets[i]).sum())
         del logits
-    accepted = accepted_drafts(torch.stack(argmax))
-    for k in range(n - 1):
-        tally.accepted[k] += int(accepted[k].sum())
+    tally.add_acceptance(accepted_drafts(torch.stack(argmax)))
     tally.windows += windows.shape[0]
     tally.targets += s * windows.shape[0]
-    tally.draft_positions += accepted.shape[1] * windows.shape[0]
 
 
 def table(summary: dict) -> str:
     d = summary["data"]
     lines = [
         f"Heads on {d['path']} ({d['split']}): {summary['windows']} windows, "
-        f"{summary['positions']} positions per head",
-        f"  {'head':>4}  {'loss':>7}  {'top-1':>6}  {'acceptance':>10}",
+        f"{summary['positions']} positions per head, {summary['verifications']} verifying "
+        "forwards (K=n)",
+        f"  {'head':>4}  {'loss':>7}  {'top-1':>6}  {'acceptance':>10}  {'any position':>12}",
     ]
     for h in summary["heads"]:
-        acceptance = f"{h['acceptance']:.4f}" if "acceptance" in h else "-"
-        lines.append(f"  {h['head']:>4}  {h['loss']:7.4f}  {h['accuracy']:6.4f}  {acceptance:>10}")
+        a = f"{h['acceptance']:.4f}" if "acceptance" in h else "-"
+        b = f"{h['acceptance_any_position']:.4f}" if "acceptance" in h else "-"
+        lines.append(f"  {h['head']:>4}  {h['loss']:7.4f}  {h['accuracy']:6.4f}  {a:>10}  {b:>12}")
     if summary["tokens_per_forward"]:
         lines.append(
             "  tokens/forward (greedy, self-speculative): "
