@@ -189,6 +189,26 @@ def test_the_command_and_the_models_own_losses(setup):
     assert f"K=4 {got['tokens_per_forward']['4']:.3f}" in table.stdout
 
 
+def test_a_model_with_one_head(setup, tmp_path):
+    """n=1: head 1's loss and accuracy, no acceptance, no tokens per forward."""
+    from mtp_dist.checkpointing import export_consolidated
+    from mtp_dist.config import Config, DataConfig
+    from mtp_dist.model.model import build_model
+    from mtp_dist.model.weights import init_weights
+    from tests.test_generate import tiny_config
+
+    one = build_model(tiny_config(n=1))
+    init_weights(one, seed=1)
+    config = Config(model=tiny_config(n=1), data=DataConfig(synthetic=True, tokenizer="byte"))
+    export = export_consolidated(one, tmp_path / "n1.pt", config.to_dict(), 0)
+    run = heads(str(export), "--data", str(setup[3]), "--max-windows", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert [sorted(h) for h in got["heads"]] == [["accuracy", "head", "loss"]]
+    assert got["tokens_per_forward"] == {} and got["verifications"] == 0
+    assert heads(str(export), "--data", str(setup[3]), "--max-windows", "2").returncode == 0
+
+
 def test_validation_split(setup):
     """--split valid reads the documents of the model's data.split's validation part: here
     (98,1,1 of 100 documents of 301 tokens in one shard) document 98 alone."""

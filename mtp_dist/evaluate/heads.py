@@ -229,7 +229,8 @@ def tally_windows(model, windows: Tensor, vocab_size: int, tally: Tally) -> None
         argmax.append(vocab_parallel_argmax(logits, vocab_size))
         tally.correct[i] += int((argmax[-1] == targets[i]).sum())
         del logits
-    tally.add_acceptance(accepted_drafts(torch.stack(argmax)))
+    if n > 1:  # a model with one head drafts nothing
+        tally.add_acceptance(accepted_drafts(torch.stack(argmax)))
     tally.windows += windows.shape[0]
     tally.targets += s * windows.shape[0]
 
