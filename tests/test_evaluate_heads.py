@@ -189,6 +189,31 @@ def test_the_command_and_the_models_own_losses(setup):
     assert f"K=4 {got['tokens_per_forward']['4']:.3f}" in table.stdout
 
 
+def test_greedy_prompt_predicts_the_decoder_on_those_prompts(setup):
+    """--greedy-prompt P: acceptance on each window's first P tokens continued greedily. The
+    decoder with K=n on the same prompts, to the model's context, measures the same rates up to
+    its last few forwards (whose drafts reach past the context, where the walk stops): within
+    0.02 here; losses are still the data's."""
+    from mtp_dist.inference.decode import Decoder
+
+    cfg, model, export, shards = setup
+    n, s = cfg.n_future_tokens, cfg.seq_length
+    args = ("--data", str(shards), "--max-windows", "16", "--batch", "8", "--json")
+    run = heads(str(export), *args, "--greedy-prompt", str(PROMPT))
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    on_data = json.loads(heads(str(export), *args).stdout)
+    assert got["data"]["acceptance_on"] == f"greedy continuations of {PROMPT}-token prompts"
+    assert [h["loss"] for h in got["heads"]] == [h["loss"] for h in on_data["heads"]]
+    prompts = [w[:PROMPT].tolist() for w in windows_of(cfg, shards, limit=16)]
+    measured = Decoder(model, cfg.vocab_size).generate(prompts, s - PROMPT, k=n)
+    V = sum(m.verifications for m in measured)
+    for k in range(2, n + 1):
+        rate = sum(m.drafts_accepted[k - 2] for m in measured) / V
+        assert got["heads"][k - 1]["acceptance"] == pytest.approx(rate, abs=0.02), k
+    assert got["heads"][1]["acceptance"] != on_data["heads"][1]["acceptance"]
+
+
 def test_a_model_with_one_head(setup, tmp_path):
     """n=1: head 1's loss and accuracy, no acceptance, no tokens per forward."""
     from mtp_dist.checkpointing import export_consolidated

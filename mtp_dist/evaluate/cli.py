@@ -189,7 +189,13 @@ def heads(args) -> int:
     (evaluate/heads.py defines every number)."""
     import torch
 
-    from mtp_dist.evaluate.heads import Tally, held_out_windows, table, tally_windows
+    from mtp_dist.evaluate.heads import (
+        Tally,
+        held_out_windows,
+        table,
+        tally_greedy_acceptance,
+        tally_windows,
+    )
     from mtp_dist.evaluate.model import Model
 
     for flag, value in (("--max-windows", args.max_windows), ("--batch", args.batch)):
@@ -197,6 +203,12 @@ def heads(args) -> int:
             raise UserError(f"{flag} {value}: give at least 1")
     model = Model(args.source, args.tokenizer, None)
     n, s = model.cfg.model.n_future_tokens, model.cfg.model.seq_length
+    prompt = args.greedy_prompt
+    if prompt is not None and not 1 <= prompt <= s - n:
+        raise UserError(
+            f"--greedy-prompt {prompt}: give 1..{s - n} (model.seq_length - n), so that the "
+            "greedy continuation has positions whose drafts can be checked"
+        )
     windows = held_out_windows(
         args.data, args.split, model.cfg.data.split, model.cfg.model.vocab_size,
         model.tokenizer.identity_hash, s + n,
@@ -208,17 +220,26 @@ def heads(args) -> int:
             f"--data {args.data} ({args.split}) holds fewer than one window of {s + n} tokens "
             "(model.seq_length + n): give more data"
         )
+
+    def add(batch) -> None:
+        windows = torch.stack(batch)
+        tally_windows(model.network, windows, model.vocab, tally, acceptance=prompt is None)
+        if prompt is not None and n > 1:
+            decoder = model.decoder
+            tally_greedy_acceptance(model.network, decoder, windows, prompt, model.vocab, tally)
+
     with model:
         for w in _limited([first], windows, args.max_windows):
             batch.append(torch.from_numpy(w))
             if len(batch) == args.batch:
-                tally_windows(model.network, torch.stack(batch), model.vocab, tally)
+                add(batch)
                 batch = []
         if batch:
-            tally_windows(model.network, torch.stack(batch), model.vocab, tally)
+            add(batch)
+    on = "the data" if prompt is None else f"greedy continuations of {prompt}-token prompts"
     summary = {
         **tally.summary(),
-        "data": {"path": str(args.data.resolve()), "split": args.split},
+        "data": {"path": str(args.data.resolve()), "split": args.split, "acceptance_on": on},
         "model": model.identity,
     }
     print(json.dumps(summary) if args.json else table(summary))
@@ -277,6 +298,14 @@ def main(argv=None) -> int:
         "--max-windows", "--limit", type=int, help="the first N windows only (default: all)"
     )
     e.add_argument("--batch", type=int, default=8, help="windows per forward (default 8)")
+    e.add_argument(
+        "--greedy-prompt",
+        type=int,
+        metavar="P",
+        help="acceptance on the model's own greedy text, as `generate --speculative` meets it: "
+        "each window's first P tokens continued greedily to model.seq_length (default: on the "
+        "data's tokens, one forward per window)",
+    )
     e.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     e.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     e.add_argument("--verbose", action="store_true", help="show upstream packages' warnings")

@@ -43,7 +43,12 @@ the sequence, so the walk from the prompt's last position is the decoder's run, 
 forward (tests/test_evaluate_heads.py gets the decoder's counts exactly, and the rates on one
 set of prompts predict the decoder's on another within sampling noise). On held-out data the
 numbers are for text like the data; the decoder, continuing with its own and usually more
-predictable greedy text, tends to accept more (the tests measure both).
+predictable greedy text, tends to accept more (the tests measure both). To predict what
+`generate --speculative` gets on prompts like the data's, `--greedy-prompt P`
+(tally_greedy_acceptance) takes each window's first P tokens as a prompt, continues it greedily
+to the model's context, and walks the teacher-forced events of that text from the prompt's last
+position: the decoder's run, up to its last few forwards, for one greedy generation and one
+forward per window; loss and accuracy stay the data's.
 """
 
 from __future__ import annotations
@@ -206,9 +211,12 @@ def accepted_drafts(argmax: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def tally_windows(model, windows: Tensor, vocab_size: int, tally: Tally) -> None:
+def tally_windows(
+    model, windows: Tensor, vocab_size: int, tally: Tally, acceptance: bool = True
+) -> None:
     """Add windows [b, seq_length + n] to the tally: one forward of the trunk, then each head
-    in turn (one head's logits alive at a time)."""
+    in turn (one head's logits alive at a time); acceptance on the windows' tokens unless
+    told not to (tally_greedy_acceptance gives it instead)."""
     from megatron.core import tensor_parallel
 
     from mtp_dist.inference.decode import vocab_parallel_argmax
@@ -229,10 +237,33 @@ def tally_windows(model, windows: Tensor, vocab_size: int, tally: Tally) -> None
         argmax.append(vocab_parallel_argmax(logits, vocab_size))
         tally.correct[i] += int((argmax[-1] == targets[i]).sum())
         del logits
-    if n > 1:  # a model with one head drafts nothing
+    if acceptance and n > 1:  # a model with one head drafts nothing
         tally.add_acceptance(accepted_drafts(torch.stack(argmax)))
     tally.windows += windows.shape[0]
     tally.targets += s * windows.shape[0]
+
+
+@torch.no_grad()
+def tally_greedy_acceptance(model, decoder, windows: Tensor, prompt: int, vocab_size: int, tally):
+    """Acceptance conditioned on the model's own greedy text: each window's first `prompt`
+    tokens continued greedily to the model's seq_length, every head's argmax over that
+    sequence, and the decoder's walks from the prompt's last position (the decoder's run on
+    that prompt, forward by forward, up to the last few positions of the context)."""
+    from mtp_dist.inference.decode import vocab_parallel_argmax
+
+    prompts = [w[:prompt].tolist() for w in windows]
+    continued = decoder.generate(prompts, model.seq_length - prompt, k=1)
+    sequences = torch.tensor([p + g.tokens for p, g in zip(prompts, continued, strict=True)])
+    sequences = sequences.to(next(model.parameters()).device)
+    h = model.trunk_forward(sequences)
+    mask, rope = model._positions(sequences.shape[1], sequences.device)
+    argmax = torch.stack(
+        [
+            vocab_parallel_argmax(model.unembed(model.heads.hidden(i, h, mask, rope)), vocab_size)
+            for i in range(tally.n)
+        ]
+    )
+    tally.add_acceptance(accepted_drafts(argmax), start=prompt - 1)
 
 
 def table(summary: dict) -> str:
@@ -240,7 +271,7 @@ def table(summary: dict) -> str:
     lines = [
         f"Heads on {d['path']} ({d['split']}): {summary['windows']} windows, "
         f"{summary['positions']} positions per head, {summary['verifications']} verifying "
-        "forwards (K=n)",
+        f"forwards (K=n); acceptance on {d['acceptance_on']}",
         f"  {'head':>4}  {'loss':>7}  {'top-1':>6}  {'acceptance':>10}  {'any position':>12}",
     ]
     for h in summary["heads"]:
