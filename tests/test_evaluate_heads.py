@@ -256,6 +256,8 @@ def test_bad_input(setup, tmp_path, capsys):
     other = tmp_path / "spm"
     config = TokenizeConfig([str(tmp_path / "docs.jsonl")], str(other), spm_model(), progress=False)
     run_tokenize(config)
+    short = tmp_path / "short"  # one document of 23 tokens: no window of 68
+    run_tokenize(TokenizeConfig([str(tmp_path / "docs.jsonl")], str(short), "byte", progress=False))
     cases = [
         ([str(tmp_path / "notes.txt"), "--data", str(shards)], "cannot be read"),
         ([str(export), "--data", str(tmp_path / "empty")], "no manifest.json"),
@@ -263,6 +265,8 @@ def test_bad_input(setup, tmp_path, capsys):
         ([str(export), "--data", str(other)], "not tokenized with the model's tokenizer"),
         ([str(export), "--data", str(shards), "--max-windows", "0"], "--max-windows 0"),
         ([str(export), "--data", str(shards), "--batch", "0"], "--batch 0"),
+        ([str(export), "--data", str(shards), "--greedy-prompt", "61"], "give 1..60"),
+        ([str(export), "--data", str(short), "--split", "all"], "fewer than one window"),
     ]
     for args, message in cases:
         assert main(["heads", *args]) == 2
