@@ -1,4 +1,6 @@
-"""`python -m mtp_dist.evaluate humaneval SOURCE`: HumanEval pass@k of a trained model.
+"""`python -m mtp_dist.evaluate humaneval SOURCE`: HumanEval pass@k of a trained model;
+`python -m mtp_dist.evaluate heads SOURCE --data DIR`: each head's loss, top-1 accuracy and
+teacher-forced self-speculative acceptance on held-out shards (evaluate/heads.py).
 
 Each problem's prompt as is (after an end-of-document token, as `generate` starts a document),
 --num-samples continuations per problem (greedy at --temperature 0, the default; sampled
@@ -182,6 +184,74 @@ def _sample_and_check(model, problems, encoded, batch, sampling, args) -> list[d
     ]  # fmt: skip
 
 
+def heads(args) -> int:
+    """Each head's loss, top-1 accuracy and teacher-forced acceptance on held-out windows
+    (evaluate/heads.py defines every number)."""
+    import torch
+
+    from mtp_dist.evaluate.heads import (
+        Tally,
+        held_out_windows,
+        table,
+        tally_greedy_acceptance,
+        tally_windows,
+    )
+    from mtp_dist.evaluate.model import Model
+
+    for flag, value in (("--max-windows", args.max_windows), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: give at least 1")
+    model = Model(args.source, args.tokenizer, None)
+    n, s = model.cfg.model.n_future_tokens, model.cfg.model.seq_length
+    prompt = args.greedy_prompt
+    if prompt is not None and not 1 <= prompt <= s - n:
+        raise UserError(
+            f"--greedy-prompt {prompt}: give 1..{s - n} (model.seq_length - n), so that the "
+            "greedy continuation has positions whose drafts can be checked"
+        )
+    windows = held_out_windows(
+        args.data, args.split, model.cfg.data.split, model.cfg.model.vocab_size,
+        model.tokenizer.identity_hash, s + n,
+    )  # fmt: skip
+    batch, tally = [], Tally(n)
+    first = next(windows, None)  # the data's errors before the model is loaded
+    if first is None:
+        raise UserError(
+            f"--data {args.data} ({args.split}) holds fewer than one window of {s + n} tokens "
+            "(model.seq_length + n): give more data"
+        )
+
+    def add(batch) -> None:
+        windows = torch.stack(batch)
+        tally_windows(model.network, windows, model.vocab, tally, acceptance=prompt is None)
+        if prompt is not None and n > 1:
+            decoder = model.decoder
+            tally_greedy_acceptance(model.network, decoder, windows, prompt, model.vocab, tally)
+
+    with model:
+        for w in _limited([first], windows, args.max_windows):
+            batch.append(torch.from_numpy(w))
+            if len(batch) == args.batch:
+                add(batch)
+                batch = []
+        if batch:
+            add(batch)
+    on = "the data" if prompt is None else f"greedy continuations of {prompt}-token prompts"
+    summary = {
+        **tally.summary(),
+        "data": {"path": str(args.data.resolve()), "split": args.split, "acceptance_on": on},
+        "model": model.identity,
+    }
+    print(json.dumps(summary) if args.json else table(summary))
+    return 0
+
+
+def _limited(head: list, rest, limit: int | None):
+    import itertools
+
+    return itertools.islice(itertools.chain(head, rest), limit)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtp_dist.evaluate", description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
@@ -210,12 +280,41 @@ def main(argv=None) -> int:
     h.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     h.add_argument("--json", action="store_true", help="also print the summary as JSON")
     h.add_argument("--verbose", action="store_true", help="show upstream packages' warnings")
+    e = commands.add_parser("heads", help="per-head loss, accuracy, acceptance on held-out data")
+    e.description = "Per-head loss, top-1 accuracy and teacher-forced self-speculative acceptance "
+    e.description += "on held-out shards (see mtp_dist/evaluate/heads.py for each number)."
+    e.add_argument("source", type=Path, help="any model source `generate` reads")
+    e.add_argument(
+        "--data", type=Path, required=True, help="a directory of shards (`data_prep tokenize`)"
+    )
+    e.add_argument(
+        "--split",
+        choices=("all", "valid", "test"),
+        default="all",
+        help="all (default): every document; valid/test: that part of each shard under the "
+        "model's data.split (what training held out)",
+    )
+    e.add_argument(
+        "--max-windows", "--limit", type=int, help="the first N windows only (default: all)"
+    )
+    e.add_argument("--batch", type=int, default=8, help="windows per forward (default 8)")
+    e.add_argument(
+        "--greedy-prompt",
+        type=int,
+        metavar="P",
+        help="acceptance on the model's own greedy text, as `generate --speculative` meets it: "
+        "each window's first P tokens continued greedily to model.seq_length (default: on the "
+        "data's tokens, one forward per window)",
+    )
+    e.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
+    e.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    e.add_argument("--verbose", action="store_true", help="show upstream packages' warnings")
     args = p.parse_args(argv)
 
     def run() -> int:
         from mtp_dist.compat import quiet_upstream_warnings
 
         quiet_upstream_warnings(args.verbose)
-        return humaneval(args)
+        return heads(args) if args.command == "heads" else humaneval(args)
 
     return run_cli(run)

@@ -34,7 +34,7 @@ class Model:
         self.cfg = self.source.config_at(self.tensor)
         self.k = check_speculative(speculative, self.cfg.model.n_future_tokens, self.source.path)
         self.tokenizer = sources.load_tokenizer(self.source, tokenizer)
-        self.decoder = None
+        self.decoder = self.network = None
 
     @property
     def identity(self) -> dict:
@@ -60,8 +60,14 @@ class Model:
         except BaseException:
             distributed.destroy()
             raise
-        self.decoder = Decoder(model.eval(), self.cfg.model.vocab_size)
+        self.network = model.eval()
+        self.decoder = Decoder(self.network, self.cfg.model.vocab_size)
         return self
+
+    @property
+    def vocab(self) -> int:
+        """The tokenizer's vocabulary size (the unembedding's padding is never chosen)."""
+        return self.cfg.model.vocab_size
 
     def __exit__(self, *exc) -> None:
         from mtp_dist import distributed
