@@ -51,7 +51,15 @@ def setup(megatron_1proc, tmp_path_factory):
     run_tokenize(
         TokenizeConfig([str(root / "docs.jsonl")], str(shards), "byte", progress=False)
     )  # fmt: skip
-    yield cfg, model, export, shards
+    # The model as the command sees it: read back from the export. An export keeps the
+    # vocabulary without its padding rows, and a load fills them with zeros; the padded
+    # logits then differ, and the cross-entropy over the padded vocabulary with them.
+    from mtp_dist import sources
+    from mtp_dist.model.model import build_model
+
+    loaded = build_model(cfg)
+    sources.open_source(export).load_into(loaded)
+    yield cfg, loaded.eval(), export, shards
     torch.set_num_threads(threads)
 
 
