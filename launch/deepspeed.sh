@@ -18,6 +18,9 @@ NPROC=$1
 CONFIG=$2
 shift 2
 [[ $NPROC =~ ^[1-9][0-9]*$ ]] || fail "NPROC_PER_NODE=$NPROC is not a positive number of processes"
+if [ -n "${MASTER_PORT:-}" ]; then
+  [[ $MASTER_PORT =~ ^[1-9][0-9]{0,4}$ ]] && [ "$MASTER_PORT" -le 65535 ] || fail "MASTER_PORT=$MASTER_PORT is not a port: give 1..65535"
+fi
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

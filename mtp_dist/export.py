@@ -28,7 +28,7 @@ def export(source_path: Path, out: Path, fmt: str = "pt", tokenizer: str | None 
     from mtp_dist.model import hf_dir
 
     source = sources.open_source(source_path)
-    check_not_an_input(out, [source.path], "the export")
+    check_not_an_input(out, [source.path], "the export", within=True)
     config = source.config.to_dict()
     if fmt == "pt":
         state = source.full_state(source.config.train.seed)

@@ -62,13 +62,17 @@ def umask() -> int:
     return mask
 
 
-def check_not_an_input(outputs, inputs, what: str) -> None:
+def check_not_an_input(outputs, inputs, what: str, within: bool = False) -> None:
     """Refuse output paths that are among the command's inputs: no command writes over a file
-    it reads (a symlink to one, or a hard link where the output exists, counts as the same)."""
+    it reads (a symlink to one, or a hard link where the output exists, counts as the same).
+    within: an input directory is read whole (a checkpoint): nothing may be written inside."""
     outputs = [outputs] if isinstance(outputs, (str, os.PathLike)) else list(outputs)
     given = {os.path.realpath(p): p for p in inputs}
     for out in outputs:
-        same = given.get(os.path.realpath(out))
+        real = os.path.realpath(out)
+        same = given.get(real)
+        if same is None and within:
+            same = next((p for r, p in given.items() if real.startswith(r + os.sep)), None)
         if same is None and os.path.exists(out) and len(given) < 64:
             same = next((p for p in given.values() if _same_file(out, p)), None)
         if same is not None:

@@ -60,7 +60,6 @@ class ModelSource:
     """The identity hash of the tokenizer the model was trained with (data_prep's), if known."""
     what: str = ""
     """How messages name the source's role, e.g. "model.init_from"."""
-    _meta: dict | None = field(default=None, repr=False)
     _llama: object | None = field(default=None, repr=False)
     _state: dict | None = field(default=None, repr=False)
 
@@ -186,9 +185,7 @@ def open_source(path: str | os.PathLike, what: str = "") -> ModelSource:
     if not isinstance(engine, str):
         raise ckpt.CheckpointError(f"{checkpoint}/{ckpt.META} is corrupt (engine={engine!r})")
     tokenizer_hash = _hash(meta.get("tokenizer_hash"), checkpoint / ckpt.META)
-    return ModelSource(
-        checkpoint, "checkpoint", cfg, meta["step"], engine, tokenizer_hash, what, _meta=meta
-    )
+    return ModelSource(checkpoint, "checkpoint", cfg, meta["step"], engine, tokenizer_hash, what)
 
 
 def _export(path: Path, what: str) -> ModelSource:

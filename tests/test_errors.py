@@ -277,6 +277,13 @@ def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
         ),
         ("deepspeed.sh", ["2"], {}, ["usage: launch/deepspeed.sh NPROC_PER_NODE CONFIG"]),
         ("deepspeed.sh", ["two", "configs/tiny.yaml"], {}, ["NPROC_PER_NODE=two"]),
+        ("deepspeed.sh", ["0", "configs/tiny.yaml"], {}, ["NPROC_PER_NODE=0"]),
+        (
+            "deepspeed.sh",
+            ["2", "configs/tiny.yaml"],
+            {"MASTER_PORT": "99999"},
+            ["MASTER_PORT=99999 is not a port"],
+        ),
         (
             "deepspeed.sh",
             ["2", "configs/tiny.yaml", "deepspeed.zero_stage=0"],

@@ -392,6 +392,9 @@ def test_export_refuses_to_destroy_its_input_or_write_nowhere(megatron_1proc, tm
     cfg = {"model": {**GQA, "n_future_tokens": 3}, "data": {"synthetic": True}}
     ckpt.export_consolidated(our_model(CONFIGS["n3_gqa_untied"]), tmp_path / "m.pt", cfg, 1)
     before = (tmp_path / "m.pt").read_bytes()
+    m = CONFIGS["n3_gqa_untied"]
+    llama_config = hf_dir.write_dir(tmp_path / "hf", full_state(our_model(m)), m) / hf.CONFIG
+    config_before = llama_config.read_bytes()
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
 
     class Evil:
@@ -401,6 +404,7 @@ def test_export_refuses_to_destroy_its_input_or_write_nowhere(megatron_1proc, tm
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
     cases = [
         ([tmp_path / "m.pt", tmp_path / "m.pt"], "would destroy its input"),
+        ([tmp_path / "hf", tmp_path / "hf" / "config.json"], "would destroy its input"),
         ([tmp_path / "m.pt", tmp_path / "no" / "x.pt"], "No such file or directory"),
         ([tmp_path / "m.pt", tmp_path / "no" / "x", "--format", "hf"], "No such file or"),
         ([tmp_path / "tensor.pt", tmp_path / "x.pt"], "is not an mtp-dist export"),
@@ -409,7 +413,9 @@ def test_export_refuses_to_destroy_its_input_or_write_nowhere(megatron_1proc, tm
     for args, message in cases:
         assert export([str(a) for a in args]) == 2, args
         out, err = capsys.readouterr()
-        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
         assert "pwned" not in out
     assert (tmp_path / "m.pt").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "m.pt", "tensor.pt"]
+    assert llama_config.read_bytes() == config_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "hf", "m.pt", "tensor.pt"]
