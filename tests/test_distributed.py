@@ -80,10 +80,13 @@ def test_stale_or_impossible_launcher_variables_are_refused(env, fragment):
 
 def test_generate_with_a_stale_world_size_says_so(tmp_path):
     """Before: generate took WORLD_SIZE alone as its tensor-parallel size, and crashed."""
+    # This process's own launcher variables (set by an in-process test's group) left out.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    clean = {k: v for k, v in os.environ.items() if k not in launcher}
     proc = subprocess.run(
         [sys.executable, "-m", "mtp_dist.generate", str(tmp_path), "--prompt", "a"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "WORLD_SIZE": "4"},
+        env={**clean, "WORLD_SIZE": "4"},
     )  # fmt: skip
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
