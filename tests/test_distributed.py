@@ -80,25 +80,15 @@ def test_stale_or_impossible_launcher_variables_are_refused(env, fragment):
 
 def test_generate_with_a_stale_world_size_says_so(tmp_path):
     """Before: generate took WORLD_SIZE alone as its tensor-parallel size, and crashed."""
+    # This process's own launcher variables (set by an in-process test's group) left out.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    clean = {k: v for k, v in os.environ.items() if k not in launcher}
     proc = subprocess.run(
         [sys.executable, "-m", "mtp_dist.generate", str(tmp_path), "--prompt", "a"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**launcher_free_env(), "WORLD_SIZE": "4"},
+        env={**clean, "WORLD_SIZE": "4"},
     )  # fmt: skip
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "WORLD_SIZE=4 is set without RANK" in errors[0]
 
-
-def launcher_free_env() -> dict:
-    """This process's environment without launcher variables: an in-process test's
-    distributed.init exports RANK, LOCAL_RANK, ... for the libraries that read them."""
-    launcher = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    return {k: v for k, v in os.environ.items() if k not in launcher}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -355,6 +356,25 @@ def test_pipeline_chains_three_jobs_to_a_trained_run(slurm, tmp_path):
     assert json.loads((out / "shards" / "manifest.json").read_text())["complete"]
     assert sorted(losses(out / "run")) == [1, 2, 3, 4]
     assert (out / "run" / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_a_failed_later_sbatch_cancels_the_jobs_before_it(slurm, tmp_path):
+    """The training job cannot be submitted (no such partition): the tokenizer and tokenize
+    jobs already queued are cancelled and named, not left to run for nothing."""
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    proc = subprocess.run(
+        [str(ROOT / "slurm/pipeline.sh"), str(tmp_path / "*.jsonl"), str(tmp_path / "out"),
+         str(ROOT / "configs/tiny.yaml")],
+        cwd=tmp_path, env={**slurm.env, **job_env(TRAIN_SBATCH_ARGS="--partition=nope")},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")][-1]
+    ids = re.search(r"cancelled the jobs already submitted \((\d+) (\d+)\)", error)
+    assert ids and proc.stdout == "", error
+    for job in ids.groups():
+        info = slurm.wait(int(job), timeout=60)
+        assert {t["JobState"] for t in info.get("tasks", [info])} == {"CANCELLED"}, info
 
 
 # --- 6. torchrun across two nodes, no SLURM --------------------------------------------------
