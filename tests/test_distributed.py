@@ -91,4 +91,3 @@ def test_generate_with_a_stale_world_size_says_so(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "WORLD_SIZE=4 is set without RANK" in errors[0]
-

@@ -220,7 +220,7 @@ def byte_model(megatron_1proc, tmp_path_factory):
 def test_cli_samples_depend_on_seed_prompt_and_index_only(byte_model):
     """--num-samples per prompt, any --batch, a prompt alone or with others: each sample's
     tokens are those of the decoder with the same settings (sample index from 0)."""
-    from tests.test_generate import byte_prompt, generate
+    from tests.test_generate_cli import byte_prompt, generate
 
     cfg, model, path = byte_model
     prompts = ["!%)-,+", "/#('&$"]
@@ -265,7 +265,7 @@ def test_cli_bad_sampling_settings(byte_model, capsys, args, message):
 def test_tp2_samples_are_the_tp1_samples(byte_model):
     """Under torchrun at TP2 (the vocabulary split over the ranks) every rank draws the same
     tokens, and they are TP1's: plain and speculative sampling."""
-    from tests.test_generate import byte_prompt, torchrun_generate
+    from tests.test_generate_cli import byte_prompt, torchrun_generate
 
     cfg, model, path = byte_model
     prompts = ["!%)-,+", "/#('&$%!,+*)"]
