@@ -107,6 +107,7 @@ ALTERNATIVES = {
     "head_backward": "joint",
     "attention": "megatron",
     "head_loss_weights": [1.0, 0.5],
+    "head_loss_weights_end": [1.0, 0.1],
     "tie_embeddings": True,
     "rotary_base": 500000.0,
     "norm_epsilon": 1e-6,
