@@ -42,8 +42,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "heads_only.json"
-sys.path.insert(0, str(ROOT))
+# The repository first: benchmarks/data_prep.py must not shadow the data_prep package.
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
 from head_memory import MiB, _CpuPeak  # noqa: E402
 
