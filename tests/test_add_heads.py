@@ -1,11 +1,10 @@
 """Heads on an existing model, end to end (megatron engine, CPU/gloo, synthetic data): an n=1
-model trained here gets three more heads (model.init_from) that train alone
-(train.trainable=heads) on two data-parallel ranks under a decaying loss weight, stop at a
-checkpoint and resume; the result is exported and decoded. Everything but heads 2..4 stays the
-source's bit for bit, greedy decoding gives the source's tokens, the optimizer holds state for
-heads 2..4 only, and a resume that changes the settings is refused by name. (Gradients and
-losses against the full run: tests/test_heads.py, tests/test_model_parallel.py; DeepSpeed:
-tests/test_deepspeed.py.)"""
+model gets three more heads (model.init_from) that train alone (train.trainable=heads) on two
+data-parallel ranks under a decaying loss weight, stop at a checkpoint and resume; the result
+is exported and decoded. Everything but heads 2..4 stays the source's bit for bit, greedy
+decoding gives the source's tokens, the optimizer holds state for heads 2..4 only, and a resume
+that changes the settings is refused by name. (Gradients and losses against the full run:
+tests/test_heads.py, tests/test_model_parallel.py; DeepSpeed: tests/test_deepspeed.py.)"""
 
 from __future__ import annotations
 
@@ -16,10 +15,11 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from mtp_dist import config, sources
-from mtp_dist.checkpointing import CheckpointError, read_meta
+from mtp_dist.checkpointing import CheckpointError, read_meta, write_consolidated
 from mtp_dist.export import export
 from mtp_dist.inference.decode import Decoder
 from mtp_dist.model.model import build_model
+from mtp_dist.model.weights import full_state, init_weights
 from mtp_dist.preflight import SYNTHETIC, _continued
 from tests.support import losses
 from tests.test_errors import assert_user_error, run
@@ -38,10 +38,14 @@ def heads_only(source, *more: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def added(tmp_path_factory):
+def added(tmp_path_factory, megatron_1proc):
     root = tmp_path_factory.mktemp("add_heads")
-    source = root / "n1"
-    train(1, source, "model.n_future_tokens=1", "train.steps=2", "checkpoint.interval=0")
+    # The existing model: tiny.yaml at n=1, written as an export here (a training of its own
+    # would only cost a process start).
+    cfg = config.load("configs/tiny.yaml", ["model.n_future_tokens=1"])
+    model = build_model(cfg.model)
+    init_weights(model, seed=5)
+    source = write_consolidated(root / "n1.pt", full_state(model), cfg.to_dict(), 0, None)
     run_dir = root / "heads"
     train(2, run_dir, *heads_only(source, "train.steps=2"))
     proc = train(2, run_dir, *heads_only(source, "train.steps=4"))
