@@ -48,7 +48,12 @@ class ModelConfig:
     """sequential: heads run forward/backward one after another (one head's logits alive at a
     time, the paper's Figure 2); joint: all heads in one autograd graph."""
     head_loss_weights: list[float] | None = None
-    """Weight of each head's cross-entropy in the summed loss; None means 1.0 each."""
+    """Weight of each head's cross-entropy in the summed loss; None means 1.0 each. With
+    head_loss_weights_end: the weights at the first step."""
+    head_loss_weights_end: list[float] | None = None
+    """Optional: each head's weight at the end of the decay horizon (train.lr_decay_steps, or
+    train.steps), reached linearly from head_loss_weights (e.g. DeepSeek-V3's 0.3 -> 0.1 for
+    the extra heads); kept there after it. None: the weights stay as they start."""
     attention: Literal["sdpa", "megatron"] = "sdpa"
     """Core attention of every layer. sdpa: torch's scaled_dot_product_attention (fused
     flash / memory-efficient kernels, no s x s probabilities kept); megatron: megatron-core's
@@ -80,6 +85,17 @@ class ModelConfig:
     def loss_weights(self) -> list[float]:
         return self.head_loss_weights or [1.0] * self.n_future_tokens
 
+    def loss_weights_at(self, progress: float) -> list[float]:
+        """The heads' loss weights at `progress` in [0, 1] through the decay horizon: linear
+        from head_loss_weights to head_loss_weights_end (the start when there is no end)."""
+        start = self.loss_weights
+        if self.head_loss_weights_end is None:
+            return list(start)
+        a = min(1.0, max(0.0, progress))
+        return [
+            w0 + a * (w1 - w0) for w0, w1 in zip(start, self.head_loss_weights_end, strict=True)
+        ]
+
 
 @dataclass
 class ParallelConfig:
@@ -108,6 +124,13 @@ class TrainConfig:
     """The cosine schedule's horizon: it reaches lr * min_lr_ratio at this step. None means
     train.steps. Recorded in checkpoints, so a resumed run can go on longer (a larger
     train.steps) on the same schedule."""
+    trainable: Literal["all", "heads", "detached"] = "all"
+    """What trains. all: every parameter. heads: heads 2..n only; the embedding, the trunk,
+    head 1, the final norm and the unembedding are frozen (the trunk runs forward only, the
+    frozen parameters get no gradients and no optimizer state): extra heads for an existing
+    model (model.init_from) that keep its next-token output exactly. detached: everything
+    trains, but heads 2..n's losses stop at the trunk's output, so the trunk learns from
+    next-token prediction alone. Recorded in checkpoints; a resume must keep it."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -254,6 +277,7 @@ def validate(c: Config) -> None:
     """Every field, and every combination, checked without I/O."""
     _validate_model(c.model, c.parallel)
     _validate_train(c.train)
+    _validate_trainable(c)
     _need(
         c.model.init_from is None or c.train.resume in ("auto", "none"),
         f"model.init_from starts a new run from other weights, and train.resume={c.train.resume}"
@@ -339,11 +363,49 @@ def _validate_model(m: ModelConfig, p: ParallelConfig) -> None:
             f"model.n_future_tokens={m.n_future_tokens}: give one weight per head",
         )
     _weights(m.head_loss_weights, "model.head_loss_weights")
+    if m.head_loss_weights_end is not None:
+        _need(
+            len(m.head_loss_weights_end) == m.n_future_tokens,
+            f"model.head_loss_weights_end has {len(m.head_loss_weights_end)} entries but "
+            f"model.n_future_tokens={m.n_future_tokens}: give one weight per head (or null)",
+        )
+        # Linear from start to end: non-negative with a positive sum at both ends means so
+        # at every step between.
+        _weights(m.head_loss_weights_end, "model.head_loss_weights_end")
     _need(
         m.init_from is None or bool(m.init_from.strip()),
         "model.init_from is empty: give a Hugging Face directory, an export or a checkpoint "
         "(or null for random weights)",
     )
+
+
+def _validate_trainable(c: Config) -> None:
+    t, m = c.train.trainable, c.model
+    if t == "all":
+        return
+    _need(
+        m.n_future_tokens >= 2,
+        f"train.trainable={t} trains heads 2..n apart from the rest, but model.n_future_tokens="
+        f"{m.n_future_tokens} has no extra heads: set model.n_future_tokens >= 2 (init_from "
+        "adds them to an n=1 model as copies of head 1) or train.trainable=all",
+    )
+    if t != "heads":
+        return
+    _need(
+        c.parallel.pipeline == 1,
+        f"train.trainable=heads with parallel.pipeline={c.parallel.pipeline}: the stages "
+        "before the last would have nothing to train; set parallel.pipeline=1 (tensor and "
+        "data parallelism apply as usual)",
+    )
+    for key, weights in (
+        ("model.head_loss_weights", m.head_loss_weights),
+        ("model.head_loss_weights_end", m.head_loss_weights_end),
+    ):
+        _need(
+            weights is None or sum(weights[1:]) > 0,
+            f"{key}={weights} gives heads 2..n, the only ones train.trainable=heads trains, "
+            "no weight: give at least one of them a weight > 0",
+        )
 
 
 def _validate_overlap(c: Config) -> None:

@@ -108,9 +108,11 @@ class Metrics:
         self.jsonl.flush()
         step = record["step"]
         if step % self.cfg.logging.interval == 0 or step == self.cfg.train.steps:
-            log.info(console_line(record, self.cfg.train.steps, self.cfg.model.loss_weights))
+            weights = record.get("head_loss_weights", self.cfg.model.loss_weights)
+            log.info(console_line(record, self.cfg.train.steps, weights))
         flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        for key in ("head_losses", "head_accuracy", "eval_head_losses", "eval_head_accuracy"):
+        for key in ("head_losses", "head_accuracy", "eval_head_losses", "eval_head_accuracy",
+                    "head_loss_weights"):  # fmt: skip
             for i, v in enumerate(record.get(key) or []):
                 flat[f"{key}/{i + 1}"] = v
         if self.wandb is not None:

@@ -27,8 +27,12 @@ from mtp_dist.sources import ModelSource
 
 SYNTHETIC = "synthetic"
 
-# Fields a resumed run must keep: they decide the sample order and the schedule.
+# Fields a resumed run must keep: they decide the sample order, the schedule and what trains
+# (the optimizer holds state for the trained parameters only).
 CONTINUITY_KEYS = (
+    ("train", "trainable"),
+    ("model", "head_loss_weights"),
+    ("model", "head_loss_weights_end"),
     ("train", "seed"),
     ("model", "seq_length"),
     ("data", "split"),

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from mtp_dist import checkpointing as ckpt
 from mtp_dist.config import Config
 from mtp_dist.distributed import ParallelDims, collective_device
+from mtp_dist.engines.optim import decay_steps
 from mtp_dist.metrics import Metrics, memory_gib
 from mtp_dist.model.costs import parameter_breakdown, pipeline_split
 from mtp_dist.model.model import flops_per_token
@@ -64,7 +65,7 @@ class Trainer:
         self.bad_steps_in_a_row = 0
         self.stop_signal: int | None = None
         self.resumed = False
-        self.flops_per_token = flops_per_token(cfg.model)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.trainable)
 
     def state_dict(self) -> dict:
         """What the trainer itself needs to continue a run."""
@@ -109,6 +110,14 @@ class Trainer:
         while True:
             yield list(itertools.islice(it, self.plan.num_microbatches))
 
+    def head_loss_weights(self, step: int) -> list[float]:
+        """The heads' loss weights of optimizer step `step` (1-based): model.head_loss_weights
+        at step 1, model.head_loss_weights_end at the decay horizon (the learning rate's, which
+        checkpoints record) and after, linear between. A function of the step alone, so a
+        resumed run goes on with exactly the weights it would have had."""
+        horizon = decay_steps(self.cfg.train)
+        return self.cfg.model.loss_weights_at((step - 1) / max(1, horizon - 1))
+
     def layout(self) -> dict:
         """The process layout a checkpoint records (with a pipeline, the trunk's split too)."""
         layout = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}
@@ -124,6 +133,8 @@ class Trainer:
             "layout": self.layout(),
             "world_size": self.dims.world_size,
             "engine": self.cfg.engine,
+            "trainable": self.cfg.train.trainable,
+            "head_loss_weights": self.head_loss_weights(max(1, self.step)),
             **self.provenance,
             "config": self.cfg.to_dict(),
         }
@@ -182,6 +193,8 @@ class Trainer:
         return values[0], values[1 : 1 + n], (values[1 + n :] if extra is not None else None)
 
     def train_step(self, microbatches) -> dict:
+        weights = self.head_loss_weights(self.step + 1)
+        self.engine.model.set_head_loss_weights(weights)
         t0 = time.perf_counter()
         out = self.engine.train_step(microbatches)
         loss, heads, _ = self._reduce_losses(out.loss, out.head_losses)
@@ -191,6 +204,7 @@ class Trainer:
             "step": self.step + 1,
             "loss": loss,
             "head_losses": heads,
+            "head_loss_weights": weights,
             "lr": out.lr,
             "grad_norm": out.grad_norm,
             "skipped": out.skipped,

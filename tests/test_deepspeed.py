@@ -65,6 +65,17 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
             {"name": f"zero{s}_bf16_noclip", "stage": s, "overrides": [*BF16_NOCLIP]}
             for s in (2, 3)
         ),
+        *(
+            {
+                "name": f"zero{s}_heads",
+                "stage": s,
+                "overrides": ["train.trainable=heads"],
+                "frozen": True,
+                "save": str(ck / f"heads{s}"),
+                "save_after": 4,
+            }
+            for s in (1, 3)
+        ),  # fmt: skip
         {
             "name": "zero2_json",
             "stage": 2,
@@ -324,3 +335,23 @@ def test_export_weights_agree_across_stages(runs, megatron_1proc):
             # Adam divides by sqrt(exp_avg_sq): gradients that differ by rounding between ZeRO
             # stages move a near-zero-gradient weight by up to ~1e-5 after two steps.
             torch.testing.assert_close(other[k], v, rtol=0, atol=3e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.slow
+def test_heads_only_trains_heads_2_to_n_alone(runs, stage):
+    """train.trainable=heads on two ranks: the first step's losses are the full run's (same
+    weights, same batch); after four steps and a save only heads 2..4 moved, in the model and
+    in the checkpoint's full weights; Adam holds state for them alone."""
+    rows = runs[f"zero{stage}_heads"]
+    first, ref = _steps(rows)[0], _steps(runs["ref"])[0]
+    assert first["heads"] == pytest.approx(ref["heads"], rel=RTOL)
+    (frozen,) = [r["frozen"] for r in rows if "frozen" in r]
+    extra = frozen["moved_live"]
+    assert extra and frozen["trained"] == extra == frozen["moved_saved"]
+    assert all(
+        k.startswith(("heads.layers.1.", "heads.layers.2.", "heads.layers.3.")) for k in extra
+    )
+    assert frozen["saved_equals_live"]
+    assert frozen["trained_elements"] <= frozen["adam_elements"]
+    assert frozen["adam_elements"] <= 1.01 * frozen["trained_elements"] < frozen["all_elements"]

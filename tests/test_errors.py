@@ -60,6 +60,26 @@ def test_train_refuses_nonsense_in_the_config(override, fragments):
     assert_user_error(run("mtp_dist.train", *TINY, *overrides), *fragments)
 
 
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["model.n_future_tokens=1", "train.trainable=heads"],
+         ["train.trainable=heads", "model.n_future_tokens=1", "n_future_tokens >= 2"]),
+        (["model.head_loss_weights_end=[1, 0.5]"],
+         ["model.head_loss_weights_end has 2 entries", "model.n_future_tokens=4"]),
+        (["model.head_loss_weights_end=[1, 0.5, -0.1, 0]"], ["model.head_loss_weights_end[2]"]),
+        (["model.head_loss_weights_end=[0, 0, 0, 0]"],
+         ["model.head_loss_weights_end are all zero"]),
+        (["train.trainable=heads", "model.head_loss_weights_end=[1, 0, 0, 0]"],
+         ["model.head_loss_weights_end=[1.0, 0.0, 0.0, 0.0]", "heads 2..n"]),
+        (["train.trainable=heads", "parallel.pipeline=2"],
+         ["train.trainable=heads with parallel.pipeline=2", "parallel.pipeline=1"]),
+    ],
+)  # fmt: skip
+def test_train_refuses_bad_head_training_settings(overrides, fragments):
+    assert_user_error(run("mtp_dist.train", *TINY, *overrides), *fragments)
+
+
 def test_train_refuses_negative_blend_weights(tmp_path):
     proc = run("mtp_dist.train", *TINY, "data.synthetic=false", "data.paths=[a, b]",
                "data.weights=[1, -2]")  # fmt: skip

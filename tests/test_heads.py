@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import pytest
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mtp_dist.config import ModelConfig
 from mtp_dist.model.heads import head_targets
 from mtp_dist.model.model import build_model
-from mtp_dist.model.weights import init_weights
+from mtp_dist.model.weights import full_state, init_weights, load_full
 from mtp_dist.schedule import StepResult, microbatch_stats
 
 
@@ -175,3 +176,77 @@ def test_live_logits_when_each_head_starts(megatron_1proc, mode):
     else:
         assert at_start[0] == 0 and all(x < y for x, y in zip(at_start, at_start[1:], strict=False))
     del out
+
+
+def _copy(model, cfg: ModelConfig, trainable: str = "all"):
+    """A model of config cfg with `model`'s full weights (heads beyond cfg's n dropped)."""
+    other = build_model(cfg)
+    state = {k: v for k, v in full_state(model).items() if k in dict(other.named_parameters())}
+    load_full(other, state)
+    other.set_trainable(trainable)
+    return other
+
+
+def _grads(model) -> dict[str, torch.Tensor | None]:
+    return {k: (None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["sequential", "joint"])
+def test_heads_only_trains_heads_2_to_n_with_a_forward_only_trunk(tiny_model, mode):
+    """train.trainable=heads, against the same weights training everything: the same losses;
+    heads 2..n get the same gradients; the trunk runs without grad (no graph), and the frozen
+    parameters (embedding, trunk, head 1, final norm, unembedding) get no gradient at all."""
+    cfg, model = tiny_model
+    cfg = dataclasses.replace(cfg, head_backward=mode, head_loss_weights=[1.0, 0.5, 2.0])
+    full, heads = _copy(model, cfg), _copy(model, cfg, "heads")
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + cfg.n_future_tokens))
+    grad_mode = []
+    heads.trunk.register_forward_hook(lambda *_: grad_mode.append(torch.is_grad_enabled()))
+    outs = {}
+    for name, m in (("full", full), ("heads", heads)):
+        outs[name] = m(tokens)
+        outs[name].loss.backward()
+    assert grad_mode == [False]
+    assert torch.equal(outs["heads"].head_losses, outs["full"].head_losses)
+    assert outs["heads"].loss.item() == pytest.approx(outs["full"].loss.item(), rel=1e-6)
+    got, ref = _grads(heads), _grads(full)
+    trained = [k for k in got if k.startswith(("heads.layers.1.", "heads.layers.2."))]
+    assert trained and all(p.requires_grad == (k in trained) for k, p in heads.named_parameters())
+    for k in got:
+        if k in trained:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-9)
+        else:
+            assert got[k] is None, f"{k} is frozen but got a gradient"
+
+
+@pytest.mark.parametrize("mode", ["sequential", "joint"])
+def test_detached_trunk_learns_from_head_1_alone(tiny_model, mode):
+    """train.trainable=detached: the trunk's (and embedding's) gradients equal those of the
+    same weights trained as n=1 (head 1 alone), the heads' (with the final norm and the
+    unembedding) those of the normal run."""
+    cfg, model = tiny_model
+    cfg = dataclasses.replace(cfg, head_backward=mode, head_loss_weights=[1.0, 0.5, 2.0])
+    one = dataclasses.replace(cfg, n_future_tokens=1, head_loss_weights=None)
+    detached, full, n1 = _copy(model, cfg, "detached"), _copy(model, cfg), _copy(model, one)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + cfg.n_future_tokens))
+    for m in (detached, full, n1):
+        m(tokens).loss.backward()
+    got, ref, ref1 = _grads(detached), _grads(full), _grads(n1)
+    trunk = [k for k in got if k.startswith(("embedding.", "trunk."))]
+    assert trunk and len(trunk) < len(got)
+    for k, g in got.items():
+        expected = ref1[k] if k in trunk else ref[k]
+        torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-9, msg=k)
+    # The heads' losses do reach the trunk in the normal run: the check above can fail.
+    assert not torch.allclose(ref["trunk.layers.0.mlp.linear_fc2.weight"],
+                              got["trunk.layers.0.mlp.linear_fc2.weight"])  # fmt: skip
+
+
+def test_loss_weights_move_linearly_from_start_to_end():
+    m = ModelConfig(n_future_tokens=3, head_loss_weights=[1.0, 0.3, 0.3],
+                    head_loss_weights_end=[1.0, 0.1, 0.0])  # fmt: skip
+    assert m.loss_weights_at(0.0) == [1.0, 0.3, 0.3]
+    assert m.loss_weights_at(0.5) == pytest.approx([1.0, 0.2, 0.15])
+    assert m.loss_weights_at(1.0) == m.loss_weights_at(7.0) == [1.0, 0.1, 0.0]
+    static = ModelConfig(n_future_tokens=2)
+    assert static.loss_weights_at(0.0) == static.loss_weights_at(1.0) == [1.0, 1.0]

@@ -107,6 +107,7 @@ ALTERNATIVES = {
     "head_backward": "joint",
     "attention": "megatron",
     "head_loss_weights": [1.0, 0.5],
+    "head_loss_weights_end": [1.0, 0.1],
     "tie_embeddings": True,
     "rotary_base": 500000.0,
     "norm_epsilon": 1e-6,
@@ -131,3 +132,29 @@ def test_model_keys_are_exactly_the_keys_that_change_parameter_shapes(megatron_1
     for key, value in ALTERNATIVES.items():
         changed = param_shapes(dataclasses.replace(base, **{key: value})) != shapes
         assert changed == (key in MODEL_KEYS), key
+
+
+def test_heads_only_flops_are_what_a_heads_only_step_counts(megatron_1proc):
+    """flops_per_token(m, "heads") (the trunk and head 1 forward only, heads 2..n without the
+    frozen unembedding's weight gradient) over the full statement equals the ratio of the
+    FLOPs torch counts in one training step of each (torch counts the attention scores a
+    little otherwise, alike in both); detached costs what training everything costs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtp_dist.model.weights import init_weights
+
+    cfg = ModelConfig(**CONFIGS["n4"])
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + cfg.n_future_tokens))
+    counted = {}
+    for mode in ("all", "heads", "detached"):
+        model = build_model(cfg)
+        init_weights(model, seed=1)
+        model.set_trainable(mode)
+        with FlopCounterMode(display=False) as counter:
+            model(tokens).loss.backward()
+        counted[mode] = counter.get_total_flops()
+    assert counted["detached"] == counted["all"]
+    stated = flops_per_token(cfg, "heads") / flops_per_token(cfg)
+    assert counted["heads"] / counted["all"] == pytest.approx(stated, rel=0.01)
+    assert flops_per_token(cfg, "detached") == flops_per_token(cfg)

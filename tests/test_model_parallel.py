@@ -40,6 +40,8 @@ def results(tmp_path_factory):
         for m in ("sequential", "joint")
     ]  # fmt: skip
     refs.append({"name": "gpt", "kind": "gpt"})
+    refs.append({"name": "ref_n4_detached", "tp": 1, "pp": 1, "n": 4, "mode": "sequential",
+                 "trainable": "detached"})  # fmt: skip
     refs.append({"name": "mask_ref", "tp": 1, "pp": 1, "n": 4, "mode": "sequential", "extra": 1})
     torchrun(1, WORKER, "--out", str(out), "--cases", json.dumps(refs))
     cases = [
@@ -55,6 +57,12 @@ def results(tmp_path_factory):
     cases.append(
         {"name": "tp2pp2_mask", "tp": 2, "pp": 2, "n": 4, "mode": "sequential", "extra": 1}
     )
+    cases += [
+        {"name": "tp2pp2_n4_detached", "tp": 2, "pp": 2, "n": 4, "mode": "sequential",
+         "trainable": "detached"},
+        {"name": "tp2pp1_n4_heads", "tp": 2, "pp": 1, "n": 4, "mode": "sequential",
+         "trainable": "heads"},
+    ]  # fmt: skip
     torchrun(4, WORKER, "--out", str(out), "--cases", json.dumps(cases))
     return lambda name: torch.load(out / f"{name}.pt")
 
@@ -134,3 +142,34 @@ def test_heads_have_distinct_losses(results):
     assert r["loss"] == pytest.approx(
         sum(w * x for w, x in zip(weights, r["head_losses"], strict=True))
     )
+
+
+def test_detached_heads_across_layouts(results):
+    """train.trainable=detached at TP2xPP2 (the trunk's gradient crosses the stages) equals one
+    process; there, heads 2..4's losses reach the heads as in the normal run but not the trunk
+    (that it equals n=1 with the same weights: tests/test_heads.py)."""
+    got, ref, normal = (
+        results("tp2pp2_n4_detached"),
+        results("ref_n4_detached"),
+        results("ref_n4_sequential"),
+    )
+    assert_same(got, ref)
+    assert ref["head_losses"] == normal["head_losses"]
+    for name, g in ref["grads"].items():
+        same = torch.allclose(g, normal["grads"][name], rtol=0, atol=GRAD_ATOL)
+        assert same != name.startswith(("embedding.", "trunk.")), name
+
+
+def test_heads_only_under_tp2_dp2(results):
+    """train.trainable=heads at TP2 x DP2: the same losses as training everything, heads 2..4's
+    gradients equal the normal run's, and nothing else gets one."""
+    got, ref = results("tp2pp1_n4_heads"), results("ref_n4_sequential")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=LOSS_RTOL)
+    assert got["head_losses"] == pytest.approx(ref["head_losses"], rel=LOSS_RTOL)
+    extra = ("heads.layers.1.", "heads.layers.2.", "heads.layers.3.")
+    assert any(name.startswith(extra) for name in got["grads"])
+    for name, g in got["grads"].items():
+        if name.startswith(extra):
+            assert (g - ref["grads"][name]).abs().max().item() <= GRAD_ATOL, name
+        else:
+            assert not g.any(), f"{name} is frozen but got a gradient"

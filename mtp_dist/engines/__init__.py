@@ -52,6 +52,7 @@ def build_model(cfg: Config, plan, dims, source=None):
             split=pipeline_split(cfg.model, cfg.parallel),
         )
     engine.init_weights(cfg, dims, model, source)
+    model.set_trainable(cfg.train.trainable)  # before the engine: it gives frozen ones nothing
     return model
 
 

@@ -8,10 +8,16 @@ Sequential mode (the paper's Figure 2): the trunk's output is detached, each hea
 forward, loss and backward, adding into the detached output's gradient, so only one head's
 logits are alive at a time. The trunk's backward then runs once, when the pipeline schedule
 back-propagates the returned loss. The heads are not recomputed.
+
+What trains (train.trainable, set by MTPModel.set_trainable): all; heads, where head 1 only
+computes its loss (without grad: it is frozen, as is the trunk, which then ran without grad)
+and heads 2..n back-propagate into their own parameters only; detached, where heads 2..n see a
+detached copy of the trunk's output, so their losses reach their parameters but not the trunk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
@@ -119,7 +125,9 @@ class _SequentialHeads(torch.autograd.Function):
             total, head_losses = run(h, scale)
         ctx.scale = scale
         ctx.ratio = ratio
-        ctx.save_for_backward(h.grad if h.grad is not None else torch.zeros_like(h))
+        # None when only heads 2..n train (trainable=heads): the trunk ran without grad and
+        # its output only stands in for the caller's backward.
+        ctx.save_for_backward(h.grad)
         ctx.mark_non_differentiable(head_losses)
         return total, head_losses
 
@@ -163,11 +171,16 @@ class MTPHeads(MegatronModule):
         return m.n_future_tokens
 
     @classmethod
-    def flops_per_token(cls, m: ModelConfig) -> float:
+    def flops_per_token(cls, m: ModelConfig, trainable: str = "all") -> float:
         """Training FLOPs per token (forward + backward = 3x forward): the head layers, and the
-        shared unembedding once per head (each head's logits feed its own cross-entropy)."""
+        shared unembedding once per head (each head's logits feed its own cross-entropy).
+        trainable=heads: head 1 forward only (a third); heads 2..n's layers in full, their
+        unembedding forward and input gradient only (2x forward: its weight is frozen)."""
         unembed = 2 * m.hidden_size * m.padded_vocab_size
-        return cls.num_layers(m) * layer_flops_per_token(m) + 3.0 * unembed * m.n_future_tokens
+        layer, n = layer_flops_per_token(m), m.n_future_tokens
+        if trainable == "heads":
+            return layer / 3 + unembed + (n - 1) * (layer + 2.0 * unembed)
+        return cls.num_layers(m) * layer + 3.0 * unembed * n
 
     @classmethod
     def num_parameters(cls, m: ModelConfig, tensor: int = 1) -> int:
@@ -188,6 +201,8 @@ class MTPHeads(MegatronModule):
         self.n = model_cfg.n_future_tokens
         self.loss_weights = list(model_cfg.loss_weights)
         self.sequential = model_cfg.head_backward == "sequential"
+        self.trainable = "all"
+        """train.trainable; see the module's docstring."""
         self.layers = torch.nn.ModuleList(
             build_module(spec, config=config, layer_number=first_layer_number + i)
             for i in range(self.num_layers(model_cfg))
@@ -254,11 +269,26 @@ class MTPHeads(MegatronModule):
             return self._joint(trunk_out, batch)
         return self._sequential(trunk_out, batch, loss_scale)
 
+    def _trains(self, i: int) -> bool:
+        """Whether head i (0-based) back-propagates its loss (head 1 is frozen when only the
+        extra heads train)."""
+        return i > 0 or self.trainable != "heads"
+
+    def _head_input(self, i: int, h: Tensor) -> Tensor:
+        """What head i (0-based) reads of the trunk's output: a detached copy where its loss
+        must not reach the trunk (heads 2..n when detached; every head when only heads
+        train, so that their backward computes no gradient for the trunk's output)."""
+        if (i > 0 and self.trainable == "detached") or self.trainable == "heads":
+            return h.detach()
+        return h
+
     def _head_loss(
         self, i: int, h: Tensor, batch: _Batch, with_accuracy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Head i's (0-based) mean cross-entropy over its valid positions, and its top-1
         accuracy there if asked. Its logits are freed on return."""
+        if torch.is_grad_enabled():
+            h = self._head_input(i, h)
         logits = batch.unembed(self.hidden(i, h, batch.attention_mask, batch.rope))
         ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.targets[i])
         loss = (ce * batch.masks[i]).sum() / batch.denom[i].clamp(min=1.0)
@@ -277,13 +307,20 @@ class MTPHeads(MegatronModule):
 
     def _joint(self, trunk_out: Tensor, batch: _Batch) -> HeadOutput:
         """All heads in one autograd graph with the trunk."""
-        losses = [self._head_loss(i, trunk_out, batch)[0] for i in range(self.n)]
+        losses = []
+        for i in range(self.n):
+            with contextlib.nullcontext() if self._trains(i) else torch.no_grad():
+                losses.append(self._head_loss(i, trunk_out, batch)[0])
         total = sum(w * loss for w, loss in zip(self.loss_weights, losses, strict=True))
         return HeadOutput(total, torch.stack([x.detach() for x in losses]), None, batch.denom)
 
     def _sequential(self, trunk_out: Tensor, batch: _Batch, loss_scale: float) -> HeadOutput:
         """Each head's forward, loss and backward in turn; see _SequentialHeads."""
         run = functools.partial(self._forward_backward_each, batch=batch)
+        if not trunk_out.requires_grad:
+            # Only heads train: the trunk ran without grad. A leaf makes the returned loss
+            # differentiable for the caller's backward, which then ends at once.
+            trunk_out = trunk_out.detach().requires_grad_()
         ratio = torch.ones((), dtype=torch.float32, device=trunk_out.device)
         total, losses = _SequentialHeads.apply(trunk_out, run, loss_scale, ratio)
         return HeadOutput(total, losses, None, batch.denom, ratio)
@@ -293,6 +330,10 @@ class MTPHeads(MegatronModule):
         output h: the weighted total and the heads' losses (both detached)."""
         losses = []
         for i, w in enumerate(self.loss_weights):
+            if not self._trains(i):
+                with torch.no_grad():
+                    losses.append(self._head_loss(i, h, batch)[0])
+                continue
             loss, _ = self._head_loss(i, h, batch)
             # Free this head's logits before the next head allocates its own.
             torch.autograd.backward(loss * (w * scale))

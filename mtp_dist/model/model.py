@@ -10,6 +10,8 @@ shapes) are composed here from the layer's (spec.py) and the head type's own sta
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -42,16 +44,31 @@ MODEL_KEYS = tuple(dict.fromkeys(TRUNK_KEYS + HEADS.CONFIG_KEYS))
 values of any of them cannot be loaded."""
 
 
+_EXTRA_HEAD = re.compile(r"^heads\.layers\.(\d+)\.")
+
+
+def trains(name: str, trainable: str) -> bool:
+    """Whether the parameter of global or local name `name` trains under train.trainable:
+    everything but with `heads`, where only heads 2..n do (the embedding, the trunk, head 1,
+    the final norm and the unembedding keep the weights they started with)."""
+    if trainable != "heads":
+        return True
+    m = _EXTRA_HEAD.match(name)
+    return m is not None and int(m.group(1)) >= 1
+
+
 def total_layers(m: ModelConfig) -> int:
     """Transformer layers of the whole model: the trunk's, then the heads' (numbered on from the
     trunk's; the depth of megatron's scaled init)."""
     return m.num_layers + HEADS.num_layers(m)
 
 
-def flops_per_token(m: ModelConfig) -> float:
+def flops_per_token(m: ModelConfig, trainable: str = "all") -> float:
     """Training FLOPs per token (forward + backward = 3x forward) of the whole model: the trunk's
-    layers (the embedding is a lookup), and the heads' own statement."""
-    return m.num_layers * layer_flops_per_token(m) + HEADS.flops_per_token(m)
+    layers (the embedding is a lookup), and the heads' own statement. train.trainable=heads:
+    the trunk runs forward only (a third); detached costs what all does."""
+    trunk = m.num_layers * layer_flops_per_token(m)
+    return (trunk / 3 if trainable == "heads" else trunk) + HEADS.flops_per_token(m, trainable)
 
 
 class MTPModel(LanguageModule):
@@ -74,6 +91,8 @@ class MTPModel(LanguageModule):
         self.seq_length = model_cfg.seq_length
         self.n_future_tokens = model_cfg.n_future_tokens
         self.vocab_size = model_cfg.padded_vocab_size
+        self.trainable = "all"
+        """train.trainable (set_trainable)."""
         spec = layer_spec(model_cfg.attention)
 
         if pre_process:
@@ -113,6 +132,23 @@ class MTPModel(LanguageModule):
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
+    def set_trainable(self, trainable: str) -> None:
+        """train.trainable; call before an engine wraps the model. With `heads` the frozen
+        parameters stop requiring grad (so the engines give them neither gradient buffers
+        nor optimizer state) and the trunk runs without grad."""
+        self.trainable = trainable
+        if self.post_process:
+            self.heads.trainable = trainable
+        for name, p in self.named_parameters():
+            p.requires_grad_(trains(name, trainable))
+
+    def set_head_loss_weights(self, weights: Sequence[float]) -> None:
+        """The heads' loss weights from now on (model.head_loss_weights_end: they change over
+        training); a no-op on stages without the heads."""
+        if self.post_process:
+            assert len(weights) == self.n_future_tokens
+            self.heads.loss_weights = [float(w) for w in weights]
+
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, list):
             assert len(input_tensor) == 1, "MTPModel takes one input tensor per stage"
@@ -149,7 +185,10 @@ class MTPModel(LanguageModule):
         head has a real target at every position. Returns the hidden states on all but the
         last stage, else the heads' HeadOutput. loss_scale: see heads._SequentialHeads."""
         s = min(self.seq_length, tokens.shape[1] - 1)
-        h = self.trunk_forward(tokens[:, :s] if self.pre_process else None)
+        # Only heads train: the frozen trunk keeps no graph and has no backward.
+        frozen = self.trainable == "heads" and torch.is_grad_enabled()
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            h = self.trunk_forward(tokens[:, :s] if self.pre_process else None)
         if not self.post_process:
             return h
         targets, masks = head_targets(tokens, loss_mask, s, self.n_future_tokens)

@@ -2,7 +2,8 @@
 
 Each case trains the tiny MTP model (configs/tiny.yaml, n=4) with the DeepSpeed engine at one
 layout and ZeRO stage on the same deterministic global batches, optionally saving after a step
-or starting from a saved checkpoint, and rank 0 writes the data-parallel mean loss, per-head
+or starting from a saved checkpoint (a train.trainable=heads case reports what moved), and rank 0
+writes the data-parallel mean loss, per-head
 losses, grad norm, lr and skip flag of every step to OUT/<case name>.json. The first row says
 what every rank held right after the model was built (engines.build_model, as train.py does)
 and whether its initial weights equal those of a model built whole. Many cases per launch keep
@@ -25,6 +26,7 @@ ignore_known_warnings()
 from mtp_dist import config as C  # noqa: E402
 from mtp_dist import distributed, engines  # noqa: E402
 from mtp_dist.compat import deepspeed as fixes  # noqa: E402
+from mtp_dist.engines.deepspeed import checkpoint  # noqa: E402
 from mtp_dist.engines.deepspeed.engine import DeepSpeedEngine  # noqa: E402
 from mtp_dist.engines.optim import param_groups  # noqa: E402
 from mtp_dist.model.costs import pipeline_split  # noqa: E402
@@ -102,6 +104,33 @@ def group_sizes(model, shape_of=None) -> list[int]:
     return [len(g["params"]) for g in param_groups(model, 0.1, shape_of)]
 
 
+def frozen_report(engine, cfg: C.Config, plan, model, whole, save_dir: str) -> dict:
+    """After a train.trainable=heads run (TP1) saved to save_dir: whether every frozen tensor
+    still has its initial value (`whole`'s) and every trained one moved, in the live model and
+    in the checkpoint's full weights (the export's reader); the Adam state's elements over the
+    ranks against the trained and all parameters' (ZeRO pads its partitions a little)."""
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    with engine.full_parameters():
+        live = full_state(model)
+    exported = build_model(cfg.model, dtype=plan.torch_dtype)
+    checkpoint.load_model_weights(exported, save_dir)
+    saved, start = full_state(exported), full_state(whole)
+    moved = lambda state: {k for k in state if not torch.equal(state[k].float(), start[k].float())}
+    inner = engine.ds.optimizer.optimizer
+    held = torch.tensor([float(sum(s["exp_avg"].numel() for s in inner.state.values()))])
+    dist.all_reduce(held)
+    size = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)
+    return {
+        "trained": sorted(trained),
+        "moved_live": sorted(moved(live)),
+        "moved_saved": sorted(moved(saved)),
+        "saved_equals_live": all(torch.equal(saved[k].float(), live[k].float()) for k in live),
+        "adam_elements": held.item(),
+        "trained_elements": size(p for p in model.parameters() if p.requires_grad),
+        "all_elements": size(model.parameters()),
+    }
+
+
 def run_case(case: dict, out_dir: str) -> None:
     overrides = [
         "engine=deepspeed",
@@ -156,6 +185,8 @@ def run_case(case: dict, out_dir: str) -> None:
         rows.append(row)
         if step + 1 == case.get("save_after"):
             engine.save(case["save"])
+    if case.get("frozen"):
+        rows.append({"frozen": frozen_report(engine, cfg, plan, model, whole, case["save"])})
     if case.get("eval"):
         ev = engine.eval_step(my_microbatches(cfg, dims, 99))
         vals = dp_mean(dims, [ev.loss, *ev.head_losses, *(ev.head_accuracy or [])], 1 + 2 * n)

@@ -1,10 +1,10 @@
 """Worker run under torchrun by tests/test_model_parallel.py.
 
-For each case (layout, n, head mode, core attention) it builds the model at that layout with
-the same full weights, runs one global batch through megatron-core's schedule with several
-microbatches, averages gradients over data-parallel ranks, and rank 0 saves the loss, per-head
-losses and every gradient as full tensors to OUT/<case name>.pt. Many cases per launch keep the
-suite fast.
+For each case (layout, n, head mode, core attention, train.trainable) it builds the model at
+that layout with the same full weights, runs one global batch through megatron-core's schedule
+with several microbatches, averages gradients over data-parallel ranks, and rank 0 saves the
+loss, per-head losses and every gradient as full tensors to OUT/<case name>.pt (zeros for a
+frozen parameter's). Many cases per launch keep the suite fast.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def run_case(case: dict, out_dir: str) -> None:
     cfg = model_config(n, mode, case.get("attention", "sdpa"))
     model = build_model(cfg, tp, pp, dims.pp_rank)
     init_weights(model, SEED)
+    model.set_trainable(case.get("trainable", "all"))
     tokens = global_batch(cfg, extra=case.get("extra", n))
     per_dp = GLOBAL_BATCH // dims.dp
     mine = tokens[dims.dp_rank * per_dp : (dims.dp_rank + 1) * per_dp]

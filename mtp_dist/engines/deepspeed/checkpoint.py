@@ -45,8 +45,20 @@ def load_model_weights(model: MTPModel, engine_dir: str | os.PathLike) -> None:
             "parallel.pipeline > 1 is not supported; save it at TP1 x PP1 (any DP size) first"
         )
     state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=TAG)
+    state = {k: v for k, v in state.items() if v is not None}
+    wanted = {name for name, _ in model.named_parameters()}
+    if wanted - set(state):
+        state.update(_frozen_parameters(os.path.join(source, files[0]), wanted - set(state)))
     with torch.no_grad():
-        load_full(model, {k: v for k, v in state.items() if v is not None})
+        load_full(model, state)
+
+
+def _frozen_parameters(model_states: str, names: set[str]) -> dict:
+    """Parameters that trained frozen (train.trainable=heads) from the module state DeepSpeed
+    saves with ZeRO-1/2: the optimizer never held them, so zero_to_fp32 leaves them out
+    (ZeRO-3 records them itself). They were never updated: their saved values are exact."""
+    module = torch.load(model_states, map_location="cpu", weights_only=False).get("module") or {}
+    return {k: module[k].float() for k in names if torch.is_tensor(module.get(k))}
 
 
 def _without_empty_extra_state(source: str, staging: str) -> None:
