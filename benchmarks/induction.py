@@ -86,17 +86,20 @@ def parse_args(argv=None):
     return a
 
 
-def _run(cmd: list[str], log: Path | None = None) -> str:
-    """Run a command; its output to `log` (or returned); a failure stops the benchmark."""
+def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
+    """Run a command, its output to `log` (its stdout alone to `stdout` if given); a failure
+    stops the benchmark. Returns the CPU seconds it used (its own rusage, not its wall time:
+    the machine may be shared)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if log is not None:
-        log.write_text(proc.stdout + proc.stderr)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err, open(stdout or os.devnull, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out if stdout else err, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(
-            f"error: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
-    return proc.stdout
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"error: {' '.join(cmd)} failed ({proc.returncode}); {log}:\n{tail}")
+    return usage.ru_utime + usage.ru_stime
 
 
 def prepare_data(a) -> dict:
@@ -106,17 +109,20 @@ def prepare_data(a) -> dict:
     from data_prep.tokenizers import load_tokenizer
 
     data, py = a.workdir / "data", sys.executable
-    corpus, tok = data / "corpus", data / "tok" / "tokenizer"
+    corpus, tok, logs = data / "corpus", data / "tok" / "tokenizer", data / "logs"
     if not (corpus / "names.json").exists():  # written last, atomically
         _run([py, "-m", "data_prep", "induction-corpus", str(corpus), "--seed", "0",
-              "--max-mb", str(a.corpus_mb), "--heldout-mb", "0.6"])  # fmt: skip
+              "--max-mb", str(a.corpus_mb), "--heldout-mb", "0.6"],
+             logs / "corpus.log")  # fmt: skip
     if not Path(f"{tok}.model").exists():
         _run([py, "-m", "data_prep", "train-tokenizer", str(corpus / "train" / "*.jsonl"),
               "--output", str(tok), "--vocab-size", str(a.vocab), "--input-sentence-size",
-              "300000", "--user-symbols", str(corpus / "name_pieces.txt")])  # fmt: skip
+              "300000", "--user-symbols", str(corpus / "name_pieces.txt")],
+             logs / "tokenizer.log")  # fmt: skip
     for split in ("train", "heldout"):
         _run([py, "-m", "data_prep", "tokenize", str(corpus / split / "*.jsonl"), "--output-dir",
-              str(data / split), "--tokenizer", f"{tok}.model", "--no-progress"])  # fmt: skip
+              str(data / split), "--tokenizer", f"{tok}.model", "--no-progress"],
+             logs / f"tokenize-{split}.log")  # fmt: skip
     info = read_names(str(corpus))
     files = sorted(str(p) for p in corpus.glob("*/*.jsonl"))
     info["two_token_occurrences_checked"] = check_two_tokens(
@@ -156,16 +162,16 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     py, t0 = sys.executable, time.time()
-    run_dir.mkdir(parents=True, exist_ok=True)
     train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
-    _run(train, run_dir / "train.log")
+    train_cpu = _run(train, run_dir / "train.log")
     train_s = time.time() - t0
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
     data = a.workdir / "data"
-    out = _run([py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
-                str(data / "heldout"), "--names", str(data / "corpus" / "names.json"),
-                "--max-windows", str(a.max_windows), "--json"])  # fmt: skip
-    scores = json.loads(out.strip().splitlines()[-1])
+    score = [py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
+             str(data / "heldout"), "--names", str(data / "corpus" / "names.json"),
+             "--max-windows", str(a.max_windows), "--json"]  # fmt: skip
+    score_cpu = _run(score, run_dir / "score.log", stdout=run_dir / "scores.json")
+    scores = json.loads((run_dir / "scores.json").read_text())
     cfg = config_mod.load("configs/induction.yaml", overrides)
     params = parameter_breakdown(cfg.model)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -174,8 +180,12 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         "width": width, "n": n, "seed": seed, "layers": a.layers,
         "non_embedding_params": params["trunk"] + params["heads"],
         "steps": steps, "tokens": steps * tokens_per_step,
-        "train_seconds": round(train_s, 1),
-        "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in metrics[1:] or metrics)),
+        "train_wall_seconds": round(train_s, 1),
+        "train_cpu_seconds": round(train_cpu, 1),
+        "score_cpu_seconds": round(score_cpu, 1),
+        # Tokens per CPU second: what one idle core would give (the wall rate depends on load).
+        "tokens_per_cpu_s": round(steps * tokens_per_step / train_cpu),
+        "tokens_per_s_wall": round(statistics.median(m["tokens_per_s"] for m in metrics)),
         "curve": [
             {"step": s["step"], "tokens": s["step"] * tokens_per_step,
              "induction_success": s["induction_success"], "head1_loss": s["head1_loss"],

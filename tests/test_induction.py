@@ -237,3 +237,36 @@ def test_metric_is_one_with_the_answer_and_chance_without(task):
     n, p = blind["scored_occurrences"], pieces.chance
     assert n == handed["scored_occurrences"]
     assert abs(blind["induction_success"] - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-4
+
+
+def test_benchmark_end_to_end(tmp_path):
+    """benchmarks/induction.py on a tiny grid: the verb's corpus, the tokenizer with the pieces
+    as symbols, shards, the trainer (n=1 and n=2, parameter-matched), every checkpoint scored
+    by `evaluate induction`; table, JSON and PNG written. Checks the pipeline, not the result."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    out = tmp_path / "induction.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/induction.py", "--workdir", str(tmp_path / "w"),
+         "--widths", "32", "--seeds", "1", "--tokens", "4096", "--seq", "64", "--evals", "2",
+         "--corpus-mb", "0.3", "--vocab", "500", "--max-windows", "16", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| 32 | 0.07M | 1 | 0 |" in proc.stdout and "| 32 | 0.07M | 2 | 0 |" in proc.stdout
+    r = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    data = r["data"]
+    assert data["two_token_occurrences_checked"] == sum(data["name_occurrences"].values())
+    n1, n2 = r["runs"]
+    assert (n1["n"], n2["n"]) == (1, 2)
+    assert n1["non_embedding_params"] == n2["non_embedding_params"]  # num_layers = L - n
+    for run in (n1, n2):
+        assert [p["step"] for p in run["curve"]] == [2, 4] and run["tokens"] == 4 * 16 * 64
+        for p in run["curve"]:
+            assert p["scored"] > 0 and 0 <= p["induction_success"] <= 1
+            assert 0 < p["head1_loss"] < 10  # ln(500) = 6.2 at the start
+    assert {(s["n"], s["seeds"]) for s in r["summary"]} == {(1, 1), (2, 1)}
