@@ -22,8 +22,10 @@ Renaming uses `ast`: the positions of the Name and arg nodes of the local names,
 to hold that name in the source (a function where one does not, e.g. an f-string whose node
 positions are off in Python 3.11, is left out). Attributes (`obj.x`), keywords of calls
 (`f(x=1)`), globals, builtins, names bound by `except ... as`, imports and `match` patterns,
-`self`, `cls` and `_` keep their names. Functions with a nested class are left out (its body's
-names are attributes, not locals), as are functions without a renamed name that occurs twice.
+and `_` keep their names; `self` and `cls` are parameters like any other and are renamed (the
+most frequent names of a method, as a story's main characters are of a story). Functions with
+a nested class are left out (its body's names are attributes, not locals), as are functions
+without a renamed name that occurs twice.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from mtp_dist.errors import UserError
 from mtp_dist.files import atomic_path, atomic_write, atomic_write_json
 
 CONSONANTS, VOWELS = "bdfgjklmnprstvwxz", "aeiou"
-KEEP = {"self", "cls", "_"}
+KEEP = {"_"}  # by convention a name for what is not used again
 NAMES_FILE, PIECES_FILE = "names.json", "name_pieces.txt"
 
 

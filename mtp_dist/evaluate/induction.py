@@ -18,7 +18,8 @@ A model that cannot look back guesses the second half at best at 1 / |second poo
 corpus's names.json `chance`).
 
 Alongside: head 1's mean cross-entropy over every position of the same windows (the ordinary
-validation loss), in nats.
+validation loss), and at the scored positions alone (`scored_loss`, in nats: ln |second pool|
+for a uniform guess among the second halves; it moves before the top-1 does).
 """
 
 from __future__ import annotations
@@ -97,15 +98,17 @@ class InductionTally:
     windows: int = 0
     scored: int = 0
     hits: int = 0
+    scored_loss_sum: float = 0.0
     loss_sum: float = 0.0
     positions: int = 0
 
     def add(self, windows: np.ndarray, argmax: np.ndarray, losses: np.ndarray, pieces: Pieces):
         """windows [b, s+1]; head 1's argmax [b, s] and cross-entropy [b, s] at each position."""
-        for w, guess in zip(windows, argmax, strict=True):
+        for w, guess, loss in zip(windows, argmax, losses, strict=True):
             t = scored_positions(w, pieces)
             self.scored += len(t)
             self.hits += int((guess[t] == w[t + 1]).sum())
+            self.scored_loss_sum += float(np.asarray(loss, dtype=np.float64)[t].sum())
         self.windows += len(windows)
         self.loss_sum += float(np.asarray(losses, dtype=np.float64).sum())
         self.positions += losses.size
@@ -115,6 +118,7 @@ class InductionTally:
             "induction_success": round(self.hits / self.scored, 4) if self.scored else None,
             "scored_occurrences": self.scored,
             "chance": round(self.chance, 4),
+            "scored_loss": round(self.scored_loss_sum / self.scored, 4) if self.scored else None,
             "head1_loss": round(self.loss_sum / max(1, self.positions), 4),
             "windows": self.windows,
         }
@@ -164,13 +168,14 @@ def score_windows(windows, predict: Callable, pieces: Pieces, batch: int = 8) ->
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| source | step | windows | scored | induction success | chance | head 1 loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| source | step | windows | scored | induction success | chance | loss at scored "
+        "| head 1 loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         success = "-" if r["induction_success"] is None else f"{r['induction_success']:.4f}"
         lines.append(
             f"| {r['source']} | {r['step']} | {r['windows']} | {r['scored_occurrences']} | "
-            f"{success} | {r['chance']:.4f} | {r['head1_loss']:.4f} |"
+            f"{success} | {r['chance']:.4f} | {r['scored_loss'] or 0:.4f} | {r['head1_loss']:.4f} |"
         )
     return "\n".join(lines)
