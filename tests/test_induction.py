@@ -274,3 +274,15 @@ def test_benchmark_end_to_end(tmp_path):
             assert p["scored"] > 0 and 0 <= p["induction_success"] <= 1
             assert 0 < p["head1_loss"] < 10  # ln(500) = 6.2 at the start
     assert {(s["n"], s["seeds"]) for s in r["summary"]} == {(1, 1), (2, 1)}
+
+
+def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):
+    from mtp_dist.evaluate.cli import main
+
+    names = tmp_path / "names.json"
+    names.write_text("{}")
+    code = main(["induction", str(tmp_path), "--data", str(tmp_path), "--names", str(names)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {names} is not an induction corpus's names.json")
+    assert "data_prep induction-corpus" in err[0]
