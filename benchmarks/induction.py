@@ -197,7 +197,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         "curve": [
             {"step": s["step"], "tokens": s["step"] * tokens_per_step,
              "induction_success": s["induction_success"], "head1_loss": s["head1_loss"],
-             "scored": s["scored_occurrences"]}
+             "scored_loss": s["scored_loss"], "scored": s["scored_occurrences"]}
             for s in scores
         ],
         "overrides": overrides,
