@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import statistics
@@ -144,9 +145,8 @@ def run_config(a, width: int, n: int, seed: int) -> tuple[Path, list[str], int]:
     steps = max(a.evals, a.tokens // (a.seq * a.batch))
     steps -= steps % a.evals
     data = a.workdir / "data"
-    run_dir = a.workdir / "runs" / f"d{width}-n{n}-seed{seed}"
     overrides = [
-        f"run.dir={run_dir}", f"model.hidden_size={width}",
+        f"model.hidden_size={width}",
         f"model.num_attention_heads={width // 32}",
         f"model.n_future_tokens={n}", f"model.num_layers={a.layers - n}",
         f"model.seq_length={a.seq}", f"model.vocab_size={a.vocab}",
@@ -155,7 +155,10 @@ def run_config(a, width: int, n: int, seed: int) -> tuple[Path, list[str], int]:
         f"checkpoint.interval={steps // a.evals}", f"checkpoint.keep={a.evals + 1}",
         f"data.paths=[{data / 'train'}]", f"data.tokenizer={data / 'tok' / 'tokenizer.model'}",
     ]  # fmt: skip
-    return run_dir, overrides, steps
+    # The settings in the name: a rerun with other --tokens, --lr, ... never reuses a result.
+    digest = hashlib.sha256(json.dumps([overrides, a.max_windows]).encode()).hexdigest()[:8]
+    run_dir = a.workdir / "runs" / f"d{width}-n{n}-seed{seed}-{digest}"
+    return run_dir, [f"run.dir={run_dir}", *overrides], steps
 
 
 def one_run(a, width: int, n: int, seed: int) -> dict:
