@@ -252,14 +252,15 @@ def induction(args) -> int:
     """Induction success and head 1's loss of each source on the induction task's held-out
     shards (evaluate/induction.py defines both)."""
     from data_prep.induction import read_names
-    from mtp_dist.evaluate.heads import held_out_windows
-    from mtp_dist.evaluate.induction import Pieces, model_predictor, score_windows, table
-    from mtp_dist.evaluate.model import Model
 
     for flag, value in (("--max-windows", args.max_windows), ("--batch", args.batch)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: give at least 1")
-    info = read_names(str(args.names))
+    info = read_names(str(args.names))  # before the seconds of importing torch and megatron-core
+    from mtp_dist.evaluate.heads import held_out_windows
+    from mtp_dist.evaluate.induction import Pieces, model_predictor, score_windows, table
+    from mtp_dist.evaluate.model import Model
+
     rows = []
     for source in args.sources:
         model = Model(source, args.tokenizer, None)
