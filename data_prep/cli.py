@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="second-half pool size (chance of guessing a second half: 1 / this)",
     )
+    i.add_argument("--no-progress", dest="progress", action="store_false")
 
     m = sub.add_parser(
         "manifest",
@@ -339,7 +340,14 @@ def cmd_induction_corpus(a: argparse.Namespace) -> int:
     from data_prep.induction import write_induction_corpus
 
     info = write_induction_corpus(
-        a.out_dir, a.seed, a.max_mb, a.heldout_mb, a.num_shards, a.first_names, a.second_names
+        a.out_dir,
+        a.seed,
+        a.max_mb,
+        a.heldout_mb,
+        a.num_shards,
+        a.first_names,
+        a.second_names,
+        progress=a.progress,
     )
     print(json.dumps({k: v for k, v in info.items() if k not in ("first", "second")}, indent=2))
     return 0

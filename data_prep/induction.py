@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import sysconfig
 import textwrap
 
@@ -77,16 +78,11 @@ def name_pools(texts: list[bytes], seed: int, first: int, second: int) -> tuple[
     return sorted(pieces[:first]), sorted(pieces[first : first + second])
 
 
-def _scope_nodes(fn: ast.AST):
-    """Every node of a function, nested functions, lambdas and comprehensions included."""
-    return ast.walk(fn)
-
-
 def local_names(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str] | None:
     """The names to rename in `fn`, in order of first appearance; None if it has a nested
     class (whose body binds attributes, not locals)."""
     bound, excluded = {}, set(KEEP)
-    for node in _scope_nodes(fn):
+    for node in ast.walk(fn):  # nested functions, lambdas and comprehensions included
         if isinstance(node, ast.ClassDef):
             return None
         if isinstance(node, ast.arg):
@@ -110,7 +106,7 @@ def local_names(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str] | None:
 def occurrences(fn: ast.AST, names: set[str]) -> list[tuple[int, int, str]]:
     """(line, byte column, name) of every Name and arg node of `names` in `fn`."""
     found = set()
-    for node in _scope_nodes(fn):
+    for node in ast.walk(fn):
         if isinstance(node, ast.Name) and node.id in names:
             found.add((node.lineno, node.col_offset, node.id))
         elif isinstance(node, ast.arg) and node.arg in names:
@@ -208,6 +204,7 @@ def write_induction_corpus(
     num_shards: int = 4,
     first_names: int = 64,
     second_names: int = 32,
+    progress: bool = False,
 ) -> dict:
     """Write OUT/train/*.jsonl (num_shards shards), OUT/heldout/induction-00000.jsonl,
     OUT/names.json (the pools, seed and counts) and OUT/name_pieces.txt (the pieces, for
@@ -220,15 +217,22 @@ def write_induction_corpus(
     splits = {"heldout": [], "train": []}
     budgets = {"heldout": heldout_mb * 1e6, "train": max_mb * 1e6}
     used = dict.fromkeys(splits, 0)
-    parsed = 0
+    bar = None
+    if progress:  # tens of seconds for the whole library: parsing and renaming every file
+        from tqdm import tqdm
+
+        total = min(sum(budgets.values()), sum(len(d) for _, d in files))
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="induction-corpus", file=sys.stderr)
     for rel, data in files:
         split = "heldout" if used["heldout"] < budgets["heldout"] else "train"
         if used[split] >= budgets[split]:
             break
         used[split] += len(data)
-        docs = file_documents(rel, data, seed, first, second)
-        parsed += bool(docs)
-        splits[split].extend(docs)
+        splits[split].extend(file_documents(rel, data, seed, first, second))
+        if bar is not None:
+            bar.update(len(data))
+    if bar is not None:
+        bar.close()
     for split, docs in splits.items():
         if not docs:
             raise UserError(
