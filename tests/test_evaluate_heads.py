@@ -222,6 +222,38 @@ def test_greedy_prompt_predicts_the_decoder_on_those_prompts(setup):
     assert got["heads"][1]["acceptance"] != on_data["heads"][1]["acceptance"]
 
 
+def test_sampled_prompt_predicts_speculative_sampling(setup):
+    """--prompt P --temperature T: the acceptance of self-speculative sampling, predicted from
+    sampled continuations of 32 prompts, agrees with the decoder's measured rate on 32 other
+    prompts within 4 standard errors of the difference; and as T -> 0 it is greedy's exactly."""
+    from mtp_dist.evaluate.heads import Tally, tally_greedy_acceptance, tally_sampled_acceptance
+    from mtp_dist.inference.decode import Decoder
+    from mtp_dist.inference.sampling import Sampling
+
+    cfg, model, _, shards = setup
+    n, s, vocab = cfg.n_future_tokens, cfg.seq_length, cfg.vocab_size
+    windows = windows_of(cfg, shards, limit=64)
+    decoder = Decoder(model, vocab)
+    sampling = Sampling(temperature=0.8, top_k=20, seed=3)
+    tally = Tally(n)
+    tally_sampled_acceptance(model, decoder, windows[:32], PROMPT, vocab, tally, sampling)
+    predicted = tally.summary()
+    prompts = [w[:PROMPT].tolist() for w in windows[32:]]
+    measured = decoder.generate(prompts, s - PROMPT, k=n, sampling=sampling)
+    for k in range(2, n + 1):
+        pairs = [(m.drafts_accepted[k - 2], m.verifications) for m in measured]
+        rate = sum(x for x, _ in pairs) / sum(v for _, v in pairs)
+        bound = 4 * 2**0.5 * ratio_se(pairs)  # two samples of about the same noise
+        assert predicted["heads"][k - 1]["acceptance"] == pytest.approx(rate, abs=bound), k
+
+    cold, greedy = Tally(n), Tally(n)
+    tally_sampled_acceptance(
+        model, decoder, windows[:8], PROMPT, vocab, cold, Sampling(temperature=1e-6), draws=1
+    )
+    tally_greedy_acceptance(model, decoder, windows[:8], PROMPT, vocab, greedy)
+    assert cold.walks == greedy.walks and cold.accepted == greedy.accepted
+
+
 def test_a_model_with_one_head(setup, tmp_path):
     """n=1: head 1's loss and accuracy, no acceptance, no tokens per forward."""
     from mtp_dist.checkpointing import export_consolidated
@@ -274,6 +306,8 @@ def test_bad_input(setup, tmp_path, capsys):
         ([str(export), "--data", str(shards), "--max-windows", "0"], "--max-windows 0"),
         ([str(export), "--data", str(shards), "--batch", "0"], "--batch 0"),
         ([str(export), "--data", str(shards), "--greedy-prompt", "61"], "give 1..60"),
+        ([str(export), "--data", str(shards), "--temperature", "0.8"], "needs --prompt P"),
+        ([str(export), "--data", str(shards), "--temperature", "-1"], "--temperature -1"),
         ([str(export), "--data", str(short), "--split", "all"], "fewer than one window"),
     ]
     for args, message in cases:

@@ -196,20 +196,28 @@ def heads(args) -> int:
         held_out_windows,
         table,
         tally_greedy_acceptance,
+        tally_sampled_acceptance,
         tally_windows,
     )
     from mtp_dist.evaluate.model import Model
+    from mtp_dist.generate import check_sampling
 
     for flag, value in (("--max-windows", args.max_windows), ("--batch", args.batch)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: give at least 1")
+    sampling = check_sampling(args)
+    prompt = args.prompt
+    if not sampling.greedy and prompt is None:
+        raise UserError(
+            f"--temperature {args.temperature} needs --prompt P: the acceptance of speculative "
+            "sampling is measured on the model's own sampled continuations of P-token prompts"
+        )
     model = Model(args.source, args.tokenizer, None)
     n, s = model.cfg.model.n_future_tokens, model.cfg.model.seq_length
-    prompt = args.greedy_prompt
     if prompt is not None and not 1 <= prompt <= s - n:
         raise UserError(
-            f"--greedy-prompt {prompt}: give 1..{s - n} (model.seq_length - n), so that the "
-            "greedy continuation has positions whose drafts can be checked"
+            f"--prompt {prompt}: give 1..{s - n} (model.seq_length - n), so that the "
+            "continuation has positions whose drafts can be checked"
         )
     windows = held_out_windows(
         args.data, args.split, model.cfg.data.split, model.cfg.model.vocab_size,
@@ -226,9 +234,13 @@ def heads(args) -> int:
     def add(batch) -> None:
         windows = torch.stack(batch)
         tally_windows(model.network, windows, model.vocab, tally, acceptance=prompt is None)
-        if prompt is not None and n > 1:
+        if prompt is not None and n > 1 and sampling.greedy:
             decoder = model.decoder
             tally_greedy_acceptance(model.network, decoder, windows, prompt, model.vocab, tally)
+        elif prompt is not None and n > 1:
+            tally_sampled_acceptance(
+                model.network, model.decoder, windows, prompt, model.vocab, tally, sampling
+            )
 
     with model:
         for w in _limited([first], windows, args.max_windows):
@@ -238,7 +250,14 @@ def heads(args) -> int:
                 batch = []
         if batch:
             add(batch)
-    on = "the data" if prompt is None else f"greedy continuations of {prompt}-token prompts"
+    on = "the data"
+    if prompt is not None and sampling.greedy:
+        on = f"greedy continuations of {prompt}-token prompts"
+    elif prompt is not None:
+        on = (
+            f"sampled continuations of {prompt}-token prompts (temperature {sampling.temperature}"
+            f", top-k {sampling.top_k}, top-p {sampling.top_p}, seed {sampling.seed})"
+        )
     summary = {
         **tally.summary(),
         "data": {"path": str(args.data.resolve()), "split": args.split, "acceptance_on": on},
@@ -339,13 +358,25 @@ def main(argv=None) -> int:
     )
     e.add_argument("--batch", type=int, default=8, help="windows per forward (default 8)")
     e.add_argument(
+        "--prompt",
         "--greedy-prompt",
         type=int,
         metavar="P",
-        help="acceptance on the model's own greedy text, as `generate --speculative` meets it: "
-        "each window's first P tokens continued greedily to model.seq_length (default: on the "
-        "data's tokens, one forward per window)",
+        help="acceptance on the model's own text, as `generate --speculative` meets it: each "
+        "window's first P tokens continued (greedily, or sampled at --temperature) to "
+        "model.seq_length (default: on the data's tokens, one forward per window)",
     )
+    e.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 (default): greedy decoding's acceptance; > 0: speculative sampling's (needs "
+        "--prompt)",
+    )
+    e.add_argument("--top-k", type=int, default=0, help="with --temperature: 0 (default): all")
+    e.add_argument("--top-p", type=float, default=1.0, help="with --temperature: 1 (default): all")
+    e.add_argument("--seed", type=int, default=0, help="with --temperature (default 0)")
+    e.set_defaults(num_samples=1)  # for check_sampling: one continuation per prompt
     e.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     e.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     e.add_argument("--verbose", action="store_true", help="show upstream packages' warnings")

@@ -44,11 +44,17 @@ forward (tests/test_evaluate_heads.py gets the decoder's counts exactly, and the
 set of prompts predict the decoder's on another within sampling noise). On held-out data the
 numbers are for text like the data; the decoder, continuing with its own and usually more
 predictable greedy text, tends to accept more (the tests measure both). To predict what
-`generate --speculative` gets on prompts like the data's, `--greedy-prompt P`
+`generate --speculative` gets on prompts like the data's, `--prompt P`
 (tally_greedy_acceptance) takes each window's first P tokens as a prompt, continues it greedily
 to the model's context, and walks the teacher-forced events of that text from the prompt's last
 position: the decoder's run, up to its last few forwards, for one greedy generation and one
 forward per window; loss and accuracy stay the data's.
+
+With `--temperature T` (and --top-k/--top-p/--seed) the same is done for self-speculative
+sampling (tally_sampled_acceptance): the prompt is continued by plain sampling, and a draft is
+accepted with the probability the speculative-sampling rule gives it, sum_x min(p(x), q(x))
+(head 1's and the drafting head's tempered, truncated distributions), drawn 32 times per
+position and walked as above. Greedy is the limit T -> 0 (the tests check both).
 """
 
 from __future__ import annotations
@@ -264,6 +270,44 @@ def tally_greedy_acceptance(model, decoder, windows: Tensor, prompt: int, vocab_
         ]
     )
     tally.add_acceptance(accepted_drafts(argmax), start=prompt - 1)
+
+
+@torch.no_grad()
+def tally_sampled_acceptance(
+    model, decoder, windows: Tensor, prompt: int, vocab_size: int, tally, sampling, draws: int = 32
+):
+    """Acceptance of self-speculative sampling (inference/sampling.py), as `generate
+    --speculative K --temperature T` meets it: each window's first `prompt` tokens continued by
+    plain sampling to the model's seq_length; on that text, head k's draft at position t is
+    accepted with probability sum_x min(p(x), q(x)), p head 1's tempered, truncated
+    distribution at t+k-1 and q head k's at t (the rule's acceptance with the draft drawn from
+    q); `draws` seeded draws of every position's events, each walked as the decoder walks.
+    Teacher-forced as the greedy case is: the text after a draft is the sampled text's, where
+    the decoder continues from what it accepted."""
+    from mtp_dist.inference.sampling import gather_vocab, probabilities
+
+    prompts = [w[:prompt].tolist() for w in windows]
+    continued = decoder.generate(prompts, model.seq_length - prompt, sampling=sampling)
+    sequences = torch.tensor([p + g.tokens for p, g in zip(prompts, continued, strict=True)])
+    sequences = sequences.to(next(model.parameters()).device)
+    h = model.trunk_forward(sequences)
+    mask, rope = model._positions(sequences.shape[1], sequences.device)
+
+    def dist(i: int) -> Tensor:  # head i's distributions [s, b, V] (float64)
+        logits = model.unembed(model.heads.hidden(i, h, mask, rope))
+        return probabilities(gather_vocab(logits, vocab_size), sampling)
+
+    n, s = tally.n, sequences.shape[1]
+    positions = s - n + 1
+    p = dist(0)
+    chances = torch.stack(
+        [torch.minimum(dist(k - 1)[:positions], p[k - 1 : k - 1 + positions]).sum(-1)
+         for k in range(2, n + 1)]
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(sampling.seed)
+    for _ in range(draws):
+        u = torch.rand(chances.shape, generator=generator, dtype=chances.dtype)
+        tally.add_acceptance((u < chances).long().cumprod(dim=0).bool(), start=prompt - 1)
 
 
 def table(summary: dict) -> str:
