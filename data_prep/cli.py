@@ -1,4 +1,5 @@
-"""`python -m data_prep <command>`: train-tokenizer, tokenize, stdlib-corpus, manifest, verify.
+"""`python -m data_prep <command>`: train-tokenizer, tokenize, stdlib-corpus, induction-corpus,
+manifest, verify.
 
 Every command follows mtp_dist.errors' contract: bad input (a bad file, option or environment
 variable, an OS error) is one `error:` line and exit status 2, Ctrl-C is exit status 130.
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-sentence-length", type=_at_least(1), default=16384, help="in bytes")
     t.add_argument("--seed", type=_at_least(0), default=0)
     t.add_argument(
+        "--user-symbols",
+        metavar="FILE",
+        help="a file of pieces, one a line, each always one token (the induction corpus's "
+        "name_pieces.txt)",
+    )
+    t.add_argument(
         "--threads",
         type=_at_least(1),
         default=1,
@@ -199,6 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-shards", type=_at_least(1), default=4)
     s.add_argument("--format", default="jsonl", choices=["jsonl", "text"])
 
+    i = sub.add_parser(
+        "induction-corpus",
+        help="write the induction task's corpus (stdlib functions, locals renamed)",
+        description="Write the induction task of Gloeckle et al. 2024 (Section 4.1) from this "
+        "Python's standard library: one document per function, its local names renamed "
+        "consistently to random two-piece names (data_prep/induction.py). Writes OUT/train/, "
+        "OUT/heldout/ (JSON Lines, for `tokenize`), OUT/names.json and OUT/name_pieces.txt "
+        "(for `train-tokenizer --user-symbols`). The same --seed gives the same corpus.",
+    )
+    i.add_argument("out_dir")
+    i.add_argument("--seed", type=_at_least(0), default=0)
+    i.add_argument("--max-mb", type=number(0), default=8.0, help="training source files (MB)")
+    i.add_argument("--heldout-mb", type=number(0), default=0.5, help="held-out source files (MB)")
+    i.add_argument("--num-shards", type=_at_least(1), default=4, help="training shards")
+    i.add_argument("--first-names", type=_at_least(1), default=64, help="first-half pool size")
+    i.add_argument(
+        "--second-names",
+        type=_at_least(2),
+        default=32,
+        help="second-half pool size (chance of guessing a second half: 1 / this)",
+    )
+    i.add_argument("--no-progress", dest="progress", action="store_false")
+
     m = sub.add_parser(
         "manifest",
         help="re-merge and print an output directory's manifest",
@@ -244,6 +274,7 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
         max_sentence_length=a.max_sentence_length,
         seed=a.seed,
         num_threads=a.threads,
+        user_defined_symbols=_user_symbols(a.user_symbols),
     )
     from mtp_dist.files import check_not_an_input
 
@@ -256,6 +287,19 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> int:
         raise UserError(f"{e.path}: {e.problem}; {e.fix}") from None
     print(json.dumps({"model": a.output + ".model", **tok.identity}, indent=2))
     return 0
+
+
+def _user_symbols(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    from mtp_dist.files import read_utf8
+
+    symbols = [line for line in read_utf8(path, "--user-symbols").splitlines() if line]
+    if not symbols or any(s != s.strip() for s in symbols):
+        raise UserError(
+            f"--user-symbols {path}: give one piece a line, without spaces (and at least one)"
+        )
+    return symbols
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
@@ -292,6 +336,23 @@ def cmd_stdlib_corpus(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_induction_corpus(a: argparse.Namespace) -> int:
+    from data_prep.induction import write_induction_corpus
+
+    info = write_induction_corpus(
+        a.out_dir,
+        a.seed,
+        a.max_mb,
+        a.heldout_mb,
+        a.num_shards,
+        a.first_names,
+        a.second_names,
+        progress=a.progress,
+    )
+    print(json.dumps({k: v for k, v in info.items() if k not in ("first", "second")}, indent=2))
+    return 0
+
+
 def cmd_manifest(a: argparse.Namespace) -> int:
     from data_prep.manifest import merge_manifest
 
@@ -324,6 +385,7 @@ COMMANDS = {
     "train-tokenizer": cmd_train_tokenizer,
     "tokenize": cmd_tokenize,
     "stdlib-corpus": cmd_stdlib_corpus,
+    "induction-corpus": cmd_induction_corpus,
     "manifest": cmd_manifest,
     "verify": cmd_verify,
 }

@@ -167,6 +167,8 @@ class SentencePieceOptions:
     max_sentence_length: int = 16384
     seed: int = 0
     num_threads: int = 1
+    user_defined_symbols: list[str] | None = None
+    """Pieces that are always one token wherever they occur (the induction task's name halves)."""
 
 
 def train_sentencepiece(sentences: Iterator[str], output_prefix: str, opts: SentencePieceOptions):
@@ -207,6 +209,7 @@ def train_sentencepiece(sentences: Iterator[str], output_prefix: str, opts: Sent
             shuffle_input_sentence=False,
             max_sentence_length=opts.max_sentence_length,
             num_threads=opts.num_threads,
+            user_defined_symbols=opts.user_defined_symbols or [],
             unk_id=SPM_UNK_ID,
             bos_id=SPM_BOS_ID,
             eos_id=SPM_EOS_ID,

@@ -86,6 +86,8 @@ def test_no_data_prep_command_imports_torch_or_megatron_core(tmp_path):
     commands = [
         ["--help"],
         ["stdlib-corpus", str(tmp_path / "stdlib"), "--max-mb", "0.05", "--num-shards", "1"],
+        ["induction-corpus", str(tmp_path / "induction"), "--max-mb", "0.05", "--heldout-mb",
+         "0.05"],
         ["train-tokenizer", str(corpus / "*.jsonl"), "--output", str(tmp_path / "tok"),
          "--vocab-size", "400"],
         ["tokenize", str(corpus / "*.jsonl"), "--output-dir", str(out), "--tokenizer",

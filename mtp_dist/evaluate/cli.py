@@ -1,6 +1,8 @@
 """`python -m mtp_dist.evaluate humaneval SOURCE`: HumanEval pass@k of a trained model;
 `python -m mtp_dist.evaluate heads SOURCE --data DIR`: each head's loss, top-1 accuracy and
-teacher-forced self-speculative acceptance on held-out shards (evaluate/heads.py).
+teacher-forced self-speculative acceptance on held-out shards (evaluate/heads.py);
+`python -m mtp_dist.evaluate induction SOURCE... --data DIR --names FILE`: induction success and
+head 1's loss on the induction task's held-out shards (evaluate/induction.py).
 
 Each problem's prompt as is (after an end-of-document token, as `generate` starts a document),
 --num-samples continuations per problem (greedy at --temperature 0, the default; sampled
@@ -265,6 +267,44 @@ def heads(args) -> int:
     return 0
 
 
+def induction(args) -> int:
+    """Induction success and head 1's loss of each source on the induction task's held-out
+    shards (evaluate/induction.py defines both)."""
+    from data_prep.induction import read_names
+
+    for flag, value in (("--max-windows", args.max_windows), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: give at least 1")
+    info = read_names(str(args.names))  # before the seconds of importing torch and megatron-core
+    from mtp_dist.evaluate.heads import held_out_windows
+    from mtp_dist.evaluate.induction import Pieces, model_predictor, score_windows, table
+    from mtp_dist.evaluate.model import Model
+
+    rows = []
+    for source in args.sources:
+        model = Model(source, args.tokenizer, None)
+        pieces = Pieces.of(model.tokenizer, info)
+        s = model.cfg.model.seq_length
+        windows = held_out_windows(
+            args.data, "all", model.cfg.data.split, model.vocab, model.tokenizer.identity_hash,
+            s + 1,
+        )  # fmt: skip
+        first = next(windows, None)  # the data's errors before the model is loaded
+        if first is None:
+            raise UserError(
+                f"--data {args.data} holds fewer than one window of {s + 1} tokens "
+                "(model.seq_length + 1): give more data"
+            )
+        with model:
+            predict = model_predictor(model.network, model.vocab)
+            windows = _limited([first], windows, args.max_windows)
+            summary = score_windows(windows, predict, pieces, args.batch)
+        rows.append({"source": str(source), "step": model.source.step, **summary,
+                     "model": model.identity})  # fmt: skip
+    print(json.dumps(rows) if args.json else table(rows))
+    return 0
+
+
 def _limited(head: list, rest, limit: int | None):
     import itertools
 
@@ -340,12 +380,25 @@ def main(argv=None) -> int:
     e.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     e.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     e.add_argument("--verbose", action="store_true", help="show upstream packages' warnings")
+    d = commands.add_parser("induction", help="induction success on the induction task")
+    d.description = "Induction success (Gloeckle et al. 2024, Section 4.1: head 1's top-1 on the "
+    d.description += "second token of names seen earlier in the same function) and head 1's loss "
+    d.description += "on the held-out shards of `data_prep induction-corpus`."
+    d.add_argument("sources", type=Path, nargs="+", help="model sources, e.g. checkpoints/step_*")
+    d.add_argument("--data", type=Path, required=True, help="the held-out split's shards")
+    d.add_argument("--names", type=Path, required=True, help="the corpus's names.json")
+    d.add_argument("--max-windows", type=int, help="the first N windows only (default: all)")
+    d.add_argument("--batch", type=int, default=8, help="windows per forward (default 8)")
+    d.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
+    d.add_argument("--json", action="store_true", help="JSON (one object per source)")
+    d.add_argument("--verbose", action="store_true", help="show upstream packages' warnings")
     args = p.parse_args(argv)
+    commands_run = {"heads": heads, "humaneval": humaneval, "induction": induction}
 
     def run() -> int:
         from mtp_dist.compat import quiet_upstream_warnings
 
         quiet_upstream_warnings(args.verbose)
-        return heads(args) if args.command == "heads" else humaneval(args)
+        return commands_run[args.command](args)
 
     return run_cli(run)

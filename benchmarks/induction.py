@@ -1,0 +1,343 @@
+"""Benchmark: induction capability of n=1 and n=2 models of 0.1M-2M non-embedding parameters,
+next to the paper's Figure 7 (Gloeckle et al. 2024, Section 4.1 and Appendix J).
+
+Data (`python -m data_prep induction-corpus`): one document per standard-library function, its
+local names renamed consistently to random two-piece names (first half from 64 pieces, second
+half from 32: chance 1/32); a sentencepiece BPE tokenizer (V=2000) trained with the pieces as
+user-defined symbols, so each name is exactly two tokens (checked over the corpus); training
+and held-out shards from the normal `tokenize`. Held-out source files are not in training.
+
+Runs (`python -m mtp_dist.train --config configs/induction.yaml`): for each width, n=1 and n=2
+parameter-matched as in the paper (num_layers = L - n trunk layers plus n head layers, L=4), each
+seed, the same tokens per run; checkpoints at --evals points. Each checkpoint is scored with
+`python -m mtp_dist.evaluate induction` on the held-out split's first --max-windows windows:
+induction success (head 1's top-1 on the second token of names seen earlier in the same
+function) and head 1's loss. --jobs runs go at once (one thread each); a finished run is
+skipped on a rerun, so an interrupted grid continues.
+
+    python benchmarks/induction.py --quick  # d=32,64 x n=1,2 x 2 seeds, 1.2M tokens: ~8 min
+    python benchmarks/induction.py          # d=32,64,128 x n=1,2 x 3 seeds, 6M tokens: ~1.5 h
+
+(on 2 idle cores, --jobs 2: the measured tokens per CPU second of each run are in the JSON.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+FULL = {"widths": "32,64,128", "seeds": 3, "tokens": 6_000_000, "evals": 6}
+QUICK = {"widths": "32,64", "seeds": 2, "tokens": 1_200_000, "evals": 3}
+PAPER = (
+    "Figure 7: on children's stories with random two-token names, n=2 models of 1M-10M "
+    "non-embedding parameters reach clearly higher induction success than n=1 models of the "
+    "same size; the advantage fades with size and is gone at about 100M (1B is the largest)."
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="induction.py", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"the small grid: {QUICK}")
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "induction")
+    p.add_argument("--widths", help=f"hidden sizes (default {FULL['widths']})")
+    p.add_argument("--ns", default="1,2", help="n_future_tokens values (default 1,2)")
+    p.add_argument("--layers", type=int, default=4, help="L: trunk + head layers (default 4)")
+    p.add_argument("--seeds", type=int, help=f"seeds per cell (default {FULL['seeds']})")
+    p.add_argument("--tokens", type=float, help=f"tokens per run (default {FULL['tokens']:,})")
+    p.add_argument("--evals", type=int, help=f"checkpoints scored per run ({FULL['evals']})")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (micro batch 8)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--corpus-mb", type=float, default=24.0, help="training source files (MB)")
+    p.add_argument("--max-windows", type=int, default=200, help="held-out windows scored")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    p.add_argument("--out", type=Path, help="JSON (default benchmarks/results/induction.json)")
+    a = p.parse_args(argv)
+    grid = QUICK if a.quick else FULL
+    custom = any(v is not None for v in (a.widths, a.seeds, a.tokens, a.evals)) or a.ns != "1,2"
+    a.grid = ("quick" if a.quick else "full") + (" (customised)" if custom else "")
+    try:
+        a.widths = [int(w) for w in (a.widths or grid["widths"]).split(",")]
+        a.ns = [int(n) for n in a.ns.split(",")]
+    except ValueError:
+        _usage("--widths and --ns take comma-separated integers, e.g. --widths 32,64")
+    a.seeds = grid["seeds"] if a.seeds is None else a.seeds
+    a.tokens = int(grid["tokens"] if a.tokens is None else a.tokens)
+    a.evals = grid["evals"] if a.evals is None else a.evals
+    a.out = a.out or RESULTS / ("induction_quick.json" if a.quick else "induction.json")
+    for ok, problem in (
+        (all(n >= 1 and a.layers - n >= 1 for n in a.ns), "--ns: each n in 1..--layers - 1"),
+        (all(w >= 32 and w % 32 == 0 for w in a.widths), "--widths: multiples of 32"),
+        (a.seeds >= 1 and a.jobs >= 1 and a.evals >= 1, "--seeds, --jobs, --evals: at least 1"),
+        (a.tokens >= a.seq * a.batch * a.evals, "--tokens: at least one step per evaluation"),
+    ):
+        if not ok:
+            _usage(problem)
+    return a
+
+
+def _usage(problem: str) -> None:
+    print(f"error: {problem} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
+    """Run a command, its output to `log` (its stdout alone to `stdout` if given); a failure
+    stops the benchmark. Returns the CPU seconds it used (its own rusage, not its wall time:
+    the machine may be shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err, open(stdout or os.devnull, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out if stdout else err, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"error: {' '.join(cmd)} failed ({proc.returncode}); {log}:\n{tail}")
+    return usage.ru_utime + usage.ru_stime
+
+
+def prepare_data(a) -> dict:
+    """Corpus, tokenizer and shards under WORKDIR/data (each stage skipped when done); the check
+    that every name is two tokens; returns names.json and the check's count."""
+    from data_prep.induction import check_two_tokens, read_names
+    from data_prep.tokenizers import load_tokenizer
+
+    data, py = a.workdir / "data", sys.executable
+    corpus, tok, logs = data / "corpus", data / "tok" / "tokenizer", data / "logs"
+    if not (corpus / "names.json").exists():  # written last, atomically
+        _run([py, "-m", "data_prep", "induction-corpus", str(corpus), "--seed", "0",
+              "--max-mb", str(a.corpus_mb), "--heldout-mb", "0.6"],
+             logs / "corpus.log")  # fmt: skip
+    if not Path(f"{tok}.model").exists():
+        _run([py, "-m", "data_prep", "train-tokenizer", str(corpus / "train" / "*.jsonl"),
+              "--output", str(tok), "--vocab-size", str(a.vocab), "--input-sentence-size",
+              "300000", "--user-symbols", str(corpus / "name_pieces.txt")],
+             logs / "tokenizer.log")  # fmt: skip
+    for split in ("train", "heldout"):
+        _run([py, "-m", "data_prep", "tokenize", str(corpus / split / "*.jsonl"), "--output-dir",
+              str(data / split), "--tokenizer", f"{tok}.model", "--no-progress"],
+             logs / f"tokenize-{split}.log")  # fmt: skip
+    info = read_names(str(corpus))
+    files = sorted(str(p) for p in corpus.glob("*/*.jsonl"))
+    info["two_token_occurrences_checked"] = check_two_tokens(
+        load_tokenizer(f"{tok}.model"), info, files
+    )
+    return info
+
+
+def run_config(a, width: int, n: int, seed: int) -> tuple[Path, list[str], int]:
+    """A run's directory, its training overrides, and its steps."""
+    steps = max(a.evals, a.tokens // (a.seq * a.batch))
+    steps -= steps % a.evals
+    data = a.workdir / "data"
+    overrides = [
+        f"model.hidden_size={width}",
+        f"model.num_attention_heads={width // 32}",
+        f"model.n_future_tokens={n}", f"model.num_layers={a.layers - n}",
+        f"model.seq_length={a.seq}", f"model.vocab_size={a.vocab}",
+        f"train.steps={steps}", f"train.global_batch_size={a.batch}", f"train.lr={a.lr}",
+        f"train.warmup_steps={max(1, steps // 20)}", f"train.seed={seed}",
+        f"checkpoint.interval={steps // a.evals}", f"checkpoint.keep={a.evals + 1}",
+        f"data.paths=[{data / 'train'}]", f"data.tokenizer={data / 'tok' / 'tokenizer.model'}",
+    ]  # fmt: skip
+    # The settings in the name: a rerun with other --tokens, --lr, ... never reuses a result.
+    digest = hashlib.sha256(json.dumps([overrides, a.max_windows]).encode()).hexdigest()[:8]
+    run_dir = a.workdir / "runs" / f"d{width}-n{n}-seed{seed}-{digest}"
+    return run_dir, [f"run.dir={run_dir}", *overrides], steps
+
+
+def one_run(a, width: int, n: int, seed: int) -> dict:
+    """Train (or reuse) one run and score its checkpoints; the result is kept in the run's
+    directory, so a rerun of the grid skips it."""
+    from mtp_dist import config as config_mod
+    from mtp_dist.files import atomic_write_json
+    from mtp_dist.model.costs import parameter_breakdown
+
+    run_dir, overrides, steps = run_config(a, width, n, seed)
+    done = run_dir / "induction.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    py, t0 = sys.executable, time.time()
+    train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
+    train_cpu = _run(train, run_dir / "train.log")
+    train_s = time.time() - t0
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    data = a.workdir / "data"
+    score = [py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
+             str(data / "heldout"), "--names", str(data / "corpus" / "names.json"),
+             "--max-windows", str(a.max_windows), "--json"]  # fmt: skip
+    score_cpu = _run(score, run_dir / "score.log", stdout=run_dir / "scores.json")
+    scores = json.loads((run_dir / "scores.json").read_text())
+    cfg = config_mod.load("configs/induction.yaml", overrides)
+    params = parameter_breakdown(cfg.model)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = a.seq * a.batch
+    result = {
+        "width": width, "n": n, "seed": seed, "layers": a.layers,
+        "non_embedding_params": params["trunk"] + params["heads"],
+        "steps": steps, "tokens": steps * tokens_per_step,
+        "train_wall_seconds": round(train_s, 1),
+        "train_cpu_seconds": round(train_cpu, 1),
+        "score_cpu_seconds": round(score_cpu, 1),
+        # Tokens per CPU second: what one idle core would give (the wall rate depends on load).
+        "tokens_per_cpu_s": round(steps * tokens_per_step / train_cpu),
+        "tokens_per_s_wall": round(statistics.median(m["tokens_per_s"] for m in metrics)),
+        "curve": [
+            {"step": s["step"], "tokens": s["step"] * tokens_per_step,
+             "induction_success": s["induction_success"], "head1_loss": s["head1_loss"],
+             "scored_loss": s["scored_loss"], "scored": s["scored_occurrences"]}
+            for s in scores
+        ],
+        "overrides": overrides,
+    }  # fmt: skip
+    result.update({k: result["curve"][-1][k] for k in ("induction_success", "head1_loss")})
+    atomic_write_json(done, result)
+    return result
+
+
+def run_grid(a) -> list[dict]:
+    cells = [(w, n, s) for w in a.widths for s in range(a.seeds) for n in a.ns]
+    results, lock, t0 = [], threading.Lock(), time.time()
+    # Widest first: the grid ends with short runs, so no job idles long at the end.
+    cells.sort(key=lambda c: -c[0])
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        futures = [pool.submit(one_run, a, *c) for c in cells]
+        for f in concurrent.futures.as_completed(futures):
+            r = f.result()
+            with lock:
+                results.append(r)
+                elapsed = time.time() - t0
+                eta = elapsed / len(results) * (len(cells) - len(results))
+                print(f"[{len(results)}/{len(cells)}] d={r['width']} n={r['n']} seed={r['seed']}:"
+                      f" success {r['induction_success']:.4f}, head 1 loss {r['head1_loss']:.3f}"
+                      f" | {elapsed / 60:.1f} min, eta {eta / 60:.1f} min", flush=True)  # fmt: skip
+    return sorted(results, key=lambda r: (r["width"], r["n"], r["seed"]))
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Per (width, n): mean and seed-to-seed standard deviation; per width: n=2 - n=1."""
+    cells = {}
+    for r in results:
+        cells.setdefault((r["width"], r["n"]), []).append(r)
+    rows = []
+    for (width, n), rs in sorted(cells.items()):
+        s = [r["induction_success"] for r in rs]
+        loss = [r["head1_loss"] for r in rs]
+        rows.append({
+            "width": width, "n": n, "non_embedding_params": rs[0]["non_embedding_params"],
+            "seeds": len(rs), "success_mean": statistics.mean(s),
+            "success_std": statistics.stdev(s) if len(s) > 1 else 0.0,
+            "head1_loss_mean": statistics.mean(loss),
+            "head1_loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
+        })  # fmt: skip
+    return rows
+
+
+def tables(results: list[dict], summary: list[dict], chance: float) -> str:
+    lines = ["| width | non-emb. params | n | seed | tokens | induction success | head 1 loss |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r['width']} | {r['non_embedding_params'] / 1e6:.2f}M | {r['n']} | "
+                     f"{r['seed']} | {r['tokens'] / 1e6:.2f}M | {r['induction_success']:.4f} | "
+                     f"{r['head1_loss']:.4f} |")  # fmt: skip
+    lines += ["", f"Mean ± seed-to-seed std (chance {chance:.4f}):", "",
+              "| non-emb. params | n | seeds | induction success | head 1 loss |",
+              "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for s in summary:
+        lines.append(f"| {s['non_embedding_params'] / 1e6:.2f}M | {s['n']} | {s['seeds']} | "
+                     f"{s['success_mean']:.4f} ± {s['success_std']:.4f} | "
+                     f"{s['head1_loss_mean']:.4f} ± {s['head1_loss_std']:.4f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], summary: list[dict], chance: float, out: Path) -> None:
+    """Like the paper's Figure 7 (success against size, n=1 and n=2, error bars over seeds),
+    and success against tokens seen per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtp_dist.files import atomic_path
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ns = sorted({s["n"] for s in summary})
+    for n in ns:
+        rows = [s for s in summary if s["n"] == n]
+        left.errorbar([s["non_embedding_params"] for s in rows], [s["success_mean"] for s in rows],
+                      yerr=[s["success_std"] for s in rows], marker="o", capsize=4,
+                      label=f"n={n} (mean ± std over seeds)")  # fmt: skip
+        each = [r for r in results if r["n"] == n]
+        left.scatter([r["non_embedding_params"] for r in each],
+                     [r["induction_success"] for r in each], s=10, alpha=0.4)  # fmt: skip
+    for ax in (left, right):
+        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.3f})")
+        ax.set_ylabel("induction success")
+    left.set_xscale("log")
+    left.set_xlabel("non-embedding parameters")
+    left.set_title("after the full token budget")
+    for width in sorted({r["width"] for r in results}):
+        for n, style in zip(ns, ("--", "-", ":"), strict=False):
+            curves = [r["curve"] for r in results if r["width"] == width and r["n"] == n]
+            xs = [p["tokens"] for p in curves[0]]
+            ys = [
+                statistics.mean(c[i]["induction_success"] for c in curves) for i in range(len(xs))
+            ]
+            right.plot(xs, ys, style, marker="o", label=f"d={width}, n={n}")
+    right.set_xlabel("tokens seen")
+    right.set_title("during training (mean over seeds)")
+    left.legend(fontsize=8)
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from mtp_dist.compat import quiet_upstream_warnings
+    from mtp_dist.files import atomic_write_json
+
+    quiet_upstream_warnings()  # the parameter count imports megatron-core here
+    a = parse_args(argv)
+    a.workdir = a.workdir.resolve()
+    t0 = time.time()
+    info = prepare_data(a)
+    checked = info["two_token_occurrences_checked"]
+    print(f"data: {info['documents']} functions, {info['name_occurrences']} name occurrences, "
+          f"{checked} checked to be two tokens", flush=True)  # fmt: skip
+    results = run_grid(a)
+    summary = summarise(results)
+    print(tables(results, summary, info["chance"]))
+    png = a.out.with_suffix(".png")
+    plot(results, summary, info["chance"], png)
+    payload = {
+        "benchmark": "induction", "grid": a.grid,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "data": {k: v for k, v in info.items() if k not in ("first", "second")},
+        "cores": os.cpu_count(), "load_average": os.getloadavg(),
+        "wall_seconds": round(time.time() - t0, 1),
+        "summary": summary, "runs": results, "paper": PAPER,
+    }  # fmt: skip
+    atomic_write_json(a.out, payload)
+    print(f"wrote {a.out} and {png} ({(time.time() - t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The induction task (data_prep/induction.py) and its scorer (mtp_dist/evaluate/induction.py):
+renaming keeps each function's code the same up to its local names; the corpus is the same for
+the same seed; every name is two tokens under a tokenizer trained with the pieces as user
+symbols (and not under one trained without); the scorer scores exactly the second token of
+later occurrences (a hand-made example), 1.0 for a predictor handed the answer and about chance
+for one that is not, on real held-out shards."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from data_prep import induction as ind
+from mtp_dist.errors import UserError
+from mtp_dist.evaluate.induction import (
+    InductionDataError,
+    Pieces,
+    score_windows,
+    scored_positions,
+)
+
+SOURCE = b"""\
+import os
+
+LIMIT = 3
+
+
+class Box:
+    def fill(self, items, *, size=2, **extra):
+        total = 0
+        for item in items:
+            self.item = item
+            total += len(str(item)) + size
+        squares = [item * item for item in range(size)]
+        report(total=total, size=len(squares), **extra)
+        return total, self.item, lambda item: item + size
+
+
+def walk(path):
+    global LIMIT
+    import json as codec
+    found = []
+    try:
+        found = os.listdir(path)
+    except OSError as error:
+        print(error)
+    LIMIT = len(found)
+    return codec.dumps(found)
+
+
+def lonely(value):
+    return LIMIT
+"""
+
+
+def _renamed(seed=0):
+    first = ["baj", "bez", "bij", "bip", "biw", "boj", "buj", "buk"]
+    second = ["doj", "doz", "duf", "duj"]
+    return ind.file_documents("pkg/mod.py", SOURCE, seed, first, second), first, second
+
+
+def _names_back(tree: ast.AST, names: dict) -> str:
+    """ast.dump with every renamed Name and arg given its old name back."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in names:
+            node.id = names[node.id]
+        elif isinstance(node, ast.arg) and node.arg in names:
+            node.arg = names[node.arg]
+    return ast.dump(tree)
+
+
+def test_renaming_changes_only_local_names():
+    docs, first, second = _renamed()
+    assert [d["function"] for d in docs] == ["Box.fill", "walk"]  # lonely: no name twice
+    fill, walk = docs
+    assert sorted(fill["names"].values()) == [
+        "extra", "item", "items", "self", "size", "squares", "total"
+    ]  # fmt: skip
+    assert sorted(walk["names"].values()) == ["found", "path"]  # not LIMIT, codec, error
+    tree = ast.parse(SOURCE)
+    originals = {
+        "Box.fill": tree.body[2].body[0],
+        "walk": tree.body[3],
+    }
+    for doc in docs:
+        new_tree = ast.parse(doc["text"])  # still Python
+        for new, old in doc["names"].items():
+            assert new[:3] in first and new[3:] in second and len(new) == 6
+            assert old not in {n.id for n in ast.walk(new_tree) if isinstance(n, ast.Name)}
+        firsts = [new[:3] for new in doc["names"]]
+        assert len(set(firsts)) == len(firsts)  # distinct first halves within a function
+        # The same code up to the names: attributes, keywords and globals untouched.
+        original = ast.Module(body=[originals[doc["function"]]], type_ignores=[])
+        assert _names_back(new_tree, doc["names"]) == ast.dump(original)
+        assert doc["occurrences"] == sum(doc["text"].count(new) for new in doc["names"])
+    assert ".item = " in fill["text"] and "report(total=" in fill["text"]
+    assert "except OSError as error" in walk["text"] and "global LIMIT" in walk["text"]
+
+
+def test_renaming_is_seeded():
+    assert _renamed(0)[0] == _renamed(0)[0]
+    assert _renamed(0)[0] != _renamed(1)[0]
+
+
+def test_pieces_absent_from_the_text():
+    texts = [b"def bajdoj(): return BEZ", b"bip"]
+    absent = ind.absent_pieces(texts)
+    assert "baj" not in absent and "doj" not in absent and "bez" not in absent
+    assert "bip" not in absent and "biw" in absent
+    first, second = ind.name_pools(texts, 0, 10, 5)
+    assert len(first) == 10 and len(second) == 5 and not set(first) & set(second)
+    with pytest.raises(UserError, match="--first-names"):
+        ind.name_pools(texts, 0, len(absent), 1)
+
+
+def _pieces():
+    """A made-up vocabulary: first halves 10, 11; second halves 20, 21; eod 2; chance 1/2."""
+    first, second = np.zeros(30, dtype=bool), np.zeros(30, dtype=bool)
+    first[[10, 11]] = True
+    second[[20, 21]] = True
+    return Pieces(first, second, eod_id=2, chance=0.5)
+
+
+def test_scorer_scores_only_second_tokens_of_later_occurrences():
+    # position:  0   1   2  3   4   5   6   7  8   9  10 11  12  13  14  15  16
+    window = [21, 5, 10, 20, 6, 10, 20, 11, 21, 7, 11, 21, 2, 10, 21, 10, 21, 10]
+    # 0: a second half whose first lies before the window; 2: first occurrence of (10, 20);
+    # 5: its later occurrence; 7: first of (11, 21); 10: later; 12: eod, a new document
+    # where 13 is a first occurrence although (10, 20) came before; 15: later; 17: the
+    # window's last token (its second half is beyond the window).
+    assert scored_positions(np.array(window), _pieces()).tolist() == [5, 10, 15]
+
+
+def test_scorer_refuses_names_that_are_not_two_tokens():
+    with pytest.raises(InductionDataError, match="without its other half"):
+        scored_positions(np.array([5, 10, 6, 10, 20]), _pieces())
+    with pytest.raises(InductionDataError, match="without its other half"):
+        scored_positions(np.array([5, 20, 6]), _pieces())
+    with pytest.raises(InductionDataError, match="ends with token 20 and later with 21"):
+        scored_positions(np.array([10, 20, 10, 21]), _pieces())
+
+
+def test_score_counts_hits_at_scored_positions_only():
+    window = np.array([10, 20, 7, 10, 20, 11, 21, 8])  # scored: position 3 only
+    guess = np.zeros((1, 7), dtype=np.int64)
+    guess[0, 3] = 20  # right at the scored position
+    guess[0, 0], guess[0, 5] = 20, 21  # right, but at first occurrences: not counted
+    losses = np.full((1, 7), 2.0)
+    losses[0, 3] = 0.5
+    r = score_windows([window], lambda w: (guess, losses), _pieces())
+    assert (r["scored_occurrences"], r["induction_success"]) == (1, 1.0)
+    assert r["head1_loss"] == pytest.approx(12.5 / 7, abs=1e-4) and r["scored_loss"] == 0.5
+    assert r["chance"] == 0.5
+    guess[0, 3] = 21
+    r = score_windows([window], lambda w: (guess, losses), _pieces())
+    assert r["induction_success"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A small induction corpus, a tokenizer trained with the pieces as user symbols, and the
+    held-out split's shards."""
+    from data_prep.tokenize import TokenizeConfig, run_tokenize
+    from data_prep.tokenizers import SentencePieceOptions, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("induction")
+    info = ind.write_induction_corpus(str(root / "corpus"), 3, 0.4, 0.15, 2)
+    lines = [
+        line
+        for path in sorted(glob.glob(str(root / "corpus/train/*.jsonl")))
+        for doc in map(json.loads, open(path, encoding="utf-8"))
+        for line in doc["text"].split("\n")
+        if line.strip()
+    ]
+    opts = SentencePieceOptions(vocab_size=500, user_defined_symbols=info["first"] + info["second"])
+    tok = train_sentencepiece(iter(lines), str(root / "tok"), opts)
+    plain = train_sentencepiece(iter(lines), str(root / "plain"), SentencePieceOptions(500))
+    heldout = sorted(glob.glob(str(root / "corpus/heldout/*.jsonl")))
+    run_tokenize(TokenizeConfig(heldout, str(root / "heldout"), str(root / "tok.model"),
+                                progress=False))  # fmt: skip
+    return root, info, tok, plain
+
+
+def test_corpus_is_reproducible(task, tmp_path):
+    root, info, _, _ = task
+    again = ind.write_induction_corpus(str(tmp_path), 3, 0.4, 0.15, 2)
+    assert again == info
+    for path in glob.glob(str(root / "corpus/**/*.jsonl"), recursive=True):
+        rel = path[len(str(root / "corpus")) :]
+        assert open(path, "rb").read() == open(str(tmp_path) + rel, "rb").read()
+    assert info["documents"]["heldout"] > 10 and info["chance"] == 1 / len(info["second"])
+    other = ind.write_induction_corpus(str(tmp_path / "other"), 4, 0.4, 0.15, 2)
+    assert other["corpus_sha256"] != info["corpus_sha256"]
+
+
+def test_names_are_two_tokens_only_with_user_symbols(task):
+    root, info, tok, plain = task
+    files = sorted(glob.glob(str(root / "corpus/*/*.jsonl")))
+    assert ind.check_two_tokens(tok, info, files) == sum(info["name_occurrences"].values())
+    with pytest.raises(UserError, match="not one token"):
+        ind.check_two_tokens(plain, info, files)
+
+
+def _windows(root, tok, length):
+    from mtp_dist.evaluate.heads import held_out_windows
+
+    return list(held_out_windows(root / "heldout", "all", "1,0,0", 500, tok.identity_hash, length))
+
+
+def test_metric_is_one_with_the_answer_and_chance_without(task):
+    """On real held-out windows: a predictor that looks the name up earlier in the document
+    (handed the answer) scores 1.0; one that guesses a second half uniformly scores about
+    1 / |second pool|, within 4 standard errors."""
+    root, info, tok, _ = task
+    pieces = Pieces.of(tok, info)
+    windows = _windows(root, tok, 65)
+    second_ids = np.flatnonzero(pieces.second)
+    rng = random.Random(0)
+
+    def copy_earlier(batch):
+        out = np.zeros((len(batch), batch.shape[1] - 1), dtype=np.int64)
+        for b, w in enumerate(batch):
+            for t in range(len(w) - 1):
+                earlier = [u for u in range(t) if w[u] == w[t] and tok.eod_id not in w[u:t]]
+                out[b, t] = w[earlier[-1] + 1] if earlier else 0
+        return out, np.zeros(out.shape)
+
+    def guess(batch):
+        out = np.array([[rng.choice(second_ids) for _ in w[:-1]] for w in batch])
+        return out, np.zeros(out.shape)
+
+    handed = score_windows(windows, copy_earlier, pieces)
+    assert handed["induction_success"] == 1.0 and handed["scored_occurrences"] > 200
+    blind = score_windows(windows, guess, pieces)
+    n, p = blind["scored_occurrences"], pieces.chance
+    assert n == handed["scored_occurrences"]
+    assert abs(blind["induction_success"] - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-4
+
+
+def test_benchmark_end_to_end(tmp_path):
+    """benchmarks/induction.py on a tiny grid: the verb's corpus, the tokenizer with the pieces
+    as symbols, shards, the trainer (n=1 and n=2, parameter-matched), every checkpoint scored
+    by `evaluate induction`; table, JSON and PNG written. Checks the pipeline, not the result."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    out = tmp_path / "induction.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/induction.py", "--workdir", str(tmp_path / "w"),
+         "--widths", "32", "--seeds", "1", "--tokens", "4096", "--seq", "64", "--evals", "2",
+         "--corpus-mb", "0.3", "--vocab", "500", "--max-windows", "16", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| 32 | 0.07M | 1 | 0 |" in proc.stdout and "| 32 | 0.07M | 2 | 0 |" in proc.stdout
+    r = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    data = r["data"]
+    assert data["two_token_occurrences_checked"] == sum(data["name_occurrences"].values())
+    n1, n2 = r["runs"]
+    assert (n1["n"], n2["n"]) == (1, 2)
+    assert n1["non_embedding_params"] == n2["non_embedding_params"]  # num_layers = L - n
+    for run in (n1, n2):
+        assert [p["step"] for p in run["curve"]] == [2, 4] and run["tokens"] == 4 * 16 * 64
+        for p in run["curve"]:
+            assert p["scored"] > 0 and 0 <= p["induction_success"] <= 1
+            assert 0 < p["head1_loss"] < 10  # ln(500) = 6.2 at the start
+    assert {(s["n"], s["seeds"]) for s in r["summary"]} == {(1, 1), (2, 1)}
+
+
+def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):
+    from mtp_dist.evaluate.cli import main
+
+    names = tmp_path / "names.json"
+    names.write_text("{}")
+    code = main(["induction", str(tmp_path), "--data", str(tmp_path), "--names", str(names)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {names} is not an induction corpus's names.json")
+    assert "data_prep induction-corpus" in err[0]
