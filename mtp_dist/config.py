@@ -356,22 +356,18 @@ def _validate_model(m: ModelConfig, p: ParallelConfig) -> None:
         f"the padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor="
         f"{p.tensor}: set model.vocab_multiple to a multiple of {p.tensor}",
     )
-    if m.head_loss_weights is not None:
+    # The schedule is linear from start to end: non-negative with a positive sum at both ends
+    # means so at every step between.
+    for key in ("head_loss_weights", "head_loss_weights_end"):
+        weights = getattr(m, key)
+        if weights is None:
+            continue
         _need(
-            len(m.head_loss_weights) == m.n_future_tokens,
-            f"model.head_loss_weights has {len(m.head_loss_weights)} entries but "
-            f"model.n_future_tokens={m.n_future_tokens}: give one weight per head",
+            len(weights) == m.n_future_tokens,
+            f"model.{key} has {len(weights)} entries but model.n_future_tokens="
+            f"{m.n_future_tokens}: give one weight per head",
         )
-    _weights(m.head_loss_weights, "model.head_loss_weights")
-    if m.head_loss_weights_end is not None:
-        _need(
-            len(m.head_loss_weights_end) == m.n_future_tokens,
-            f"model.head_loss_weights_end has {len(m.head_loss_weights_end)} entries but "
-            f"model.n_future_tokens={m.n_future_tokens}: give one weight per head (or null)",
-        )
-        # Linear from start to end: non-negative with a positive sum at both ends means so
-        # at every step between.
-        _weights(m.head_loss_weights_end, "model.head_loss_weights_end")
+        _weights(weights, f"model.{key}")
     _need(
         m.init_from is None or bool(m.init_from.strip()),
         "model.init_from is empty: give a Hugging Face directory, an export or a checkpoint "

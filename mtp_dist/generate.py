@@ -95,6 +95,31 @@ def encode_prompts(tokenizer, prompts: list[str], source) -> list[list[int]]:
     return encoded
 
 
+def add_sampling_arguments(p, temperature_help: str = "") -> None:
+    """--temperature, --top-k, --top-p and --seed, as check_sampling reads them (generate's
+    and the evaluate commands')."""
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help=temperature_help
+        or "0 (default): greedy; > 0: sample from the softmax of logits / temperature",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the likeliest tokens that hold probability top-p (1: all)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with the prompt and the sample index, fixes a sequence's samples (not --batch)",
+    )
+
+
 def check_sampling(args):
     """The sampling settings of the command line (temperature 0: greedy), each bad value
     refused with the flag's name."""
@@ -159,25 +184,7 @@ def main(argv=None) -> int:
         "sampling distribution, with fewer forwards",
     )
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="0 (default): greedy; > 0: sample from the softmax of logits / temperature",
-    )
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="sample from the likeliest tokens that hold probability top-p (1: all)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="with the prompt and the sample index, fixes a sequence's samples (not --batch)",
-    )
+    add_sampling_arguments(p)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")

@@ -312,15 +312,14 @@ def _limited(head: list, rest, limit: int | None):
 
 
 def main(argv=None) -> int:
+    from mtp_dist.generate import add_sampling_arguments
+
     p = argparse.ArgumentParser(prog="python -m mtp_dist.evaluate", description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
     h = commands.add_parser("humaneval", help="HumanEval pass@k", description=__doc__)
     h.add_argument("source", type=Path, help="any model source `generate` reads")
     h.add_argument("--num-samples", type=int, default=1, help="samples per problem (default 1)")
-    h.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    h.add_argument("--top-k", type=int, default=0, help="0 (default): all tokens")
-    h.add_argument("--top-p", type=float, default=1.0, help="1 (default): all tokens")
-    h.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(h)
     h.add_argument("--k", help="pass@k for these k (default: 1,10,100 up to --num-samples)")
     h.add_argument("--limit", type=int, help="the first N problems only")
     h.add_argument("--batch", type=int, default=16, help="sequences decoded together")
@@ -366,16 +365,9 @@ def main(argv=None) -> int:
         "window's first P tokens continued (greedily, or sampled at --temperature) to "
         "model.seq_length (default: on the data's tokens, one forward per window)",
     )
-    e.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="0 (default): greedy decoding's acceptance; > 0: speculative sampling's (needs "
-        "--prompt)",
+    add_sampling_arguments(
+        e, "0 (default): greedy decoding's acceptance; > 0: speculative sampling's (needs --prompt)"
     )
-    e.add_argument("--top-k", type=int, default=0, help="with --temperature: 0 (default): all")
-    e.add_argument("--top-p", type=float, default=1.0, help="with --temperature: 1 (default): all")
-    e.add_argument("--seed", type=int, default=0, help="with --temperature (default 0)")
     e.set_defaults(num_samples=1)  # for check_sampling: one continuation per prompt
     e.add_argument("--tokenizer", help="instead of the tokenizer recorded with the model")
     e.add_argument("--json", action="store_true", help="one JSON object instead of the table")

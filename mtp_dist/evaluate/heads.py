@@ -257,19 +257,22 @@ def tally_greedy_acceptance(model, decoder, windows: Tensor, prompt: int, vocab_
     that prompt, forward by forward, up to the last few positions of the context)."""
     from mtp_dist.inference.decode import vocab_parallel_argmax
 
+    head_logits = _continued(model, decoder, windows, prompt, None)
+    argmax = [vocab_parallel_argmax(head_logits(i), vocab_size) for i in range(tally.n)]
+    tally.add_acceptance(accepted_drafts(torch.stack(argmax)), start=prompt - 1)
+
+
+def _continued(model, decoder, windows: Tensor, prompt: int, sampling):
+    """Each window's first `prompt` tokens continued by the decoder (greedy, or plain sampling)
+    to the model's seq_length, and the trunk's forward over them: returns head i's logits
+    [s, b, V/tp] over those sequences, one head at a time."""
     prompts = [w[:prompt].tolist() for w in windows]
-    continued = decoder.generate(prompts, model.seq_length - prompt, k=1)
+    continued = decoder.generate(prompts, model.seq_length - prompt, sampling=sampling)
     sequences = torch.tensor([p + g.tokens for p, g in zip(prompts, continued, strict=True)])
     sequences = sequences.to(next(model.parameters()).device)
     h = model.trunk_forward(sequences)
     mask, rope = model._positions(sequences.shape[1], sequences.device)
-    argmax = torch.stack(
-        [
-            vocab_parallel_argmax(model.unembed(model.heads.hidden(i, h, mask, rope)), vocab_size)
-            for i in range(tally.n)
-        ]
-    )
-    tally.add_acceptance(accepted_drafts(argmax), start=prompt - 1)
+    return lambda i: model.unembed(model.heads.hidden(i, h, mask, rope))
 
 
 @torch.no_grad()
@@ -286,20 +289,14 @@ def tally_sampled_acceptance(
     the decoder continues from what it accepted."""
     from mtp_dist.inference.sampling import gather_vocab, probabilities
 
-    prompts = [w[:prompt].tolist() for w in windows]
-    continued = decoder.generate(prompts, model.seq_length - prompt, sampling=sampling)
-    sequences = torch.tensor([p + g.tokens for p, g in zip(prompts, continued, strict=True)])
-    sequences = sequences.to(next(model.parameters()).device)
-    h = model.trunk_forward(sequences)
-    mask, rope = model._positions(sequences.shape[1], sequences.device)
+    head_logits = _continued(model, decoder, windows, prompt, sampling)
 
     def dist(i: int) -> Tensor:  # head i's distributions [s, b, V] (float64)
-        logits = model.unembed(model.heads.hidden(i, h, mask, rope))
-        return probabilities(gather_vocab(logits, vocab_size), sampling)
+        return probabilities(gather_vocab(head_logits(i), vocab_size), sampling)
 
-    n, s = tally.n, sequences.shape[1]
-    positions = s - n + 1
+    n = tally.n
     p = dist(0)
+    positions = p.shape[0] - n + 1
     chances = torch.stack(
         [torch.minimum(dist(k - 1)[:positions], p[k - 1 : k - 1 + positions]).sum(-1)
          for k in range(2, n + 1)]
