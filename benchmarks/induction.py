@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FULL = {"widths": "32,64,128", "seeds": 3, "tokens": 6_000_000, "evals": 6}
 QUICK = {"widths": "32,64", "seeds": 2, "tokens": 1_200_000, "evals": 3}
+# The copy control (--task copy): every document a line of names and the line again.
+COPY = {"widths": "32,64,128", "seeds": 3, "tokens": 2_457_600, "evals": 6, "seq": 128,
+        "batch": 32}  # fmt: skip
 PAPER = (
     "Figure 7: on children's stories with random two-token names, n=2 models of 1M-10M "
     "non-embedding parameters reach clearly higher induction success than n=1 models of the "
@@ -51,6 +54,14 @@ PAPER = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="induction.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"the small grid: {QUICK}")
+    p.add_argument("--task", choices=("code", "copy"), default="code",
+                   help="code: the induction task; copy: its control (data_prep induction-copy),"
+                   f" by default {COPY}")  # fmt: skip
+    p.add_argument(
+        "--scaled-init",
+        action="store_true",
+        help="megatron-core's scaled output init instead of configs/induction.yaml's",
+    )
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "induction")
     p.add_argument("--widths", help=f"hidden sizes (default {FULL['widths']})")
     p.add_argument("--ns", default="1,2", help="n_future_tokens values (default 1,2)")
@@ -58,18 +69,23 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, help=f"seeds per cell (default {FULL['seeds']})")
     p.add_argument("--tokens", type=float, help=f"tokens per run (default {FULL['tokens']:,})")
     p.add_argument("--evals", type=int, help=f"checkpoints scored per run ({FULL['evals']})")
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (micro batch 8)")
+    p.add_argument("--seq", type=int, help="sequence length (default 256; copy 128)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 16; copy 32)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--corpus-mb", type=float, default=24.0, help="training source files (MB)")
+    p.add_argument("--copy-docs", type=int, default=40_000, help="copy control: training documents")
     p.add_argument("--max-windows", type=int, default=200, help="held-out windows scored")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", type=Path, help="JSON (default benchmarks/results/induction.json)")
     a = p.parse_args(argv)
-    grid = QUICK if a.quick else FULL
-    custom = any(v is not None for v in (a.widths, a.seeds, a.tokens, a.evals)) or a.ns != "1,2"
-    a.grid = ("quick" if a.quick else "full") + (" (customised)" if custom else "")
+    grid = COPY if a.task == "copy" else QUICK if a.quick else FULL
+    custom = any(v is not None for v in (a.widths, a.seeds, a.tokens, a.evals, a.seq, a.batch))
+    custom = custom or a.ns != "1,2" or a.scaled_init
+    name = "copy" if a.task == "copy" else "quick" if a.quick else "full"
+    a.grid = name + (" (customised)" if custom else "")
+    a.seq = a.seq or grid.get("seq", 256)
+    a.batch = a.batch or grid.get("batch", 16)
     try:
         a.widths = [int(w) for w in (a.widths or grid["widths"]).split(",")]
         a.ns = [int(n) for n in a.ns.split(",")]
@@ -78,7 +94,8 @@ def parse_args(argv=None):
     a.seeds = grid["seeds"] if a.seeds is None else a.seeds
     a.tokens = int(grid["tokens"] if a.tokens is None else a.tokens)
     a.evals = grid["evals"] if a.evals is None else a.evals
-    a.out = a.out or RESULTS / ("induction_quick.json" if a.quick else "induction.json")
+    default_out = {"copy": "induction_copy", "quick": "induction_quick", "full": "induction"}
+    a.out = a.out or RESULTS / f"{default_out[name]}.json"
     for ok, problem in (
         (all(n >= 1 and a.layers - n >= 1 for n in a.ns), "--ns: each n in 1..--layers - 1"),
         (all(w >= 32 and w % 32 == 0 for w in a.widths), "--widths: multiples of 32"),
@@ -111,9 +128,19 @@ def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def task_paths(a) -> dict[str, Path]:
+    """The task's documents (the corpus, or the copy control made from it), its shards and its
+    names.json, under WORKDIR/data."""
+    data = a.workdir / "data"
+    source, prefix = (data / "corpus", "") if a.task == "code" else (data / "copy", "copy-")
+    return {"source": source, "names": source / "names.json",
+            "train": data / f"{prefix}train", "heldout": data / f"{prefix}heldout"}  # fmt: skip
+
+
 def prepare_data(a) -> dict:
-    """Corpus, tokenizer and shards under WORKDIR/data (each stage skipped when done); the check
-    that every name is two tokens; returns names.json and the check's count."""
+    """Corpus, tokenizer, the copy control (--task copy) and the task's shards under
+    WORKDIR/data (each stage skipped when done); the check that every name is two tokens;
+    returns the task's names.json and the check's count."""
     from data_prep.induction import check_two_tokens, read_names
     from data_prep.tokenizers import load_tokenizer
 
@@ -128,12 +155,16 @@ def prepare_data(a) -> dict:
               "--output", str(tok), "--vocab-size", str(a.vocab), "--input-sentence-size",
               "300000", "--user-symbols", str(corpus / "name_pieces.txt")],
              logs / "tokenizer.log")  # fmt: skip
+    paths = task_paths(a)
+    if a.task == "copy" and not paths["names"].exists():
+        _run([py, "-m", "data_prep", "induction-copy", str(corpus), str(paths["source"]),
+              "--seed", "0", "--docs", str(a.copy_docs)], logs / "copy.log")  # fmt: skip
     for split in ("train", "heldout"):
-        _run([py, "-m", "data_prep", "tokenize", str(corpus / split / "*.jsonl"), "--output-dir",
-              str(data / split), "--tokenizer", f"{tok}.model", "--no-progress"],
-             logs / f"tokenize-{split}.log")  # fmt: skip
-    info = read_names(str(corpus))
-    files = sorted(str(p) for p in corpus.glob("*/*.jsonl"))
+        _run([py, "-m", "data_prep", "tokenize", str(paths["source"] / split / "*.jsonl"),
+              "--output-dir", str(paths[split]), "--tokenizer", f"{tok}.model", "--no-progress"],
+             logs / f"tokenize-{a.task}-{split}.log")  # fmt: skip
+    info = read_names(str(paths["source"]))
+    files = sorted(str(p) for p in paths["source"].glob("*/*.jsonl"))
     info["two_token_occurrences_checked"] = check_two_tokens(
         load_tokenizer(f"{tok}.model"), info, files
     )
@@ -144,7 +175,7 @@ def run_config(a, width: int, n: int, seed: int) -> tuple[Path, list[str], int]:
     """A run's directory, its training overrides, and its steps."""
     steps = max(a.evals, a.tokens // (a.seq * a.batch))
     steps -= steps % a.evals
-    data = a.workdir / "data"
+    data, paths = a.workdir / "data", task_paths(a)
     overrides = [
         f"model.hidden_size={width}",
         f"model.num_attention_heads={width // 32}",
@@ -153,8 +184,8 @@ def run_config(a, width: int, n: int, seed: int) -> tuple[Path, list[str], int]:
         f"train.steps={steps}", f"train.global_batch_size={a.batch}", f"train.lr={a.lr}",
         f"train.warmup_steps={max(1, steps // 20)}", f"train.seed={seed}",
         f"checkpoint.interval={steps // a.evals}", f"checkpoint.keep={a.evals + 1}",
-        f"data.paths=[{data / 'train'}]", f"data.tokenizer={data / 'tok' / 'tokenizer.model'}",
-    ]  # fmt: skip
+        f"data.paths=[{paths['train']}]", f"data.tokenizer={data / 'tok' / 'tokenizer.model'}",
+    ] + (["model.init_scaled_output=true"] if a.scaled_init else [])  # fmt: skip
     # The settings in the name: a rerun with other --tokens, --lr, ... never reuses a result.
     digest = hashlib.sha256(json.dumps([overrides, a.max_windows]).encode()).hexdigest()[:8]
     run_dir = a.workdir / "runs" / f"d{width}-n{n}-seed{seed}-{digest}"
@@ -177,9 +208,9 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     train_cpu = _run(train, run_dir / "train.log")
     train_s = time.time() - t0
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
-    data = a.workdir / "data"
+    paths = task_paths(a)
     score = [py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
-             str(data / "heldout"), "--names", str(data / "corpus" / "names.json"),
+             str(paths["heldout"]), "--names", str(paths["names"]),
              "--max-windows", str(a.max_windows), "--json"]  # fmt: skip
     score_cpu = _run(score, run_dir / "score.log", stdout=run_dir / "scores.json")
     scores = json.loads((run_dir / "scores.json").read_text())
@@ -319,8 +350,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     info = prepare_data(a)
     checked = info["two_token_occurrences_checked"]
-    print(f"data: {info['documents']} functions, {info['name_occurrences']} name occurrences, "
-          f"{checked} checked to be two tokens", flush=True)  # fmt: skip
+    print(f"data ({a.task}): {info['documents']} documents, {checked} name occurrences checked "
+          "to be two tokens", flush=True)  # fmt: skip
     results = run_grid(a)
     summary = summarise(results)
     print(tables(results, summary, info["chance"]))

@@ -1,5 +1,5 @@
 """`python -m data_prep <command>`: train-tokenizer, tokenize, stdlib-corpus, induction-corpus,
-manifest, verify.
+induction-copy, manifest, verify.
 
 Every command follows mtp_dist.errors' contract: bad input (a bad file, option or environment
 variable, an OS error) is one `error:` line and exit status 2, Ctrl-C is exit status 130.
@@ -229,6 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--no-progress", dest="progress", action="store_false")
 
+    c = sub.add_parser(
+        "induction-copy",
+        help="write the induction task's copy control (a line of names, then the line again)",
+        description="Write the copy control of the induction task (data_prep/induction.py): "
+        "documents of random names from CORPUS's pools, written twice, so half of each is "
+        "predictable by induction alone. Tokenize OUT/train/ and OUT/heldout/ with CORPUS's "
+        "tokenizer; score with `evaluate induction --names OUT/names.json`.",
+    )
+    c.add_argument("corpus", help="an induction corpus (the output of induction-corpus)")
+    c.add_argument("out_dir")
+    c.add_argument("--seed", type=_at_least(0), default=0)
+    c.add_argument("--docs", type=_at_least(1), default=40_000, help="training documents")
+    c.add_argument("--heldout-docs", type=_at_least(1), default=600)
+    c.add_argument("--pool", type=_at_least(2), default=16, help="first and second halves drawn")
+    c.add_argument("--names", type=_at_least(1), default=15, help="names per line")
+
     m = sub.add_parser(
         "manifest",
         help="re-merge and print an output directory's manifest",
@@ -353,6 +369,14 @@ def cmd_induction_corpus(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_induction_copy(a: argparse.Namespace) -> int:
+    from data_prep.induction import write_copy_corpus
+
+    info = write_copy_corpus(a.corpus, a.out_dir, a.seed, a.docs, a.heldout_docs, a.pool, a.names)
+    print(json.dumps({k: v for k, v in info.items() if k not in ("first", "second")}, indent=2))
+    return 0
+
+
 def cmd_manifest(a: argparse.Namespace) -> int:
     from data_prep.manifest import merge_manifest
 
@@ -386,6 +410,7 @@ COMMANDS = {
     "tokenize": cmd_tokenize,
     "stdlib-corpus": cmd_stdlib_corpus,
     "induction-corpus": cmd_induction_corpus,
+    "induction-copy": cmd_induction_copy,
     "manifest": cmd_manifest,
     "verify": cmd_verify,
 }

@@ -332,3 +332,65 @@ def check_two_tokens(tokenizer, info: dict, corpus_files: list[str]) -> int:
                 )
             total += len(starts)
     return total
+
+
+def copy_document(rng: random.Random, first: list, second: list, names: int) -> str:
+    """One document of the copy control: `names` random names (distinct first halves, second
+    halves uniform) written without separators, a newline, and the same names again."""
+    line = "".join(f + rng.choice(second) for f in rng.sample(first, names))
+    return f"{line}\n{line}"
+
+
+def write_copy_corpus(
+    corpus_dir: str,
+    out_dir: str,
+    seed: int = 0,
+    docs: int = 40_000,
+    heldout_docs: int = 600,
+    pool: int = 16,
+    names: int = 15,
+) -> dict:
+    """The copy control (`python -m data_prep induction-copy CORPUS OUT`): documents that are
+    nothing but a line of random names and that line again, so half of every document is
+    predictable by induction alone (Olsson et al. 2022's repeated random tokens, written as
+    the task's names). `pool` first and `pool` second halves are drawn from CORPUS's pools, so
+    CORPUS's tokenizer (trained with --user-symbols) makes each name two tokens and `evaluate
+    induction` scores it as it scores the code, with OUT/names.json (chance 1 / pool). Writes
+    OUT/train/, OUT/heldout/ and OUT/names.json; returns names.json's content."""
+    info = read_names(corpus_dir)
+    if not 2 <= pool <= min(len(info["first"]), len(info["second"])):
+        raise UserError(
+            f"--pool {pool}: the corpus has {len(info['first'])} first and "
+            f"{len(info['second'])} second halves; give 2 to the smaller of them"
+        )
+    if not 1 <= names <= pool or docs < 1 or heldout_docs < 1:
+        raise UserError(f"--names must be 1 to --pool ({pool}); --docs, --heldout-docs >= 1")
+    rng = random.Random(f"copy:{seed}")
+    first, second = (
+        sorted(rng.sample(info["first"], pool)),
+        sorted(rng.sample(info["second"], pool)),
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    for split, count in (("train", docs), ("heldout", heldout_docs)):
+        split_rng = random.Random(f"copy:{seed}:{split}")
+        texts = [copy_document(split_rng, first, second, names) for _ in range(count)]
+        _write_shards(
+            os.path.join(out_dir, split),
+            [
+                {
+                    "text": t,
+                    "path": f"copy {split}",
+                    "function": f"document {i}",
+                    "occurrences": 2 * names,
+                }
+                for i, t in enumerate(texts)
+            ],  # fmt: skip
+            1,
+        )
+    copy_info = {
+        "seed": seed, "task": "copy", "corpus": os.path.abspath(corpus_dir),
+        "first": first, "second": second, "chance": 1 / pool,
+        "names_per_document": names, "documents": {"train": docs, "heldout": heldout_docs},
+    }  # fmt: skip
+    atomic_write_json(os.path.join(out_dir, NAMES_FILE), copy_info)
+    return copy_info

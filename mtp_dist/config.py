@@ -63,6 +63,10 @@ class ModelConfig:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     init_std: float = 0.02
+    init_scaled_output: bool = True
+    """megatron-core's scaled init: the layers' output projections (attention proj, SwiGLU fc2)
+    drawn with init_std / sqrt(2 x layers), every other matrix with init_std. false: every
+    matrix with init_std (Hugging Face Llama's init; configs/induction.yaml uses it)."""
     init_from: str | None = None
     """Start from another model's weights instead of random ones (a new run: fresh optimizer,
     step 0): a Hugging Face Llama directory (`python -m mtp_dist.export ... --format hf`, or

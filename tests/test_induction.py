@@ -207,6 +207,33 @@ def test_names_are_two_tokens_only_with_user_symbols(task):
         ind.check_two_tokens(plain, info, files)
 
 
+def test_copy_control_repeats_each_line_and_scores_only_the_repeat(task, tmp_path):
+    """induction-copy: the same seed gives the same files; its pools are drawn from the
+    corpus's; every name is two tokens under the corpus's tokenizer; a document's second line
+    is its first, and the scorer scores exactly the repeat's names."""
+    root, info, tok, _ = task
+    copy = ind.write_copy_corpus(str(root / "corpus"), str(tmp_path / "a"), 1, 20, 5, 8, 6)
+    again = ind.write_copy_corpus(str(root / "corpus"), str(tmp_path / "b"), 1, 20, 5, 8, 6)
+    files = sorted(glob.glob(str(tmp_path / "a/*/*.jsonl")))
+    for path in files:
+        assert open(path, "rb").read() == open(path.replace("/a/", "/b/"), "rb").read()
+    assert {k: v for k, v in copy.items() if k != "corpus"} == {
+        k: v for k, v in again.items() if k != "corpus"
+    }
+    assert set(copy["first"]) <= set(info["first"]) and len(copy["first"]) == 8
+    assert set(copy["second"]) <= set(info["second"]) and copy["chance"] == 1 / 8
+    assert ind.check_two_tokens(tok, copy, files) == 25 * 2 * 6
+    doc = json.loads(open(files[0], encoding="utf-8").readline())
+    line, repeat = doc["text"].split("\n")
+    assert line == repeat and len(line) == 6 * 6  # six names of two 3-letter pieces
+    tokens = np.array([*tok.encode_batch([doc["text"]])[0].tolist(), tok.eod_id])
+    pieces = Pieces.of(tok, copy)
+    first_halves = np.flatnonzero(pieces.first[tokens])
+    assert scored_positions(tokens, pieces).tolist() == first_halves[6:].tolist()
+    with pytest.raises(UserError, match="--pool 99"):
+        ind.write_copy_corpus(str(root / "corpus"), str(tmp_path / "c"), pool=99)
+
+
 def _windows(root, tok, length):
     from mtp_dist.evaluate.heads import held_out_windows
 
@@ -274,6 +301,23 @@ def test_benchmark_end_to_end(tmp_path):
             assert p["scored"] > 0 and 0 <= p["induction_success"] <= 1
             assert 0 < p["head1_loss"] < 10  # ln(500) = 6.2 at the start
     assert {(s["n"], s["seeds"]) for s in r["summary"]} == {(1, 1), (2, 1)}
+
+    # The copy control through the same grid: the corpus and tokenizer above are reused.
+    copy = tmp_path / "copy.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/induction.py", "--workdir", str(tmp_path / "w"),
+         "--task", "copy", "--widths", "32", "--seeds", "1", "--tokens", "4096", "--seq", "64",
+         "--batch", "16", "--evals", "2", "--vocab", "500", "--max-windows", "16",
+         "--copy-docs", "200", "--out", str(copy)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads(copy.read_text())
+    assert r["grid"] == "copy (customised)" and r["data"]["chance"] == 1 / 16
+    assert r["data"]["two_token_occurrences_checked"] == 2 * 15 * (200 + 600)
+    for run in r["runs"]:
+        assert [p["step"] for p in run["curve"]] == [2, 4] and run["tokens"] == 4 * 16 * 64
+        assert all(p["scored"] > 0 for p in run["curve"])
 
 
 def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):

@@ -92,6 +92,8 @@ def test_scaled_init_depth_is_every_layer_of_the_model(megatron_1proc):
         assert _init_std(model, name) == scaled
     assert _init_std(model, "heads.layers.0.mlp.linear_fc1.weight") == cfg.init_std
     assert _init_std(model, "heads.final_norm.weight") is None
+    plain = build_model(dataclasses.replace(cfg, init_scaled_output=False), device="meta")
+    assert _init_std(plain, "trunk.layers.0.self_attention.linear_proj.weight") == cfg.init_std
 
 
 ALTERNATIVES = {
@@ -112,6 +114,7 @@ ALTERNATIVES = {
     "rotary_base": 500000.0,
     "norm_epsilon": 1e-6,
     "init_std": 0.01,
+    "init_scaled_output": False,
     "init_from": "elsewhere",
 }
 

@@ -90,11 +90,13 @@ def unshard(pieces: list[Tensor], layout: ParamLayout) -> Tensor:
 
 
 def _init_std(model: MTPModel, name: str) -> float | None:
-    """None for norm weights (ones); megatron's scaled init for the output projections."""
+    """None for norm weights (ones); megatron's scaled init for the output projections unless
+    model.init_scaled_output is false."""
     if "norm" in name.split(".")[-2]:  # input_layernorm, pre_mlp_layernorm, final_norm
         return None
     std = model.config.init_method_std
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+    scaled = model.model_cfg.init_scaled_output
+    if scaled and name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         std = std / (2.0 * total_layers(model.model_cfg)) ** 0.5
     return std
 
