@@ -6,6 +6,9 @@ local names renamed consistently to random two-piece names (first half from 64 p
 half from 32: chance 1/32); a sentencepiece BPE tokenizer (V=2000) trained with the pieces as
 user-defined symbols, so each name is exactly two tokens (checked over the corpus); training
 and held-out shards from the normal `tokenize`. Held-out source files are not in training.
+--task copy trains and scores on the control instead (`python -m data_prep induction-copy`:
+each document a line of 15 random names from 16 + 16 of the pieces, then the same line, so
+half of it is predictable by induction alone; chance 1/16), at seq 128 and 32 sequences a step.
 
 Runs (`python -m mtp_dist.train --config configs/induction.yaml`): for each width, n=1 and n=2
 parameter-matched as in the paper (num_layers = L - n trunk layers plus n head layers, L=4), each
@@ -17,6 +20,7 @@ skipped on a rerun, so an interrupted grid continues.
 
     python benchmarks/induction.py --quick  # d=32,64 x n=1,2 x 2 seeds, 1.2M tokens: ~8 min
     python benchmarks/induction.py          # d=32,64,128 x n=1,2 x 3 seeds, 6M tokens: ~1.5 h
+    python benchmarks/induction.py --task copy  # d=32,64,128 x n=1,2 x 3 seeds, 600 steps
 
 (on 2 idle cores, --jobs 2: the measured tokens per CPU second of each run are in the JSON.)
 """

@@ -162,6 +162,9 @@ def test_bad_option_values_are_one_line(tmp_path, capsys):
     proc = cli(capsys, "stdlib-corpus", tmp_path / "c", "--max-mb", "0.000001")
     assert_one_error(proc, "--max-mb 1e-06 holds no source file")
     assert not (tmp_path / "c").exists()
+    proc = cli(capsys, "induction-copy", tmp_path / "no-corpus", tmp_path / "copy")
+    assert_one_error(proc, "is not an induction corpus's names.json", "induction-corpus")
+    assert not (tmp_path / "copy").exists()
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):

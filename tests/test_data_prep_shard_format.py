@@ -88,6 +88,7 @@ def test_no_data_prep_command_imports_torch_or_megatron_core(tmp_path):
         ["stdlib-corpus", str(tmp_path / "stdlib"), "--max-mb", "0.05", "--num-shards", "1"],
         ["induction-corpus", str(tmp_path / "induction"), "--max-mb", "0.05", "--heldout-mb",
          "0.05"],
+        ["induction-copy", str(tmp_path / "induction"), str(tmp_path / "copy"), "--docs", "5"],
         ["train-tokenizer", str(corpus / "*.jsonl"), "--output", str(tmp_path / "tok"),
          "--vocab-size", "400"],
         ["tokenize", str(corpus / "*.jsonl"), "--output-dir", str(out), "--tokenizer",
