@@ -144,6 +144,10 @@ gathered = [torch.zeros_like(out) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, out)
 if dist.get_rank() == 0:
     torch.save(gathered, args["cache_dir"] + "/../gathered.pt")
+# Both ranks done before either tears gloo down: a rank that destroys its group while its peer
+# is still inside a collective can abort in gloo's teardown ("terminate called without an
+# active exception", seen once in CI).
+dist.barrier()
 dist.destroy_process_group()
 """
 
