@@ -366,27 +366,17 @@ def write_copy_corpus(
     if not 1 <= names <= pool or docs < 1 or heldout_docs < 1:
         raise UserError(f"--names must be 1 to --pool ({pool}); --docs, --heldout-docs >= 1")
     rng = random.Random(f"copy:{seed}")
-    first, second = (
-        sorted(rng.sample(info["first"], pool)),
-        sorted(rng.sample(info["second"], pool)),
-    )
+    first = sorted(rng.sample(info["first"], pool))
+    second = sorted(rng.sample(info["second"], pool))
     os.makedirs(out_dir, exist_ok=True)
     for split, count in (("train", docs), ("heldout", heldout_docs)):
         split_rng = random.Random(f"copy:{seed}:{split}")
-        texts = [copy_document(split_rng, first, second, names) for _ in range(count)]
-        _write_shards(
-            os.path.join(out_dir, split),
-            [
-                {
-                    "text": t,
-                    "path": f"copy {split}",
-                    "function": f"document {i}",
-                    "occurrences": 2 * names,
-                }
-                for i, t in enumerate(texts)
-            ],  # fmt: skip
-            1,
-        )
+        split_docs = [
+            {"text": copy_document(split_rng, first, second, names), "path": f"copy {split}",
+             "function": f"document {i}", "occurrences": 2 * names}
+            for i in range(count)
+        ]  # fmt: skip
+        _write_shards(os.path.join(out_dir, split), split_docs, 1)
     copy_info = {
         "seed": seed, "task": "copy", "corpus": os.path.abspath(corpus_dir),
         "first": first, "second": second, "chance": 1 / pool,
