@@ -39,6 +39,25 @@ def test_megatron_rng_tracker_needs_the_shim_on_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for machines without a GPU")
+def test_megatron_imports_without_torch_compile_after_mtp_dist():
+    """compat/startup.py: with mtp_dist imported first, megatron-core's fusions are plain
+    functions and its import leaves torch's compiler unloaded; without it, they are compiled
+    (torch.compile), which is what the shim saves (if that stops, the shim can go)."""
+    code = (
+        "import sys\n"
+        "{first}"
+        "from megatron.core.fusions import fused_bias_swiglu as f\n"
+        "print(f.jit_fuser.__name__, 'torch._dynamo' in sys.modules)\n"
+    )
+    for first, want in (("import mtp_dist\n", "noop_decorator False"), ("", "compile True")):
+        proc = subprocess.run(
+            [sys.executable, "-c", code.format(first=first)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == want.split(), (first, proc.stdout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for machines without a GPU")
 def test_shimmed_tracker_forks_cpu_rng(megatron_1proc):
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

@@ -3,6 +3,8 @@ dependencies, in one package, each guarded the same way.
 
 - `cpu`: shims that let megatron-core and DeepSpeed run without a GPU; applied by
   `distributed.init` only when no GPU is present.
+- `startup`: the CPU shim that must act while megatron-core is being imported (it skips
+  torch.compile's import-time cost); armed by mtp_dist/__init__.py, acting only without a GPU.
 - `megatron`, `megatron_data`, `deepspeed`: fixes of upstream bugs and uses of private
   upstream API; they apply on every device (a bug is a bug on a GPU too).
 
@@ -17,7 +19,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
-MODULES = ("cpu", "megatron", "megatron_data", "deepspeed")
+MODULES = ("cpu", "startup", "megatron", "megatron_data", "deepspeed")
 
 
 class UpstreamChanged(RuntimeError):
