@@ -21,6 +21,7 @@ from mtp_dist.errors import UserError
 from mtp_dist.evaluate.induction import (
     InductionDataError,
     Pieces,
+    first_half_positions,
     score_windows,
     scored_positions,
 )
@@ -137,6 +138,16 @@ def test_scorer_scores_only_second_tokens_of_later_occurrences():
     assert scored_positions(np.array(window), _pieces()).tolist() == [5, 10, 15]
 
 
+def test_first_half_measure_scores_only_first_halves_a_repeated_pair_predicts():
+    # position: 0   1   2   3   4   5   6   7   8   9  10  11  12 13  14  15  16  17  18  19
+    window = [10, 20, 11, 21, 10, 20, 12, 21, 10, 20, 11, 21, 5, 2, 10, 20, 11, 21, 10, 20, 11]
+    # 1: (10, 20) first seen, followed by 11; 5: followed by 12 this time, not scored, and from
+    # then on ambiguous (9 not scored); 3: (11, 21) first seen; 13: eod, a new document;
+    # 15, 17: first in this document; 19: (10, 20) followed by 11 before in this document.
+    assert first_half_positions(np.array(window), _pieces()).tolist() == [19]
+    assert first_half_positions(np.array([10, 20, 11, 21, 10, 20, 11]), _pieces()).tolist() == [5]
+
+
 def test_scorer_refuses_names_that_are_not_two_tokens():
     with pytest.raises(InductionDataError, match="without its other half"):
         scored_positions(np.array([5, 10, 6, 10, 20]), _pieces())
@@ -234,6 +245,36 @@ def test_copy_control_repeats_each_line_and_scores_only_the_repeat(task, tmp_pat
         ind.write_copy_corpus(str(root / "corpus"), str(tmp_path / "c"), pool=99)
 
 
+def test_each_measure_sees_its_own_kind_of_copying(task, tmp_path):
+    """On copy-control documents: copying the token after the last earlier occurrence of the
+    current token completes every second half (the paper's measure: 1.0) but not every first
+    half; copying after the last earlier occurrence of the current pair completes every first
+    half the second measure scores (1.0)."""
+    root, _, tok, _ = task
+    copy = ind.write_copy_corpus(str(root / "corpus"), str(tmp_path), 3, 30, 5, 8, 6)
+    pieces = Pieces.of(tok, copy)
+    texts = [json.loads(line)["text"] for line in open(glob.glob(str(tmp_path / "train/*"))[0])]
+    stream = [t for ids in tok.encode_batch(texts) for t in [*ids.tolist(), tok.eod_id]]
+    windows = [np.array(stream[i : i + 65]) for i in range(0, len(stream) - 65, 65)]
+
+    def copier(context: int):
+        def predict(batch):
+            out = np.zeros((len(batch), batch.shape[1] - 1), dtype=np.int64)
+            for b, w in enumerate(batch.tolist()):
+                for t in range(context - 1, len(w) - 1):
+                    now = w[t - context + 1 : t + 1]
+                    earlier = [u for u in range(context - 1, t) if w[u - context + 1 : u + 1] == now]
+                    out[b, t] = w[earlier[-1] + 1] if earlier else 0
+            return out, np.zeros(out.shape)
+
+        return predict
+
+    by_token, by_pair = (score_windows(windows, copier(c), pieces) for c in (1, 2))
+    assert by_token["induction_success"] == 1.0 and by_pair["first_half_success"] == 1.0
+    assert by_token["first_half_scored"] == by_pair["first_half_scored"] > 100
+    assert by_token["first_half_success"] < 0.9
+
+
 def _windows(root, tok, length):
     from mtp_dist.evaluate.heads import held_out_windows
 
@@ -299,6 +340,7 @@ def test_benchmark_end_to_end(tmp_path):
         assert [p["step"] for p in run["curve"]] == [2, 4] and run["tokens"] == 4 * 16 * 64
         for p in run["curve"]:
             assert p["scored"] > 0 and 0 <= p["induction_success"] <= 1
+            assert p["first_half_success"] is None or 0 <= p["first_half_success"] <= 1
             assert 0 < p["head1_loss"] < 10  # ln(500) = 6.2 at the start
     assert {(s["n"], s["seeds"]) for s in r["summary"]} == {(1, 1), (2, 1)}
 
@@ -317,7 +359,7 @@ def test_benchmark_end_to_end(tmp_path):
     assert r["data"]["two_token_occurrences_checked"] == 2 * 15 * (200 + 600)
     for run in r["runs"]:
         assert [p["step"] for p in run["curve"]] == [2, 4] and run["tokens"] == 4 * 16 * 64
-        assert all(p["scored"] > 0 for p in run["curve"])
+        assert all(p["scored"] > 0 and p["first_scored"] > 0 for p in run["curve"])
 
 
 def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):

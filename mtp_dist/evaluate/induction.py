@@ -20,6 +20,15 @@ corpus's names.json `chance`).
 Alongside: head 1's mean cross-entropy over every position of the same windows (the ordinary
 validation loss), and at the scored positions alone (`scored_loss`, in nats: ln |second pool|
 for a uniform guess among the second halves; it moves before the top-1 does).
+
+The paper's measure sees one kind of copying only: a model can copy the other half of a name
+and score chance on it (measured on the copy control: benchmarks/README.md). So a second measure,
+`first_half_success`, scores the first halves that copying predicts: a position t whose next
+token is a first-half piece F, where the two tokens at t-1 and t occurred together earlier in
+the same document and were followed there by F every time (in the copy control, every name of
+the repeat but its first; in code, a name inside a span that repeats). Only head 1's top-1
+again; a model that cannot look back guesses at best among the first halves (`first_chance`,
+1 / |first pool|, or somewhat better if it recalls which first halves the document has used).
 """
 
 from __future__ import annotations
@@ -90,17 +99,37 @@ def scored_positions(window: np.ndarray, pieces: Pieces) -> np.ndarray:
     return np.asarray(scored, dtype=np.int64)
 
 
+def first_half_positions(window: np.ndarray, pieces: Pieces) -> np.ndarray:
+    """Positions t whose next token is a first half that the two tokens before it (t-1, t)
+    were followed by, every time, earlier in the same document (the module's docstring)."""
+    tokens = np.asarray(window).tolist()
+    doc = np.cumsum(np.asarray(window) == pieces.eod_id).tolist()
+    followers: dict[tuple, set] = {}  # (document, token t-1, token t) -> tokens seen at t+1
+    scored = []
+    for t in range(1, len(tokens) - 1):
+        if doc[t - 1] != doc[t]:
+            continue  # the pair straddles a document's end
+        key, nxt = (doc[t], tokens[t - 1], tokens[t]), tokens[t + 1]
+        if pieces.first[nxt] and followers.get(key) == {nxt}:
+            scored.append(t)
+        followers.setdefault(key, set()).add(nxt)
+    return np.asarray(scored, dtype=np.int64)
+
+
 @dataclass
 class InductionTally:
     """Sums over windows; `summary` gives the rates."""
 
     chance: float
+    first_chance: float
     windows: int = 0
     scored: int = 0
     hits: int = 0
     scored_loss_sum: float = 0.0
     loss_sum: float = 0.0
     positions: int = 0
+    first_scored: int = 0
+    first_hits: int = 0
 
     def add(self, windows: np.ndarray, argmax: np.ndarray, losses: np.ndarray, pieces: Pieces):
         """windows [b, s+1]; head 1's argmax [b, s] and cross-entropy [b, s] at each position."""
@@ -109,6 +138,9 @@ class InductionTally:
             self.scored += len(t)
             self.hits += int((guess[t] == w[t + 1]).sum())
             self.scored_loss_sum += float(np.asarray(loss, dtype=np.float64)[t].sum())
+            f = first_half_positions(w, pieces)
+            self.first_scored += len(f)
+            self.first_hits += int((guess[f] == w[f + 1]).sum())
         self.windows += len(windows)
         self.loss_sum += float(np.asarray(losses, dtype=np.float64).sum())
         self.positions += losses.size
@@ -121,6 +153,11 @@ class InductionTally:
             "scored_loss": round(self.scored_loss_sum / self.scored, 4) if self.scored else None,
             "head1_loss": round(self.loss_sum / max(1, self.positions), 4),
             "windows": self.windows,
+            "first_half_success": (
+                round(self.first_hits / self.first_scored, 4) if self.first_scored else None
+            ),
+            "first_half_scored": self.first_scored,
+            "first_chance": round(self.first_chance, 4),
         }
 
 
@@ -149,7 +186,7 @@ def model_predictor(model, vocab_size: int) -> Callable:
 def score_windows(windows, predict: Callable, pieces: Pieces, batch: int = 8) -> dict:
     """The tally over an iterator of windows [s+1] with `predict` (model_predictor, or any
     function of the same shape)."""
-    tally, pending = InductionTally(pieces.chance), []
+    tally, pending = InductionTally(pieces.chance, 1 / int(pieces.first.sum())), []
 
     def flush():
         stacked = np.stack(pending)
@@ -169,13 +206,18 @@ def score_windows(windows, predict: Callable, pieces: Pieces, batch: int = 8) ->
 def table(rows: list[dict]) -> str:
     lines = [
         "| source | step | windows | scored | induction success | chance | loss at scored "
-        "| head 1 loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| head 1 loss | first halves scored | first-half success | chance |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def rate(x):
+        return "-" if x is None else f"{x:.4f}"
+
     for r in rows:
-        success = "-" if r["induction_success"] is None else f"{r['induction_success']:.4f}"
         lines.append(
             f"| {r['source']} | {r['step']} | {r['windows']} | {r['scored_occurrences']} | "
-            f"{success} | {r['chance']:.4f} | {r['scored_loss'] or 0:.4f} | {r['head1_loss']:.4f} |"
+            f"{rate(r['induction_success'])} | {r['chance']:.4f} | {r['scored_loss'] or 0:.4f} | "
+            f"{r['head1_loss']:.4f} | {r['first_half_scored']} | "
+            f"{rate(r['first_half_success'])} | {r['first_chance']:.4f} |"
         )
     return "\n".join(lines)
