@@ -263,7 +263,9 @@ def test_each_measure_sees_its_own_kind_of_copying(task, tmp_path):
             for b, w in enumerate(batch.tolist()):
                 for t in range(context - 1, len(w) - 1):
                     now = w[t - context + 1 : t + 1]
-                    earlier = [u for u in range(context - 1, t) if w[u - context + 1 : u + 1] == now]
+                    earlier = [
+                        u for u in range(context - 1, t) if w[u - context + 1 : u + 1] == now
+                    ]
                     out[b, t] = w[earlier[-1] + 1] if earlier else 0
             return out, np.zeros(out.shape)
 
