@@ -15,7 +15,9 @@ parameter-matched as in the paper (num_layers = L - n trunk layers plus n head l
 seed, the same tokens per run; checkpoints at --evals points. Each checkpoint is scored with
 `python -m mtp_dist.evaluate induction` on the held-out split's first --max-windows windows:
 induction success (head 1's top-1 on the second token of names seen earlier in the same
-function) and head 1's loss. --jobs runs go at once (one thread each); a finished run is
+function), the second measure, first-half success (head 1's top-1 on first halves that a
+repeated pair of tokens predicts: a model can copy that half of a name and not the other), and
+head 1's loss. --jobs runs go at once (one thread each); a finished run is
 skipped on a rerun, so an interrupted grid continues.
 
     python benchmarks/induction.py --quick  # d=32,64 x n=1,2 x 2 seeds, 1.2M tokens: ~8 min
@@ -329,6 +331,11 @@ def plot(results: list[dict], summary: list[dict], chance: float, out: Path) -> 
         each = [r for r in results if r["n"] == n]
         left.scatter([r["non_embedding_params"] for r in each],
                      [r["induction_success"] for r in each], s=10, alpha=0.4)  # fmt: skip
+        left.errorbar([s["non_embedding_params"] for s in rows],
+                      [s["first_half_mean"] for s in rows],
+                      yerr=[s["first_half_std"] for s in rows], marker="s", capsize=4,
+                      linestyle="--", alpha=0.6,
+                      label=f"n={n}, first halves (second measure)")  # fmt: skip
     for ax in (left, right):
         ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.3f})")
         ax.set_ylabel("induction success")
