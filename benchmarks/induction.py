@@ -209,11 +209,21 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     done = run_dir / "induction.json"
     if done.exists():
         return json.loads(done.read_text())
-    py, t0 = sys.executable, time.time()
-    train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
-    train_cpu = _run(train, run_dir / "train.log")
-    train_s = time.time() - t0
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    py = sys.executable
+    cost = run_dir / "train_cost.json"  # kept apart: deleting induction.json only rescores
+    if not cost.exists():
+        t0 = time.time()
+        train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
+        train_cpu = _run(train, run_dir / "train.log")
+        atomic_write_json(cost, {"wall": round(time.time() - t0, 1), "cpu": round(train_cpu, 1)})
+    train_cost = json.loads(cost.read_text())
+    # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
+    # when it was stopped.
+    interval = steps // a.evals
+    checkpoints = [
+        c for c in sorted((run_dir / "checkpoints").glob("step_*"))
+        if int(c.name.removeprefix("step_")) % interval == 0
+    ]  # fmt: skip
     paths = task_paths(a)
     score = [py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
              str(paths["heldout"]), "--names", str(paths["names"]),
@@ -228,11 +238,11 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         "width": width, "n": n, "seed": seed, "layers": a.layers,
         "non_embedding_params": params["trunk"] + params["heads"],
         "steps": steps, "tokens": steps * tokens_per_step,
-        "train_wall_seconds": round(train_s, 1),
-        "train_cpu_seconds": round(train_cpu, 1),
+        "train_wall_seconds": train_cost["wall"],
+        "train_cpu_seconds": train_cost["cpu"],
         "score_cpu_seconds": round(score_cpu, 1),
         # Tokens per CPU second: what one idle core would give (the wall rate depends on load).
-        "tokens_per_cpu_s": round(steps * tokens_per_step / train_cpu),
+        "tokens_per_cpu_s": round(steps * tokens_per_step / train_cost["cpu"]),
         "tokens_per_s_wall": round(statistics.median(m["tokens_per_s"] for m in metrics)),
         "curve": [
             {"step": s["step"], "tokens": s["step"] * tokens_per_step,
@@ -268,6 +278,18 @@ def run_grid(a) -> list[dict]:
     return sorted(results, key=lambda r: (r["width"], r["n"], r["seed"]))
 
 
+LEARNED = 0.5  # success at which a run counts as having learned induction (chance: 1/16-1/32)
+
+
+def learned_at(run: dict, key: str) -> int | None:
+    """Tokens seen at the first scored checkpoint where the measure `key` reached LEARNED."""
+    return next((p["tokens"] for p in run["curve"] if (p[key] or 0.0) >= LEARNED), None)
+
+
+def learned_either(run: dict) -> bool:
+    return any(learned_at(run, k) is not None for k in ("induction_success", "first_half_success"))
+
+
 def summarise(results: list[dict]) -> list[dict]:
     """Per (width, n): mean and seed-to-seed standard deviation; per width: n=2 - n=1."""
     cells = {}
@@ -286,28 +308,37 @@ def summarise(results: list[dict]) -> list[dict]:
             "first_half_std": statistics.stdev(first) if len(first) > 1 else 0.0,
             "head1_loss_mean": statistics.mean(loss),
             "head1_loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
+            "seeds_learned": sum(learned_either(r) for r in rs),
         })  # fmt: skip
     return rows
 
 
 def tables(results: list[dict], summary: list[dict], chance: float) -> str:
+    def at(run, key):
+        tokens = learned_at(run, key)
+        return "-" if tokens is None else f"{tokens / 1e6:.2f}M"
+
     lines = ["| width | non-emb. params | n | seed | tokens | induction success | first-half "
-             "success | head 1 loss |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             f"success | head 1 loss | >= {LEARNED} from (induction / first-half) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in results:
         first = r["first_half_success"]
         lines.append(f"| {r['width']} | {r['non_embedding_params'] / 1e6:.2f}M | {r['n']} | "
                      f"{r['seed']} | {r['tokens'] / 1e6:.2f}M | {r['induction_success']:.4f} | "
                      f"{'-' if first is None else f'{first:.4f}'} | "
-                     f"{r['head1_loss']:.4f} |")  # fmt: skip
+                     f"{r['head1_loss']:.4f} | {at(r, 'induction_success')} / "
+                     f"{at(r, 'first_half_success')} |")  # fmt: skip
     lines += ["", f"Mean ± seed-to-seed std (chance {chance:.4f}; first-half success: the second "
-              "measure of mtp_dist/evaluate/induction.py):", "",
+              "measure of mtp_dist/evaluate/induction.py; learned: seeds where either measure "
+              f"reached {LEARNED} at a scored checkpoint):", "",
               "| non-emb. params | n | seeds | induction success | first-half success | "
-              "head 1 loss |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "head 1 loss | learned |", "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for s in summary:
         lines.append(f"| {s['non_embedding_params'] / 1e6:.2f}M | {s['n']} | {s['seeds']} | "
                      f"{s['success_mean']:.4f} ± {s['success_std']:.4f} | "
                      f"{s['first_half_mean']:.4f} ± {s['first_half_std']:.4f} | "
-                     f"{s['head1_loss_mean']:.4f} ± {s['head1_loss_std']:.4f} |")  # fmt: skip
+                     f"{s['head1_loss_mean']:.4f} ± {s['head1_loss_std']:.4f} | "
+                     f"{s['seeds_learned']} of {s['seeds']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -323,33 +354,36 @@ def plot(results: list[dict], summary: list[dict], chance: float, out: Path) -> 
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     ns = sorted({s["n"] for s in summary})
+    colour = {n: f"C{i}" for i, n in enumerate(ns)}
     for n in ns:
         rows = [s for s in summary if s["n"] == n]
-        left.errorbar([s["non_embedding_params"] for s in rows], [s["success_mean"] for s in rows],
-                      yerr=[s["success_std"] for s in rows], marker="o", capsize=4,
-                      label=f"n={n} (mean ± std over seeds)")  # fmt: skip
+        sizes = [s["non_embedding_params"] for s in rows]
+        left.errorbar(sizes, [s["success_mean"] for s in rows],
+                      yerr=[s["success_std"] for s in rows], color=colour[n], marker="o",
+                      capsize=4, label=f"n={n} (mean ± std over seeds)")  # fmt: skip
         each = [r for r in results if r["n"] == n]
         left.scatter([r["non_embedding_params"] for r in each],
-                     [r["induction_success"] for r in each], s=10, alpha=0.4)  # fmt: skip
-        left.errorbar([s["non_embedding_params"] for s in rows],
-                      [s["first_half_mean"] for s in rows],
-                      yerr=[s["first_half_std"] for s in rows], marker="s", capsize=4,
-                      linestyle="--", alpha=0.6,
+                     [r["induction_success"] for r in each],
+                     color=colour[n], s=10, alpha=0.4)  # fmt: skip
+        left.errorbar(sizes, [s["first_half_mean"] for s in rows],
+                      yerr=[s["first_half_std"] for s in rows], color=colour[n], marker="s",
+                      capsize=4, linestyle="--", alpha=0.6,
                       label=f"n={n}, first halves (second measure)")  # fmt: skip
     for ax in (left, right):
         ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.3f})")
         ax.set_ylabel("induction success")
+        ax.set_ylim(-0.05, 1.1)
     left.set_xscale("log")
     left.set_xlabel("non-embedding parameters")
     left.set_title("after the full token budget")
-    for width in sorted({r["width"] for r in results}):
-        for n, style in zip(ns, ("--", "-", ":"), strict=False):
+    for k, width in enumerate(sorted({r["width"] for r in results})):
+        for n, style in zip(ns, ("-", "--", ":"), strict=False):
             curves = [r["curve"] for r in results if r["width"] == width and r["n"] == n]
             xs = [p["tokens"] for p in curves[0]]
             ys = [
                 statistics.mean(c[i]["induction_success"] for c in curves) for i in range(len(xs))
             ]
-            right.plot(xs, ys, style, marker="o", label=f"d={width}, n={n}")
+            right.plot(xs, ys, style, color=f"C{k + 2}", marker="o", label=f"d={width}, n={n}")
     right.set_xlabel("tokens seen")
     right.set_title("during training (mean over seeds)")
     left.legend(fontsize=8)

@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -323,12 +324,11 @@ def test_benchmark_end_to_end(tmp_path):
     from tests.support import ROOT
 
     out = tmp_path / "induction.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/induction.py", "--workdir", str(tmp_path / "w"),
-         "--widths", "32", "--seeds", "1", "--tokens", "4096", "--seq", "64", "--evals", "2",
-         "--corpus-mb", "0.3", "--vocab", "500", "--max-windows", "16", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    grid = [sys.executable, "benchmarks/induction.py", "--workdir", str(tmp_path / "w"),
+            "--widths", "32", "--seeds", "1", "--tokens", "4096", "--seq", "64", "--evals", "2",
+            "--corpus-mb", "0.3", "--vocab", "500", "--max-windows", "16",
+            "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(grid, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "| 32 | 0.07M | 1 | 0 |" in proc.stdout and "| 32 | 0.07M | 2 | 0 |" in proc.stdout
     r = json.loads(out.read_text())
@@ -345,6 +345,22 @@ def test_benchmark_end_to_end(tmp_path):
             assert p["first_half_success"] is None or 0 <= p["first_half_success"] <= 1
             assert 0 < p["head1_loss"] < 10  # ln(500) = 6.2 at the start
     assert {(s["n"], s["seeds"]) for s in r["summary"]} == {(1, 1), (2, 1)}
+
+    # Rescoring (a run's induction.json deleted) does not retrain, keeps the training cost, and
+    # scores the scheduled checkpoints only, not one a stopped run saved when it was stopped.
+    run_dir = next((tmp_path / "w" / "runs").glob("d32-n1-seed0-*"))
+    shutil.copytree(
+        run_dir / "checkpoints" / "step_00000002", run_dir / "checkpoints" / "step_00000003"
+    )
+    (run_dir / "induction.json").unlink()
+    train_log = (run_dir / "train.log").read_text()
+    proc = subprocess.run(grid, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    again = json.loads(out.read_text())["runs"][0]
+    assert [p["step"] for p in again["curve"]] == [2, 4]
+    assert again["train_cpu_seconds"] == n1["train_cpu_seconds"]
+    assert again["curve"] == n1["curve"]  # the same checkpoints, scored the same
+    assert (run_dir / "train.log").read_text() == train_log
 
     # The copy control through the same grid: the corpus and tokenizer above are reused.
     copy = tmp_path / "copy.json"
