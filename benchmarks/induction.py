@@ -384,8 +384,12 @@ def plot(results: list[dict], summary: list[dict], chance: float, out: Path) -> 
                 statistics.mean(c[i]["induction_success"] for c in curves) for i in range(len(xs))
             ]
             right.plot(xs, ys, style, color=f"C{k + 2}", marker="o", label=f"d={width}, n={n}")
+            first = [statistics.mean(c[i]["first_half_success"] or 0.0 for c in curves)
+                     for i in range(len(xs))]  # fmt: skip
+            right.plot(xs, first, style, color=f"C{k + 2}", marker="s", alpha=0.45,
+                       label=f"d={width}, n={n}, first halves")  # fmt: skip
     right.set_xlabel("tokens seen")
-    right.set_title("during training (mean over seeds)")
+    right.set_title("during training (mean over seeds; squares: first halves)")
     left.legend(fontsize=8)
     right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
