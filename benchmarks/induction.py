@@ -18,7 +18,10 @@ induction success (head 1's top-1 on the second token of names seen earlier in t
 function), the second measure, first-half success (head 1's top-1 on first halves that a
 repeated pair of tokens predicts: a model can copy that half of a name and not the other), and
 head 1's loss. --jobs runs go at once (one thread each); a finished run is
-skipped on a rerun, so an interrupted grid continues.
+skipped on a rerun, so an interrupted grid continues (a run interrupted while training resumes
+from its last checkpoint, and its recorded training cost is then the resumed part's only).
+Deleting a run's induction.json rescores it without retraining: its training cost is kept in
+train_cost.json, and only the scheduled checkpoints are scored.
 
     python benchmarks/induction.py --quick  # d=32,64 x n=1,2 x 2 seeds, 1.2M tokens: ~8 min
     python benchmarks/induction.py          # d=32,64,128 x n=1,2 x 3 seeds, 6M tokens: ~1.5 h
