@@ -19,7 +19,7 @@ function), the second measure, first-half success (head 1's top-1 on first halve
 repeated pair of tokens predicts: a model can copy that half of a name and not the other), and
 head 1's loss. --jobs runs go at once (one thread each); a finished run is
 skipped on a rerun, so an interrupted grid continues (a run interrupted while training resumes
-from its last checkpoint, and its recorded training cost is then the resumed part's only).
+from its last checkpoint; its JSON then gives the resumed part's cost, from trained_from_step).
 Deleting a run's induction.json rescores it without retraining: its training cost is kept in
 train_cost.json, and only the scheduled checkpoints are scored.
 
@@ -205,6 +205,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     """Train (or reuse) one run and score its checkpoints; the result is kept in the run's
     directory, so a rerun of the grid skips it."""
     from mtp_dist import config as config_mod
+    from mtp_dist.checkpointing import CheckpointManager
     from mtp_dist.files import atomic_write_json
     from mtp_dist.model.costs import parameter_breakdown
 
@@ -215,11 +216,16 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     py = sys.executable
     cost = run_dir / "train_cost.json"  # kept apart: deleting induction.json only rescores
     if not cost.exists():
+        # An interrupted run resumes from its latest checkpoint: the cost is this part's.
+        latest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
+        from_step = int(latest.name.removeprefix("step_")) if latest else 0
         t0 = time.time()
         train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
         train_cpu = _run(train, run_dir / "train.log")
-        atomic_write_json(cost, {"wall": round(time.time() - t0, 1), "cpu": round(train_cpu, 1)})
+        atomic_write_json(cost, {"wall": round(time.time() - t0, 1), "cpu": round(train_cpu, 1),
+                                 "from_step": from_step})  # fmt: skip
     train_cost = json.loads(cost.read_text())
+    trained_steps = steps - train_cost.get("from_step", 0)
     # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
     # when it was stopped.
     interval = steps // a.evals
@@ -241,11 +247,13 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         "width": width, "n": n, "seed": seed, "layers": a.layers,
         "non_embedding_params": params["trunk"] + params["heads"],
         "steps": steps, "tokens": steps * tokens_per_step,
+        # The training cost of the steps after trained_from_step (0 unless it was resumed).
         "train_wall_seconds": train_cost["wall"],
         "train_cpu_seconds": train_cost["cpu"],
+        "trained_from_step": steps - trained_steps,
         "score_cpu_seconds": round(score_cpu, 1),
         # Tokens per CPU second: what one idle core would give (the wall rate depends on load).
-        "tokens_per_cpu_s": round(steps * tokens_per_step / train_cost["cpu"]),
+        "tokens_per_cpu_s": round(trained_steps * tokens_per_step / train_cost["cpu"]),
         "tokens_per_s_wall": round(statistics.median(m["tokens_per_s"] for m in metrics)),
         "curve": [
             {"step": s["step"], "tokens": s["step"] * tokens_per_step,
@@ -267,17 +275,23 @@ def run_grid(a) -> list[dict]:
     results, lock, t0 = [], threading.Lock(), time.time()
     # Widest first: the grid ends with short runs, so no job idles long at the end.
     cells.sort(key=lambda c: -c[0])
+    # The ETA counts the runs this invocation computes, not the finished ones it reuses.
+    reused = {c: (run_config(a, *c)[0] / "induction.json").exists() for c in cells}
+    to_compute, computed = len(cells) - sum(reused.values()), 0
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        futures = [pool.submit(one_run, a, *c) for c in cells]
+        futures = {pool.submit(one_run, a, *c): c for c in cells}
         for f in concurrent.futures.as_completed(futures):
             r = f.result()
             with lock:
                 results.append(r)
+                computed += not reused[futures[f]]
                 elapsed = time.time() - t0
-                eta = elapsed / len(results) * (len(cells) - len(results))
+                left = to_compute - computed
+                eta = f"{elapsed / computed * left / 60:.1f} min" if computed else "?"
+                eta = "0.0 min" if not left else eta
                 print(f"[{len(results)}/{len(cells)}] d={r['width']} n={r['n']} seed={r['seed']}:"
                       f" success {r['induction_success']:.4f}, head 1 loss {r['head1_loss']:.3f}"
-                      f" | {elapsed / 60:.1f} min, eta {eta / 60:.1f} min", flush=True)  # fmt: skip
+                      f" | {elapsed / 60:.1f} min, eta {eta}", flush=True)  # fmt: skip
     return sorted(results, key=lambda r: (r["width"], r["n"], r["seed"]))
 
 

@@ -8,6 +8,7 @@ process killed at any moment leaves the previous checkpoint intact and `latest` 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -22,7 +23,6 @@ import torch.distributed as dist
 
 from mtp_dist.errors import UserError
 from mtp_dist.files import atomic_path, atomic_write
-from mtp_dist.model.model import MODEL_KEYS
 
 META = "meta.json"
 LATEST = "latest"
@@ -33,7 +33,12 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names it and the fix."""
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
+@functools.cache
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What torch.load, dist_checkpointing and DeepSpeed raise for missing, truncated or foreign
+    checkpoint files: the caller turns them into a CheckpointError naming the checkpoint.
+    A function, so that a command that fails before it loads anything (a bad path) does not
+    wait for megatron-core's import (seconds)."""
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -48,13 +53,8 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-LOAD_ERRORS = _load_errors()
-"""What torch.load, dist_checkpointing and DeepSpeed raise for missing, truncated or foreign
-checkpoint files: the caller turns them into a CheckpointError naming the checkpoint."""
-
-
 def load_error(e: BaseException) -> str:
-    """One line saying what a LOAD_ERRORS exception found (torch's CheckpointException holds
+    """One line saying what a load_errors() exception found (torch's CheckpointException holds
     each rank's exception with its traceback: the first rank's exception, without it)."""
     from mtp_dist.errors import underlying
 
@@ -248,6 +248,8 @@ def read_meta(path: Path) -> dict:
 
 def check_compatible(meta: dict, model_cfg: dict, tokenizer_hash: str | None, path: Path) -> None:
     """Refuse a checkpoint of another model shape or tokenizer, naming the key."""
+    from mtp_dist.model.model import MODEL_KEYS  # megatron-core: imported when needed
+
     saved = meta.get("config", {}).get("model", {})
     for key in MODEL_KEYS:
         if key in saved and saved[key] != model_cfg.get(key):

@@ -123,7 +123,7 @@ class ModelSource:
                 load_full(model, state)
         except UserError:
             raise  # says what is wrong itself (a Llama directory's HFFormatError)
-        except (*ckpt.LOAD_ERRORS, NotImplementedError) as e:  # the latter: a layout not read
+        except (*ckpt.load_errors(), NotImplementedError) as e:  # the latter: a layout not read
             raise ckpt.CheckpointError(
                 f"{self.describe()} cannot be loaded ({ckpt.load_error(e)}): it is damaged or "
                 "incomplete; use another checkpoint or export it again"

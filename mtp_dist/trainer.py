@@ -165,7 +165,7 @@ class Trainer:
             )
         try:
             self.engine.load(str(path / "engine"))
-        except (*ckpt.LOAD_ERRORS, OSError) as e:
+        except (*ckpt.load_errors(), OSError) as e:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} cannot be loaded ({ckpt.load_error(e)}): it is damaged or "
                 "incomplete; resume from another step (train.resume=PATH)"

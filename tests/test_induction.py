@@ -362,6 +362,20 @@ def test_benchmark_end_to_end(tmp_path):
     assert again["curve"] == n1["curve"]  # the same checkpoints, scored the same
     assert (run_dir / "train.log").read_text() == train_log
 
+    # A run interrupted while training (its last checkpoint step 2, no cost recorded) resumes:
+    # the same curve as the straight run, its cost that of the steps after 2.
+    run_dir = next((tmp_path / "w" / "runs").glob("d32-n2-seed0-*"))
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002\n")
+    for name in ("induction.json", "train_cost.json"):
+        (run_dir / name).unlink()
+    proc = subprocess.run(grid, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    resumed = json.loads(out.read_text())["runs"][1]
+    assert resumed["curve"] == n2["curve"]
+    assert n2["trained_from_step"] == 0 and resumed["trained_from_step"] == 2
+    assert "eta ?" in proc.stdout and "[2/2]" in proc.stdout  # the reused run, then this one
+
     # The copy control through the same grid: the corpus and tokenizer above are reused.
     copy = tmp_path / "copy.json"
     proc = subprocess.run(

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from mtp_dist.checkpointing import LOAD_ERRORS, CheckpointError, load_error
+from mtp_dist.checkpointing import CheckpointError, load_error, load_errors
 from mtp_dist.errors import run_cli
 from mtp_dist.model.model import MTPModel
 
@@ -150,7 +150,7 @@ def _to_universal(args) -> int:
             convert_training_checkpoint(source, args.out_dir, args.workers)
         else:
             to_universal(source, args.out_dir, args.workers)
-    except LOAD_ERRORS as e:
+    except load_errors() as e:
         raise CheckpointError(f"{args.checkpoint_dir} cannot be converted: {load_error(e)}") from e
     print(f"universal checkpoint: {os.path.abspath(args.out_dir)}")
     return 0
