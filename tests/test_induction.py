@@ -335,6 +335,7 @@ def test_benchmark_end_to_end(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
     data = r["data"]
     assert data["two_token_occurrences_checked"] == sum(data["name_occurrences"].values())
+    assert (data["chance"], data["first_chance"]) == (1 / 32, 1 / 64)
     n1, n2 = r["runs"]
     assert (n1["n"], n2["n"]) == (1, 2)
     assert n1["non_embedding_params"] == n2["non_embedding_params"]  # num_layers = L - n
@@ -387,7 +388,8 @@ def test_benchmark_end_to_end(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads(copy.read_text())
-    assert r["grid"] == "copy (customised)" and r["data"]["chance"] == 1 / 16
+    assert r["grid"] == "copy (customised)"
+    assert r["data"]["chance"] == r["data"]["first_chance"] == 1 / 16
     assert r["data"]["two_token_occurrences_checked"] == 2 * 15 * (200 + 600)
     for run in r["runs"]:
         assert [p["step"] for p in run["curve"]] == [2, 4] and run["tokens"] == 4 * 16 * 64
