@@ -90,8 +90,13 @@ def test_pytest_ignores_exactly_the_known_warnings():
 
 
 def test_the_guards_still_read_upstream_after_patching(megatron_1proc):
-    """distributed.init has applied the patches (megatron_1proc): every guard reads the
-    original code through the patch, whatever the test order."""
+    """distributed.init has applied megatron-core's patches (megatron_1proc), and on CPU the
+    DeepSpeed one is applied here: every guard reads the original code through the patch,
+    whatever the test order."""
+    if not torch.cuda.is_available():
+        from mtp_dist.compat import cpu
+
+        cpu.apply_deepspeed()
     compat.check_all()
 
 
