@@ -13,7 +13,7 @@ from packaging.version import Version
 from tests.support import ROOT
 
 INSTALL = 'pip install -c requirements.lock -e ".[dev]"'
-TEST = "python -m pytest -q"
+TEST = "python -m pytest -q -n 2 --dist loadfile"
 
 
 def _lock() -> dict[str, Version]:
