@@ -205,7 +205,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     """Train (or reuse) one run and score its checkpoints; the result is kept in the run's
     directory, so a rerun of the grid skips it."""
     from mtp_dist import config as config_mod
-    from mtp_dist.checkpointing import CheckpointManager
+    from mtp_dist.checkpointing import CheckpointManager, step_of
     from mtp_dist.files import atomic_write_json
     from mtp_dist.model.costs import parameter_breakdown
 
@@ -218,20 +218,20 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     if not cost.exists():
         # An interrupted run resumes from its latest checkpoint: the cost is this part's.
         latest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
-        from_step = int(latest.name.removeprefix("step_")) if latest else 0
+        from_step = step_of(latest) if latest else 0
         t0 = time.time()
         train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
         train_cpu = _run(train, run_dir / "train.log")
         atomic_write_json(cost, {"wall": round(time.time() - t0, 1), "cpu": round(train_cpu, 1),
                                  "from_step": from_step})  # fmt: skip
     train_cost = json.loads(cost.read_text())
-    trained_steps = steps - train_cost.get("from_step", 0)
+    from_step = train_cost.get("from_step", 0)  # absent in runs recorded before it was kept
     # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
     # when it was stopped.
     interval = steps // a.evals
     checkpoints = [
         c for c in sorted((run_dir / "checkpoints").glob("step_*"))
-        if int(c.name.removeprefix("step_")) % interval == 0
+        if step_of(c) % interval == 0
     ]  # fmt: skip
     paths = task_paths(a)
     score = [py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
@@ -250,10 +250,10 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         # The training cost of the steps after trained_from_step (0 unless it was resumed).
         "train_wall_seconds": train_cost["wall"],
         "train_cpu_seconds": train_cost["cpu"],
-        "trained_from_step": steps - trained_steps,
+        "trained_from_step": from_step,
         "score_cpu_seconds": round(score_cpu, 1),
         # Tokens per CPU second: what one idle core would give (the wall rate depends on load).
-        "tokens_per_cpu_s": round(trained_steps * tokens_per_step / train_cost["cpu"]),
+        "tokens_per_cpu_s": round((steps - from_step) * tokens_per_step / train_cost["cpu"]),
         "tokens_per_s_wall": round(statistics.median(m["tokens_per_s"] for m in metrics)),
         "curve": [
             {"step": s["step"], "tokens": s["step"] * tokens_per_step,
@@ -287,8 +287,12 @@ def run_grid(a) -> list[dict]:
                 computed += not reused[futures[f]]
                 elapsed = time.time() - t0
                 left = to_compute - computed
-                eta = f"{elapsed / computed * left / 60:.1f} min" if computed else "?"
-                eta = "0.0 min" if not left else eta
+                if not left:
+                    eta = "0.0 min"
+                elif computed:
+                    eta = f"{elapsed / computed * left / 60:.1f} min"
+                else:
+                    eta = "?"  # nothing computed yet to time
                 print(f"[{len(results)}/{len(cells)}] d={r['width']} n={r['n']} seed={r['seed']}:"
                       f" success {r['induction_success']:.4f}, head 1 loss {r['head1_loss']:.3f}"
                       f" | {elapsed / 60:.1f} min, eta {eta}", flush=True)  # fmt: skip
@@ -453,4 +457,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtp_dist.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -94,7 +94,7 @@ class CheckpointManager:
         if self.overwrite or not done:
             return
         newest = done[-1]
-        if resume is not None and resume_step >= _step_of(newest):
+        if resume is not None and resume_step >= step_of(newest):
             return
         start = f"step {resume_step} of {resume}" if resume is not None else "scratch"
         raise CheckpointError(
@@ -206,7 +206,8 @@ def raise_if_disk_full(e: BaseException, directory: Path, need: int) -> None:
         ) from e
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The step of a step_XXXXXXXX checkpoint directory."""
     return int(path.name.removeprefix("step_"))
 
 

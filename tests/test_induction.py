@@ -377,6 +377,16 @@ def test_benchmark_end_to_end(tmp_path):
     assert n2["trained_from_step"] == 0 and resumed["trained_from_step"] == 2
     assert "eta ?" in proc.stdout and "[2/2]" in proc.stdout  # the reused run, then this one
 
+    # A run whose `latest` pointer is damaged: one error line naming it, exit 2.
+    (run_dir / "checkpoints" / "latest").write_bytes(b"\x00garbage")
+    for name in ("induction.json", "train_cost.json"):
+        (run_dir / name).unlink()
+    proc = subprocess.run(grid, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "latest is corrupt" in last, last
+
     # The copy control through the same grid: the corpus and tokenizer above are reused.
     copy = tmp_path / "copy.json"
     proc = subprocess.run(
