@@ -74,7 +74,6 @@ def worker(args) -> dict:
 
     ignore_known_warnings()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     dims = distributed.init(1, 1, seed=1)
     built = {a: engine_for(a, args, dims) for a in ATTENTION}
     cfg = built["sdpa"][0]

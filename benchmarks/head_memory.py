@@ -80,7 +80,6 @@ def run_case(case: str, args) -> dict:
     from mtp_dist.model.weights import init_weights
 
     ignore_known_warnings()
-    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
 
     n, mode = CASES[case]
     dims = distributed.init(1, 1, seed=1)

@@ -88,7 +88,6 @@ def worker_timing(args) -> None:
     from mtp_dist.run_plan import resolve
 
     ignore_known_warnings()
-    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     dims = distributed.init(1, 1, seed=1234)
     built = {}
     for mode in MODES:

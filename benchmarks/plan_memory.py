@@ -129,7 +129,6 @@ def run_case(case: str) -> dict:
     from mtp_dist.model.weights import init_weights
 
     ignore_known_warnings()
-    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     distributed.init(1, 1, seed=1)
     m = model_config(case)
     model = build_model(m, recompute=CASES[split_case(case)[0]]["recompute"])

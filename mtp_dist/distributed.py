@@ -54,7 +54,7 @@ class LaunchEnv:
     world_size: int
     local_rank: int
     master_addr: str
-    master_port: str
+    master_port: str | None  # None: one process, no rendezvous given (an in-memory store)
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -101,9 +101,9 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
                 "launcher sets all three, so these are stale; start the ranks with torchrun (or "
                 "launch/), or unset RANK and WORLD_SIZE to run one process"
             )
-        # One process without a given port needs no well-known one: concurrent runs must not
-        # collide on 29500.
-        default_port = "29500" if world_size > 1 else str(free_port())
+        # One process without a given port rendezvouses with itself in memory: concurrent runs
+        # must not collide on 29500, nor race for a port that was free a moment ago.
+        default_port = "29500" if world_size > 1 else None
         return LaunchEnv(
             rank=rank,
             world_size=world_size,
@@ -130,8 +130,8 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
             "another job (a launcher sets both); start the ranks with torchrun (or launch/), or "
             f"unset {stale[0]} to run one process"
         )
-    # A lone process: any free port, so that concurrent single-process runs do not collide.
-    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port()))
+    # A lone process needs no port (an in-memory store), so concurrent runs cannot collide.
+    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or None)
 
 
 def collective_device(group=None) -> torch.device:
@@ -168,10 +168,15 @@ def init(tensor: int, pipeline: int, seed: int, timeout_minutes: int = 30) -> Pa
     os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
     os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", launch.master_port)
+        if launch.master_port is None:
+            store = dist.HashStore()
+        else:
+            store = None  # torch's env:// rendezvous at MASTER_ADDR:MASTER_PORT
+            os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+            os.environ.setdefault("MASTER_PORT", launch.master_port)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
+            store=store,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timedelta(minutes=timeout_minutes),

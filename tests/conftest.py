@@ -9,10 +9,6 @@ import sys
 import psutil
 import pytest
 
-from mtp_dist.distributed import free_port
-
-RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
-
 
 def pytest_configure(config):
     """Scripts the tests run (launch/, slurm/, the SLURM cluster's jobs) call `python`: make it
@@ -24,22 +20,11 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def megatron_1proc():
-    """torch.distributed (1 rank, gloo) and megatron-core's groups for in-process tests.
-
-    distributed.init exports the launcher variables for libraries that read them (DeepSpeed
-    wants LOCAL_RANK); the rendezvous address is taken back out, or every training a later
-    test starts would inherit this process's port, which it holds (EADDRINUSE)."""
-    before = {k: os.environ.get(k) for k in RENDEZVOUS_VARS}
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    """torch.distributed (1 rank, gloo, an in-memory store: no port) and megatron-core's groups
+    for in-process tests."""
     from mtp_dist import distributed
 
-    dims = distributed.init(1, 1, seed=1)
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    return dims
+    return distributed.init(1, 1, seed=1)
 
 
 @pytest.fixture(scope="session", autouse=True)

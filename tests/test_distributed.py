@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from subprocess import PIPE
 
 import pytest
 
@@ -45,19 +46,45 @@ def test_torchrun_env_wins_over_slurm():
     assert read_launch_env(env).world_size == 2
 
 
-def test_lone_process_gets_a_free_port():
+def test_lone_process_needs_no_port():
+    """One process with no rendezvous given meets itself over an in-memory store: no port to
+    take, so concurrent single-process runs cannot race for one (EADDRINUSE)."""
     e = read_launch_env({})
-    assert (e.rank, e.world_size) == (0, 1)
-    assert int(e.master_port) > 0
+    assert (e.rank, e.world_size, e.master_port) == (0, 1, None)
+    assert read_launch_env({"MASTER_PORT": "1234"}).master_port == "1234"  # given: used
 
 
-def test_one_process_with_rank_env_but_no_port_gets_a_free_one():
+def test_one_process_with_rank_env_but_no_port_needs_none():
     """RANK=0 WORLD_SIZE=1 (e.g. left by a launcher) and no MASTER_PORT: two such runs at once
     must not both take 29500."""
     a = read_launch_env({"RANK": "0", "WORLD_SIZE": "1"})
-    assert a.world_size == 1 and a.master_port != "29500"
+    assert a.world_size == 1 and a.master_port is None
     many = read_launch_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "n1"})
     assert many.master_port == "29500"  # ranks of one job must agree: the launcher's default
+
+
+def test_two_lone_processes_start_at_once_without_a_port():
+    """Two one-process groups start at once with no port anywhere in their environment, and
+    leave MASTER_ADDR/MASTER_PORT unset (before: each took a "free" port, which the other
+    could bind first)."""
+    script = (
+        "import os; from mtp_dist import distributed; import torch.distributed as dist\n"
+        "dims = distributed.init(1, 1, seed=1)\n"
+        "t = __import__('torch').ones(1); dist.all_reduce(t)\n"
+        "print('OK', dims.world_size, t.item(), os.environ.get('MASTER_PORT'))\n"
+        "distributed.destroy()\n"
+    )
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    clean = {k: v for k, v in os.environ.items() if k not in launcher}
+    run = [sys.executable, "-c", script]
+    procs = [
+        subprocess.Popen(run, cwd=ROOT, env=clean, text=True, stdout=PIPE, stderr=PIPE)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert "OK 1 1.0 None" in out
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,6 @@ def ours(cfg):
     from mtp_dist import distributed, engines
     from mtp_dist.run_plan import resolve
 
-    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     dims = distributed.init(1, 1, seed=1)
     plan = resolve(cfg, 1, on_gpu=torch.cuda.is_available())
     engine = engines.build_engine(cfg, plan, dims, engines.build_model(cfg, plan, dims))
