@@ -121,6 +121,12 @@ def _usage(problem: str) -> None:
     sys.exit(2)
 
 
+# The commands the grid's threads are running now, so that a failure can stop the others.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set when one failed: start no more
+
+
 def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
     """Run a command, its output to `log` (its stdout alone to `stdout` if given); a failure
     stops the benchmark. Returns the CPU seconds it used (its own rusage, not its wall time:
@@ -128,8 +134,18 @@ def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as err, open(stdout or os.devnull, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out if stdout else err, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        with _RUNNING_LOCK:
+            if _STOPPING.is_set():
+                raise SystemExit("error: not started: the grid is stopping")
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=out if stdout else err, stderr=err
+            )
+            _RUNNING.add(proc)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
@@ -278,7 +294,8 @@ def run_grid(a) -> list[dict]:
     # The ETA counts the runs this invocation computes, not the finished ones it reuses.
     reused = {c: (run_config(a, *c)[0] / "induction.json").exists() for c in cells}
     to_compute, computed = len(cells) - sum(reused.values()), 0
-    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(a.jobs)
+    try:
         futures = {pool.submit(one_run, a, *c): c for c in cells}
         for f in concurrent.futures.as_completed(futures):
             r = f.result()
@@ -296,6 +313,17 @@ def run_grid(a) -> list[dict]:
                 print(f"[{len(results)}/{len(cells)}] d={r['width']} n={r['n']} seed={r['seed']}:"
                       f" success {r['induction_success']:.4f}, head 1 loss {r['head1_loss']:.3f}"
                       f" | {elapsed / 60:.1f} min, eta {eta}", flush=True)  # fmt: skip
+    except BaseException:
+        # A run failed: start no more, and stop those in flight at once rather than report
+        # after them. A stopped trainer saves a checkpoint (SIGTERM), so a rerun resumes it.
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _RUNNING_LOCK:
+            _STOPPING.set()
+            for proc in _RUNNING:
+                proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)  # the stopped commands have exited: nothing left behind
     return sorted(results, key=lambda r: (r["width"], r["n"], r["seed"]))
 
 
