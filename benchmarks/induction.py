@@ -37,6 +37,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -230,11 +231,18 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     py = sys.executable
+    interval = steps // a.evals
     cost = run_dir / "train_cost.json"  # kept apart: deleting induction.json only rescores
     if not cost.exists():
         # An interrupted run resumes from its latest checkpoint: the cost is this part's.
         latest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
         from_step = step_of(latest) if latest else 0
+        # A checkpoint saved when an earlier stop came, off the schedule, served its resume and
+        # is not scored: removed, so that the trainer's keep-last-(evals + 1) never prunes a
+        # scheduled one (before: a run stopped twice lost its first curve point).
+        for c in (run_dir / "checkpoints").glob("step_*"):
+            if c != latest and step_of(c) % interval:
+                shutil.rmtree(c)
         t0 = time.time()
         train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
         train_cpu = _run(train, run_dir / "train.log")
@@ -244,7 +252,6 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     from_step = train_cost.get("from_step", 0)  # absent in runs recorded before it was kept
     # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
     # when it was stopped.
-    interval = steps // a.evals
     checkpoints = [
         c for c in sorted((run_dir / "checkpoints").glob("step_*"))
         if step_of(c) % interval == 0

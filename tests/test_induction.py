@@ -370,8 +370,12 @@ def test_benchmark_end_to_end(tmp_path):
     (run_dir / "checkpoints" / "latest").write_text("step_00000002\n")
     for name in ("induction.json", "train_cost.json"):
         (run_dir / name).unlink()
+    # An earlier stop's off-schedule checkpoint, older than `latest`: removed on the resume.
+    stale = run_dir / "checkpoints" / "step_00000001"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002", stale)
     proc = subprocess.run(grid, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not stale.exists()
     resumed = json.loads(out.read_text())["runs"][1]
     assert resumed["curve"] == n2["curve"]
     assert n2["trained_from_step"] == 0 and resumed["trained_from_step"] == 2
