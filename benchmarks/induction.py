@@ -36,6 +36,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -346,6 +347,33 @@ def learned_either(run: dict) -> bool:
     return any(learned_at(run, k) is not None for k in ("induction_success", "first_half_success"))
 
 
+def first_learned(run: dict) -> float:
+    """Tokens at which a run first reached LEARNED by either measure; inf if not by its end."""
+    seen = [learned_at(run, k) for k in ("induction_success", "first_half_success")]
+    return min((t for t in seen if t is not None), default=math.inf)
+
+
+def paired(results: list[dict]) -> list[dict]:
+    """Per width, over the seeds run with both n=1 and n=2: in how many pairs n=2 learned first
+    (either measure; a run that never learned counts as after any that did), n=1 first, or
+    neither (the same checkpoint, or neither learned); and the one-sided sign test of the
+    paper's direction: the chance of at least that many n=2-first pairs among the decided ones
+    if which learned first were a coin flip."""
+    by = {(r["width"], r["n"], r["seed"]): r for r in results}
+    rows = []
+    for width in sorted({r["width"] for r in results}):
+        seeds = sorted(s for (w, n, s) in by if w == width and n == 1 and (w, 2, s) in by)
+        order = [first_learned(by[width, 2, s]) - first_learned(by[width, 1, s]) for s in seeds]
+        n2_first = sum(d < 0 for d in order)
+        n1_first = sum(d > 0 for d in order)
+        decided = n2_first + n1_first
+        p = sum(math.comb(decided, k) for k in range(n2_first, decided + 1)) / 2**decided
+        rows.append({"width": width, "pairs": len(seeds), "n2_first": n2_first,
+                     "n1_first": n1_first, "neither": len(seeds) - decided,
+                     "sign_test_p": p})  # fmt: skip
+    return rows
+
+
 def summarise(results: list[dict]) -> list[dict]:
     """Per (width, n): mean and seed-to-seed standard deviation; per width: n=2 - n=1."""
     cells = {}
@@ -396,6 +424,15 @@ def tables(results: list[dict], summary: list[dict], chance: float, first_chance
                      f"{s['first_half_mean']:.4f} ± {s['first_half_std']:.4f} | "
                      f"{s['head1_loss_mean']:.4f} ± {s['head1_loss_std']:.4f} | "
                      f"{s['seeds_learned']} of {s['seeds']} |")  # fmt: skip
+    pairs = [p for p in paired(results) if p["pairs"]]
+    if pairs:
+        lines += ["", "Which learned first, seed by seed (either measure; one-sided sign test "
+                  "of the paper's direction, n=2 first, over the decided pairs):", "",
+                  "| width | pairs | n=2 first | n=1 first | neither | p |",
+                  "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for p in pairs:
+            lines.append(f"| {p['width']} | {p['pairs']} | {p['n2_first']} | {p['n1_first']} | "
+                         f"{p['neither']} | {p['sign_test_p']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -484,7 +521,7 @@ def main(argv=None) -> int:
                  "first_chance": first_chance},
         "cores": os.cpu_count(), "load_average": os.getloadavg(),
         "wall_seconds": round(time.time() - t0, 1),
-        "summary": summary, "runs": results, "paper": PAPER,
+        "summary": summary, "pairs": paired(results), "runs": results, "paper": PAPER,
     }  # fmt: skip
     atomic_write_json(a.out, payload)
     print(f"wrote {a.out} and {png} ({(time.time() - t0) / 60:.1f} min)")

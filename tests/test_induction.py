@@ -346,6 +346,8 @@ def test_benchmark_end_to_end(tmp_path):
             assert p["first_half_success"] is None or 0 <= p["first_half_success"] <= 1
             assert 0 < p["head1_loss"] < 10  # ln(500) = 6.2 at the start
     assert {(s["n"], s["seeds"]) for s in r["summary"]} == {(1, 1), (2, 1)}
+    assert [(p["width"], p["pairs"]) for p in r["pairs"]] == [(32, 1)]
+    assert "| width | pairs | n=2 first | n=1 first | neither | p |" in proc.stdout
 
     # Rescoring (a run's induction.json deleted) does not retrain, keeps the training cost, and
     # scores the scheduled checkpoints only, not one a stopped run saved when it was stopped.
@@ -426,3 +428,42 @@ def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1
     assert err[0].startswith(f"error: {names} is not an induction corpus's names.json")
     assert "data_prep induction-corpus" in err[0]
+
+
+def test_pairs_and_sign_test_of_which_learned_first():
+    """The grid's seed-by-seed comparison on hand-made curves: n=2 first when it crosses 0.5
+    (either measure) at an earlier checkpoint, a run that never does counts as later than one
+    that does, the same checkpoint or neither learning is undecided; p is the one-sided sign
+    test (3 of 3 decided pairs n=2 first: 1/8)."""
+    import importlib.util
+
+    from tests.support import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "induction_bench", ROOT / "benchmarks/induction.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(n, seed, first_half, paper=(0.03, 0.03, 0.03)):
+        curve = [{"tokens": t, "first_half_success": f, "induction_success": s}
+                 for t, f, s in zip((10, 20, 30), first_half, paper, strict=True)]  # fmt: skip
+        return {"width": 32, "n": n, "seed": seed, "curve": curve}
+
+    never = (0.0, 0.01, None)
+    results = [
+        run(1, 0, (0.0, 0.1, 0.6)), run(2, 0, (0.0, 0.6, 0.6)),  # n=2 at 20, n=1 at 30
+        run(1, 1, never), run(2, 1, never, paper=(0.0, 0.0, 0.9)),  # n=2 by the paper's measure
+        run(1, 2, never), run(2, 2, (0.7, 0.7, 0.7)),
+        run(1, 3, never), run(2, 3, never),  # neither learned
+        run(1, 4, (0.0, 0.5, 0.5)), run(2, 4, (0.0, 0.5, 0.5)),  # the same checkpoint
+        run(1, 5, (0.0, 0.0, 0.0)),  # no n=2 partner: not a pair
+    ]  # fmt: skip
+    [row] = bench.paired(results)
+    assert row == {"width": 32, "pairs": 5, "n2_first": 3, "n1_first": 0, "neither": 2,
+                   "sign_test_p": 1 / 8}  # fmt: skip
+    results.append(run(2, 5, never))  # now a pair, n=1 never learned either
+    results[0:2] = [run(1, 0, (0.6, 0.6, 0.6)), run(2, 0, never)]  # n=1 first
+    [row] = bench.paired(results)
+    assert (row["n2_first"], row["n1_first"], row["neither"]) == (2, 1, 3)
+    assert row["sign_test_p"] == 4 / 8  # P(at least 2 of 3 heads)
