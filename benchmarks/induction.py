@@ -21,7 +21,9 @@ head 1's loss. --jobs runs go at once (one thread each); a finished run is
 skipped on a rerun, so an interrupted grid continues (a run interrupted while training resumes
 from its last checkpoint; its JSON then gives the resumed part's cost, from trained_from_step).
 Deleting a run's induction.json rescores it without retraining: its training cost is kept in
-train_cost.json, and only the scheduled checkpoints are scored.
+train_cost.json, and only the scheduled checkpoints are scored. A failed run stops the grid at
+once (the runs in flight are checkpointed and resume on a rerun). The tables end with which of
+n=1 and n=2 learned first in each seed pair, and a sign test of the paper's direction.
 
     python benchmarks/induction.py --quick  # d=32,64 x n=1,2 x 2 seeds, 1.2M tokens: ~8 min
     python benchmarks/induction.py          # d=32,64,128 x n=1,2 x 3 seeds, 6M tokens: ~1.5 h
