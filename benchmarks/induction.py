@@ -478,14 +478,17 @@ def plot(
     left.set_title("after the full token budget")
     for k, width in enumerate(sorted({r["width"] for r in results})):
         for n, style in zip(ns, ("-", "--", ":"), strict=False):
-            curves = [r["curve"] for r in results if r["width"] == width and r["n"] == n]
-            xs = [p["tokens"] for p in curves[0]]
-            ys = [
-                statistics.mean(c[i]["induction_success"] for c in curves) for i in range(len(xs))
-            ]
+            # The mean over the seeds that have a point at those tokens (a run stopped twice
+            # before this grid kept its off-schedule checkpoints may lack an early one).
+            at = {}
+            for r in results:
+                if r["width"] == width and r["n"] == n:
+                    for point in r["curve"]:
+                        at.setdefault(point["tokens"], []).append(point)
+            xs = sorted(at)
+            ys = [statistics.mean(q["induction_success"] for q in at[x]) for x in xs]
             right.plot(xs, ys, style, color=f"C{k + 2}", marker="o", label=f"d={width}, n={n}")
-            first = [statistics.mean(c[i]["first_half_success"] or 0.0 for c in curves)
-                     for i in range(len(xs))]  # fmt: skip
+            first = [statistics.mean(q["first_half_success"] or 0.0 for q in at[x]) for x in xs]
             right.plot(xs, first, style, color=f"C{k + 2}", marker="s", alpha=0.45,
                        label=f"d={width}, n={n}, first halves")  # fmt: skip
     right.set_xlabel("tokens seen")

@@ -430,7 +430,7 @@ def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):
     assert "data_prep induction-corpus" in err[0]
 
 
-def test_pairs_and_sign_test_of_which_learned_first():
+def test_pairs_and_sign_test_of_which_learned_first(tmp_path):
     """The grid's seed-by-seed comparison on hand-made curves: n=2 first when it crosses 0.5
     (either measure) at an earlier checkpoint, a run that never does counts as later than one
     that does, the same checkpoint or neither learning is undecided; p is the one-sided sign
@@ -467,3 +467,12 @@ def test_pairs_and_sign_test_of_which_learned_first():
     [row] = bench.paired(results)
     assert (row["n2_first"], row["n1_first"], row["neither"]) == (2, 1, 3)
     assert row["sign_test_p"] == 4 / 8  # P(at least 2 of 3 heads)
+
+    # The figure takes curves of different lengths (a run that lost an early checkpoint).
+    for r in results:
+        r.update(non_embedding_params=70_000, head1_loss=3.0, induction_success=0.03,
+                 first_half_success=r["curve"][-1]["first_half_success"])  # fmt: skip
+    results[-1]["curve"] = results[-1]["curve"][1:]
+    png = tmp_path / "pairs.png"
+    bench.plot(results, bench.summarise(results), 1 / 32, 1 / 64, png)
+    assert png.stat().st_size > 10_000
