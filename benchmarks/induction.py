@@ -136,6 +136,8 @@ def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
     stops the benchmark. Returns the CPU seconds it used (its own rusage, not its wall time:
     the machine may be shared)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if _STOPPING.is_set():
+        raise SystemExit("error: not started: the grid is stopping")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as err, open(stdout or os.devnull, "w") as out:
         with _RUNNING_LOCK:
@@ -296,6 +298,25 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     return result
 
 
+def _stop_grid() -> None:
+    """Start no more commands, and stop those in flight (a trainer saves a checkpoint on
+    SIGTERM, so a rerun resumes it)."""
+    with _RUNNING_LOCK:
+        _STOPPING.set()
+        for proc in _RUNNING:
+            proc.terminate()
+
+
+def _run_or_stop_grid(a, width: int, n: int, seed: int) -> dict:
+    """one_run; if it fails, the failing thread stops the grid itself, before it could take
+    the next queued run."""
+    try:
+        return one_run(a, width, n, seed)
+    except BaseException:
+        _stop_grid()
+        raise
+
+
 def run_grid(a) -> list[dict]:
     cells = [(w, n, s) for w in a.widths for s in range(a.seeds) for n in a.ns]
     results, lock, t0 = [], threading.Lock(), time.time()
@@ -306,7 +327,7 @@ def run_grid(a) -> list[dict]:
     to_compute, computed = len(cells) - sum(reused.values()), 0
     pool = concurrent.futures.ThreadPoolExecutor(a.jobs)
     try:
-        futures = {pool.submit(one_run, a, *c): c for c in cells}
+        futures = {pool.submit(_run_or_stop_grid, a, *c): c for c in cells}
         for f in concurrent.futures.as_completed(futures):
             r = f.result()
             with lock:
@@ -324,13 +345,9 @@ def run_grid(a) -> list[dict]:
                       f" success {r['induction_success']:.4f}, head 1 loss {r['head1_loss']:.3f}"
                       f" | {elapsed / 60:.1f} min, eta {eta}", flush=True)  # fmt: skip
     except BaseException:
-        # A run failed: start no more, and stop those in flight at once rather than report
-        # after them. A stopped trainer saves a checkpoint (SIGTERM), so a rerun resumes it.
+        # A run failed (or Ctrl-C): report now, not after the other runs.
         pool.shutdown(wait=False, cancel_futures=True)
-        with _RUNNING_LOCK:
-            _STOPPING.set()
-            for proc in _RUNNING:
-                proc.terminate()
+        _stop_grid()
         raise
     finally:
         pool.shutdown(wait=True)  # the stopped commands have exited: nothing left behind
