@@ -237,15 +237,16 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         return json.loads(done.read_text())
     py = sys.executable
     interval = steps // a.evals
+    manager = CheckpointManager(run_dir / "checkpoints", keep=1)  # reads only: prunes nothing
     cost = run_dir / "train_cost.json"  # kept apart: deleting induction.json only rescores
     if not cost.exists():
         # An interrupted run resumes from its latest checkpoint: the cost is this part's.
-        latest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
+        latest = manager.latest()
         from_step = step_of(latest) if latest else 0
         # A checkpoint saved when an earlier stop came, off the schedule, served its resume and
         # is not scored: removed, so that the trainer's keep-last-(evals + 1) never prunes a
         # scheduled one (before: a run stopped twice lost its first curve point).
-        for c in (run_dir / "checkpoints").glob("step_*"):
+        for c in manager.committed():
             if c != latest and step_of(c) % interval:
                 shutil.rmtree(c)
         t0 = time.time()
@@ -257,10 +258,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     from_step = train_cost.get("from_step", 0)  # absent in runs recorded before it was kept
     # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
     # when it was stopped.
-    checkpoints = [
-        c for c in sorted((run_dir / "checkpoints").glob("step_*"))
-        if step_of(c) % interval == 0
-    ]  # fmt: skip
+    checkpoints = [c for c in manager.committed() if step_of(c) % interval == 0]
     paths = task_paths(a)
     score = [py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
              str(paths["heldout"]), "--names", str(paths["names"]),
@@ -496,7 +494,7 @@ def plot(
     for k, width in enumerate(sorted({r["width"] for r in results})):
         for n, style in zip(ns, ("-", "--", ":"), strict=False):
             # The mean over the seeds that have a point at those tokens (a run stopped twice
-            # before this grid kept its off-schedule checkpoints may lack an early one).
+            # before the grid removed earlier stops' checkpoints may lack an early one).
             at = {}
             for r in results:
                 if r["width"] == width and r["n"] == n:
