@@ -26,7 +26,7 @@ once (the runs in flight are checkpointed and resume on a rerun). The tables end
 n=1 and n=2 learned first in each seed pair, and a sign test of the paper's direction.
 
     python benchmarks/induction.py --quick  # d=32,64 x n=1,2 x 2 seeds, 1.2M tokens: ~8 min
-    python benchmarks/induction.py          # d=32,64,128 x n=1,2 x 3 seeds, 6M tokens: ~1.5 h
+    python benchmarks/induction.py          # d=32,64,128 x n=1,2 x 3 seeds, 6M tokens: ~2 h
     python benchmarks/induction.py --task copy  # d=32,64,128 x n=1,2 x 3 seeds, 600 steps
 
 (on 2 idle cores, --jobs 2: the measured tokens per CPU second of each run are in the JSON.)
