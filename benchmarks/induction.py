@@ -19,7 +19,8 @@ function), the second measure, first-half success (head 1's top-1 on first halve
 repeated pair of tokens predicts: a model can copy that half of a name and not the other), and
 head 1's loss. --jobs runs go at once (one thread each); a finished run is
 skipped on a rerun, so an interrupted grid continues (a run interrupted while training resumes
-from its last checkpoint; its JSON then gives the resumed part's cost, from trained_from_step).
+from its last checkpoint; its JSON gives the cost of all its parts, stopped ones included, from
+trained_from_step: 0 unless a part went unrecorded, as after a kill -9).
 Deleting a run's induction.json rescores it without retraining: its training cost is kept in
 train_cost.json, and only the scheduled checkpoints are scored. A failed run stops the grid at
 once (the runs in flight are checkpointed and resume on a rerun). The tables end with which of
@@ -131,11 +132,13 @@ _RUNNING_LOCK = threading.Lock()
 _STOPPING = threading.Event()  # set when one failed: start no more
 
 
-def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
+def _run(cmd: list[str], log: Path, stdout: Path | None = None, spent: Path | None = None) -> float:
     """Run a command, its output to `log` (its stdout alone to `stdout` if given); a failure
     stops the benchmark. Returns the CPU seconds it used (its own rusage, not its wall time:
-    the machine may be shared)."""
+    the machine may be shared). With `spent`, its CPU and wall seconds are added to that JSON
+    whether it succeeds or not, so a run stopped and resumed keeps the cost of every part."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
     if _STOPPING.is_set():
         raise SystemExit("error: not started: the grid is stopping")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -147,16 +150,31 @@ def _run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
                 cmd, cwd=ROOT, env=env, stdout=out if stdout else err, stderr=err
             )
             _RUNNING.add(proc)
+        if spent is not None:  # open until its seconds are added: a kill -9 leaves it open
+            _add_spent(spent, 0.0, 0.0, running=True)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
             with _RUNNING_LOCK:
                 _RUNNING.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    if spent is not None:
+        _add_spent(spent, cpu, time.time() - t0)
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"error: {' '.join(cmd)} failed ({proc.returncode}); {log}:\n{tail}")
-    return usage.ru_utime + usage.ru_stime
+    return cpu
+
+
+def _add_spent(path: Path, cpu: float, wall: float, running: bool = False) -> None:
+    """Add one command's seconds to a run's training cost, or (running) mark a part started."""
+    from mtp_dist.files import atomic_write_json
+
+    total = json.loads(path.read_text())
+    total.update(cpu=round(total["cpu"] + cpu, 1), wall=round(total["wall"] + wall, 1),
+                 parts=total["parts"] + (not running), running=running)  # fmt: skip
+    atomic_write_json(path, total)
 
 
 def task_paths(a) -> dict[str, Path]:
@@ -239,21 +257,27 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     interval = steps // a.evals
     manager = CheckpointManager(run_dir / "checkpoints", keep=1)  # reads only: prunes nothing
     cost = run_dir / "train_cost.json"  # kept apart: deleting induction.json only rescores
+    # Every training command of this run, those the grid stopped included.
+    spent = run_dir / "train_spent.json"
     if not cost.exists():
-        # An interrupted run resumes from its latest checkpoint: the cost is this part's.
+        # An interrupted run resumes from its latest checkpoint. Its cost is that of every part
+        # since the first one recorded: from step 0 unless a part went unrecorded (a kill -9
+        # leaves its part running: the count restarts from here).
         latest = manager.latest()
-        from_step = step_of(latest) if latest else 0
+        if not spent.exists() or json.loads(spent.read_text())["running"]:
+            from_step = step_of(latest) if latest else 0
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(spent, {"cpu": 0.0, "wall": 0.0, "parts": 0, "running": False,
+                                      "from_step": from_step})  # fmt: skip
         # A checkpoint saved when an earlier stop came, off the schedule, served its resume and
         # is not scored: removed, so that the trainer's keep-last-(evals + 1) never prunes a
         # scheduled one (before: a run stopped twice lost its first curve point).
         for c in manager.committed():
             if c != latest and step_of(c) % interval:
                 shutil.rmtree(c)
-        t0 = time.time()
         train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
-        train_cpu = _run(train, run_dir / "train.log")
-        atomic_write_json(cost, {"wall": round(time.time() - t0, 1), "cpu": round(train_cpu, 1),
-                                 "from_step": from_step})  # fmt: skip
+        _run(train, run_dir / "train.log", spent=spent)
+        atomic_write_json(cost, json.loads(spent.read_text()))
     train_cost = json.loads(cost.read_text())
     from_step = train_cost.get("from_step", 0)  # absent in runs recorded before it was kept
     # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
@@ -273,7 +297,8 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         "width": width, "n": n, "seed": seed, "layers": a.layers,
         "non_embedding_params": params["trunk"] + params["heads"],
         "steps": steps, "tokens": steps * tokens_per_step,
-        # The training cost of the steps after trained_from_step (0 unless it was resumed).
+        # The training cost of the steps after trained_from_step (0 unless a part of a resumed
+        # run went unrecorded), the steps a stopped part redid after its last checkpoint included.
         "train_wall_seconds": train_cost["wall"],
         "train_cpu_seconds": train_cost["cpu"],
         "trained_from_step": from_step,

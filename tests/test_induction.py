@@ -365,13 +365,17 @@ def test_benchmark_end_to_end(tmp_path):
     assert again["curve"] == n1["curve"]  # the same checkpoints, scored the same
     assert (run_dir / "train.log").read_text() == train_log
 
-    # A run interrupted while training (its last checkpoint step 2, no cost recorded) resumes:
-    # the same curve as the straight run, its cost that of the steps after 2.
+    # A run killed (kill -9) while training, its last checkpoint step 2, resumes: the same
+    # curve as the straight run. Its recorded part is left running, so its cost restarts: that
+    # of the steps after 2, in one part.
     run_dir = next((tmp_path / "w" / "runs").glob("d32-n2-seed0-*"))
     shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
     (run_dir / "checkpoints" / "latest").write_text("step_00000002\n")
     for name in ("induction.json", "train_cost.json"):
         (run_dir / name).unlink()
+    spent = json.loads((run_dir / "train_spent.json").read_text())
+    assert (spent["parts"], spent["running"], spent["from_step"]) == (1, False, 0)
+    (run_dir / "train_spent.json").write_text(json.dumps({**spent, "running": True}))
     # An earlier stop's off-schedule checkpoint, older than `latest`: removed on the resume.
     stale = run_dir / "checkpoints" / "step_00000001"
     shutil.copytree(run_dir / "checkpoints" / "step_00000002", stale)
@@ -381,6 +385,7 @@ def test_benchmark_end_to_end(tmp_path):
     resumed = json.loads(out.read_text())["runs"][1]
     assert resumed["curve"] == n2["curve"]
     assert n2["trained_from_step"] == 0 and resumed["trained_from_step"] == 2
+    assert json.loads((run_dir / "train_cost.json").read_text())["parts"] == 1
     assert "eta ?" in proc.stdout and "[2/2]" in proc.stdout  # the reused run, then this one
 
     # A run whose `latest` pointer is damaged: one error line naming it, exit 2, at once. The
@@ -429,11 +434,8 @@ def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):
     assert "data_prep induction-corpus" in err[0]
 
 
-def test_pairs_and_sign_test_of_which_learned_first(tmp_path):
-    """The grid's seed-by-seed comparison on hand-made curves: n=2 first when it crosses 0.5
-    (either measure) at an earlier checkpoint, a run that never does counts as later than one
-    that does, the same checkpoint or neither learning is undecided; p is the one-sided sign
-    test (3 of 3 decided pairs n=2 first: 1/8)."""
+def _bench():
+    """benchmarks/induction.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
     from tests.support import ROOT
@@ -443,6 +445,41 @@ def test_pairs_and_sign_test_of_which_learned_first(tmp_path):
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_stopped_part_s_cost_is_kept(tmp_path):
+    """The grid adds every training command's CPU and wall seconds to the run's record, a
+    command that fails or is stopped included (before, a resumed run's cost was only its
+    last part's); a part in flight is marked running, so a kill -9 shows."""
+    import sys
+
+    bench = _bench()
+    spent = tmp_path / "train_spent.json"
+    spent.write_text('{"cpu": 0.0, "wall": 0.0, "parts": 0, "running": false, "from_step": 0}')
+    fail = [sys.executable, "-c", "sum(range(3_000_000)); raise SystemExit(3)"]
+    with pytest.raises(SystemExit, match=r"failed \(3\)"):
+        bench._run(fail, tmp_path / "a.log", spent=spent)
+    first = json.loads(spent.read_text())
+    assert first["parts"] == 1 and first["cpu"] > 0 and first["wall"] > 0
+    assert first["running"] is False and first["from_step"] == 0
+    # This one waits (10 s at most) to see itself marked running, then exits 0.
+    running = f"json.load(open({str(spent)!r}))['running']"
+    wait = (f"import json, time; sum(range(3_000_000)); end = time.time() + 10\n"
+            f"while not {running} and time.time() < end:\n    time.sleep(0.01)\n"
+            f"raise SystemExit(0 if {running} else 4)")  # fmt: skip
+    cpu = bench._run([sys.executable, "-c", wait], tmp_path / "b.log", spent=spent)
+    second = json.loads(spent.read_text())
+    assert second["parts"] == 2 and second["running"] is False
+    assert second["cpu"] == pytest.approx(first["cpu"] + cpu, abs=0.11)
+
+
+def test_pairs_and_sign_test_of_which_learned_first(tmp_path):
+    """The grid's seed-by-seed comparison on hand-made curves: n=2 first when it crosses 0.5
+    (either measure) at an earlier checkpoint, a run that never does counts as later than one
+    that does, the same checkpoint or neither learning is undecided; p is the one-sided sign
+    test (3 of 3 decided pairs n=2 first: 1/8)."""
+    bench = _bench()
 
     def run(n, seed, first_half, paper=(0.03, 0.03, 0.03)):
         curve = [{"tokens": t, "first_half_success": f, "induction_success": s}
