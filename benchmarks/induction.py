@@ -20,7 +20,8 @@ repeated pair of tokens predicts: a model can copy that half of a name and not t
 head 1's loss. --jobs runs go at once (one thread each); a finished run is
 skipped on a rerun, so an interrupted grid continues (a run interrupted while training resumes
 from its last checkpoint; its JSON gives the cost of all its parts, stopped ones included, from
-trained_from_step: 0 unless a part went unrecorded, as after a kill -9).
+trained_from_step: 0 unless a part went unrecorded, as after a kill -9 or a signal that stops
+the grid script itself: only a stop the grid makes keeps the stopped part's cost).
 Deleting a run's induction.json rescores it without retraining: its training cost is kept in
 train_cost.json, and only the scheduled checkpoints are scored. A failed run stops the grid at
 once (the runs in flight are checkpointed and resume on a rerun). The tables end with which of
