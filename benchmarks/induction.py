@@ -20,8 +20,9 @@ repeated pair of tokens predicts: a model can copy that half of a name and not t
 head 1's loss. --jobs runs go at once (one thread each); a finished run is
 skipped on a rerun, so an interrupted grid continues (a run interrupted while training resumes
 from its last checkpoint; its JSON gives the cost of all its parts, stopped ones included, from
-trained_from_step: 0 unless a part went unrecorded, as after a kill -9 or a signal that stops
-the grid script itself: only a stop the grid makes keeps the stopped part's cost).
+trained_from_step: 0 unless a part went unrecorded, as after a kill -9). SIGTERM or Ctrl-C to
+the script stops the grid cleanly: its trainers save a checkpoint, their cost is recorded, and
+it exits 128 + the signal; a rerun continues.
 Deleting a run's induction.json rescores it without retraining: its training cost is kept in
 train_cost.json, and only the scheduled checkpoints are scored. A failed run stops the grid at
 once (the runs in flight are checkpointed and resume on a rerun). The tables end with which of
@@ -43,6 +44,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -154,7 +156,7 @@ def _run(cmd: list[str], log: Path, stdout: Path | None = None, spent: Path | No
         if spent is not None:  # open until its seconds are added: a kill -9 leaves it open
             _add_spent(spent, 0.0, 0.0, running=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, usage = _wait(proc)
         finally:
             with _RUNNING_LOCK:
                 _RUNNING.discard(proc)
@@ -166,6 +168,38 @@ def _run(cmd: list[str], log: Path, stdout: Path | None = None, spent: Path | No
         tail = log.read_text()[-3000:]
         raise SystemExit(f"error: {' '.join(cmd)} failed ({proc.returncode}); {log}:\n{tail}")
     return cpu
+
+
+def _wait(proc: subprocess.Popen):
+    """os.wait4 for the command. A stop signal that reaches the main thread while it waits
+    (the data preparation runs there) stops the command too, so nothing is left behind."""
+    try:
+        return os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.terminate()
+        os.wait4(proc.pid, 0)
+        raise
+
+
+class GridStopped(Exception):
+    """SIGTERM or SIGINT reached the grid script: it stops its commands, waits for them (a
+    trainer saves a checkpoint), records their cost, then exits 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_stop_signal(signum, _frame) -> None:
+    if _STOPPING.is_set():  # stopping already: let the commands in flight finish saving
+        print(
+            f"{signal.Signals(signum).name}: already stopping, waiting for the runs in flight "
+            "to save (kill -9 stops at once and loses their cost)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    raise GridStopped(signum)
 
 
 def _add_spent(path: Path, cpu: float, wall: float, running: bool = False) -> None:
@@ -278,6 +312,13 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
                 shutil.rmtree(c)
         train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
         _run(train, run_dir / "train.log", spent=spent)
+        # A trainer stopped by a signal saves and exits 0 (a scheduler's preemption): the
+        # run is finished only if its last checkpoint is the last step.
+        latest = manager.latest()
+        if latest is None or step_of(latest) != steps:
+            at = step_of(latest) if latest else 0
+            raise SystemExit(f"error: {run_dir.name}: training stopped at step {at} of {steps} "
+                             "(a signal); rerun the same command to resume it")  # fmt: skip
         atomic_write_json(cost, json.loads(spent.read_text()))
     train_cost = json.loads(cost.read_text())
     from_step = train_cost.get("from_step", 0)  # absent in runs recorded before it was kept
@@ -369,7 +410,7 @@ def run_grid(a) -> list[dict]:
                       f" success {r['induction_success']:.4f}, head 1 loss {r['head1_loss']:.3f}"
                       f" | {elapsed / 60:.1f} min, eta {eta}", flush=True)  # fmt: skip
     except BaseException:
-        # A run failed (or Ctrl-C): report now, not after the other runs.
+        # A run failed (or a stop signal): report now, not after the other runs.
         pool.shutdown(wait=False, cancel_futures=True)
         _stop_grid()
         raise
@@ -550,11 +591,21 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     a.workdir = a.workdir.resolve()
     t0 = time.time()
-    info = prepare_data(a)
-    checked = info["two_token_occurrences_checked"]
-    print(f"data ({a.task}): {info['documents']} documents, {checked} name occurrences checked "
-          "to be two tokens", flush=True)  # fmt: skip
-    results = run_grid(a)
+    handlers = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        info = prepare_data(a)
+        checked = info["two_token_occurrences_checked"]
+        print(f"data ({a.task}): {info['documents']} documents, {checked} name occurrences "
+              "checked to be two tokens", flush=True)  # fmt: skip
+        results = run_grid(a)
+    except GridStopped as e:
+        print(f"error: stopped by {e}: the commands in flight were stopped, each trainer at a "
+              "checkpoint, and their cost kept; rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     summary = summarise(results)
     first_chance = 1 / len(info["first"])  # a guess among the first-half pieces
     print(tables(results, summary, info["chance"], first_chance))

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -420,6 +421,85 @@ def test_benchmark_end_to_end(tmp_path):
     for run in r["runs"]:
         assert [p["step"] for p in run["curve"]] == [2, 4] and run["tokens"] == 4 * 16 * 64
         assert all(p["scored"] > 0 and p["first_scored"] > 0 for p in run["curve"])
+
+    _stopped_by_signals_then_resumed(grid, tmp_path / "w" / "runs")
+
+
+def _stopped_by_signals_then_resumed(grid: list[str], runs: Path) -> None:
+    """A 100-step run (checkpoints every 25) stopped twice by SIGTERM, then finished.
+    1. SIGTERM to its trainer alone, which saves and exits 0, as on a preemption: the grid
+       does not take the run for finished (before, it recorded it and scored the checkpoints
+       it had), and says where it stopped.
+    2. SIGTERM to the grid script: it stops its trainer, which saves; the part's cost is
+       recorded; one error line, exit 143 (before, the script died at once and the part's
+       cost was lost).
+    3. A rerun resumes and finishes it: every scheduled checkpoint scored, three parts' cost."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.support import ROOT, kill_tree
+
+    cmd = [*grid, "--ns", "1", "--evals", "4"]
+    cmd[cmd.index("--tokens") + 1] = str(100 * 16 * 64)
+    before = set(runs.iterdir())
+
+    def run_until(step: int) -> tuple[subprocess.Popen, Path, psutil.Process]:
+        """Start the grid; return once its trainer has committed checkpoint `step`."""
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        end = time.time() + 300
+        while time.time() < end and proc.poll() is None:
+            new = [d for d in runs.iterdir() if d not in before]
+            latest = new[0] / "checkpoints" / "latest" if new else None
+            if latest and latest.exists() and latest.read_text().strip() >= f"step_{step:08d}":
+                trainer = next(c for c in psutil.Process(proc.pid).children()
+                               if "mtp_dist.train" in c.cmdline())  # fmt: skip
+                return proc, new[0], trainer
+            time.sleep(0.2)
+        kill_tree(proc.pid)
+        raise AssertionError(f"no checkpoint {step}: {proc.communicate()}")
+
+    def finish(proc) -> tuple[int, str]:
+        try:
+            _, err = proc.communicate(timeout=300)
+        finally:
+            kill_tree(proc.pid)
+        return proc.returncode, err
+
+    def spent(run_dir) -> dict:
+        return json.loads((run_dir / "train_spent.json").read_text())
+
+    proc, run_dir, trainer = run_until(25)
+    trainer.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "training stopped at step" in last and "of 100" in last, err[-3000:]
+    assert not (run_dir / "train_cost.json").exists()
+    assert not (run_dir / "induction.json").exists()
+    assert (spent(run_dir)["parts"], spent(run_dir)["running"]) == (1, False)
+
+    proc, _, trainer = run_until(50)
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM") and "rerun" in last, last
+    assert not trainer.is_running()
+    assert "received SIGTERM on some rank: saving" in (run_dir / "train.log").read_text()
+    second = spent(run_dir)
+    assert (second["parts"], second["running"]) == (2, False) and second["cpu"] > 0
+    assert not (run_dir / "train_cost.json").exists()
+
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    done = json.loads((run_dir / "induction.json").read_text())
+    assert [p["step"] for p in done["curve"]] == [25, 50, 75, 100]
+    assert done["trained_from_step"] == 0
+    cost = json.loads((run_dir / "train_cost.json").read_text())
+    assert cost["parts"] == 3 and cost["cpu"] > second["cpu"]
 
 
 def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):
