@@ -202,11 +202,26 @@ def _on_stop_signal(signum, _frame) -> None:
     raise GridStopped(signum)
 
 
+def _record(path: Path) -> dict:
+    """One of a run's own JSON records (induction.json, train_cost.json, train_spent.json),
+    written atomically, so damaged only by hand: then one error line with the fix."""
+    from mtp_dist.errors import UserError
+
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except ValueError as e:
+        raise UserError(f"{path} is damaged ({e}): delete it and rerun (a result is rescored, a "
+                        "cost restarts from the run's latest checkpoint)") from None  # fmt: skip
+
+
 def _add_spent(path: Path, cpu: float, wall: float, running: bool = False) -> None:
     """Add one command's seconds to a run's training cost, or (running) mark a part started."""
     from mtp_dist.files import atomic_write_json
 
-    total = json.loads(path.read_text())
+    total = _record(path)
     total.update(cpu=round(total["cpu"] + cpu, 1), wall=round(total["wall"] + wall, 1),
                  parts=total["parts"] + (not running), running=running)  # fmt: skip
     atomic_write_json(path, total)
@@ -287,7 +302,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     run_dir, overrides, steps = run_config(a, width, n, seed)
     done = run_dir / "induction.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return _record(done)
     py = sys.executable
     interval = steps // a.evals
     manager = CheckpointManager(run_dir / "checkpoints", keep=1)  # reads only: prunes nothing
@@ -299,7 +314,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         # since the first one recorded: from step 0 unless a part went unrecorded (a kill -9
         # leaves its part running: the count restarts from here).
         latest = manager.latest()
-        if not spent.exists() or json.loads(spent.read_text())["running"]:
+        if not spent.exists() or _record(spent)["running"]:
             from_step = step_of(latest) if latest else 0
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(spent, {"cpu": 0.0, "wall": 0.0, "parts": 0, "running": False,
@@ -319,8 +334,8 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
             at = step_of(latest) if latest else 0
             raise SystemExit(f"error: {run_dir.name}: training stopped at step {at} of {steps} "
                              "(a signal); rerun the same command to resume it")  # fmt: skip
-        atomic_write_json(cost, json.loads(spent.read_text()))
-    train_cost = json.loads(cost.read_text())
+        atomic_write_json(cost, _record(spent))
+    train_cost = _record(cost)
     from_step = train_cost.get("from_step", 0)  # absent in runs recorded before it was kept
     # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
     # when it was stopped.

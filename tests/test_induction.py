@@ -552,6 +552,11 @@ def test_a_stopped_part_s_cost_is_kept(tmp_path):
     second = json.loads(spent.read_text())
     assert second["parts"] == 2 and second["running"] is False
     assert second["cpu"] == pytest.approx(first["cpu"] + cpu, abs=0.11)
+    # Damaged by hand (the grid writes it atomically): one error line with the fix.
+    for damaged in ("{not json", "[]"):
+        spent.write_text(damaged)
+        with pytest.raises(UserError, match=r"train_spent.json is damaged .*: delete it and rerun"):
+            bench._add_spent(spent, 1.0, 1.0)
 
 
 def test_pairs_and_sign_test_of_which_learned_first(tmp_path):
