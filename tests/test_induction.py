@@ -502,6 +502,39 @@ def _stopped_by_signals_then_resumed(grid: list[str], runs: Path) -> None:
     assert cost["parts"] == 3 and cost["cpu"] > second["cpu"]
 
 
+def test_a_signal_during_data_preparation_stops_its_command(tmp_path):
+    """SIGTERM to the grid while it prepares the data (in its main thread): the command in
+    flight is stopped and waited for, not left running; one error line, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.support import ROOT, kill_tree
+
+    cmd = [sys.executable, "benchmarks/induction.py", "--workdir", str(tmp_path / "w"),
+           "--widths", "32", "--seeds", "1", "--tokens", "4096", "--seq", "64", "--evals", "2",
+           "--corpus-mb", "0.3", "--vocab", "500", "--out", str(tmp_path / "o.json")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        end, children = time.time() + 120, []
+        while not children and time.time() < end and proc.poll() is None:
+            time.sleep(0.1)
+            children = psutil.Process(proc.pid).children()
+        assert children, "the grid started no data preparation command"
+        assert "induction-corpus" in children[0].cmdline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM"), err[-3000:]
+    assert not children[0].is_running()
+    assert not (tmp_path / "w" / "data" / "corpus" / "names.json").exists()
+
+
 def test_scorer_bad_input_is_one_error_line(tmp_path, capsys):
     from mtp_dist.evaluate.cli import main
 
