@@ -149,12 +149,12 @@ def _run(cmd: list[str], log: Path, stdout: Path | None = None, spent: Path | No
         with _RUNNING_LOCK:
             if _STOPPING.is_set():
                 raise SystemExit("error: not started: the grid is stopping")
+            if spent is not None:  # open until its seconds are added: a kill -9 leaves it open
+                _mark_running(spent)
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=out if stdout else err, stderr=err
             )
             _RUNNING.add(proc)
-        if spent is not None:  # open until its seconds are added: a kill -9 leaves it open
-            _add_spent(spent, 0.0, 0.0, running=True)
         try:
             _, status, usage = _wait(proc)
         finally:
@@ -217,13 +217,20 @@ def _record(path: Path) -> dict:
                         "cost restarts from the run's latest checkpoint)") from None  # fmt: skip
 
 
-def _add_spent(path: Path, cpu: float, wall: float, running: bool = False) -> None:
-    """Add one command's seconds to a run's training cost, or (running) mark a part started."""
+def _mark_running(path: Path) -> None:
+    """Mark a run's training part started; _add_spent clears the mark (a kill -9 leaves it)."""
+    from mtp_dist.files import atomic_write_json
+
+    atomic_write_json(path, {**_record(path), "running": True})
+
+
+def _add_spent(path: Path, cpu: float, wall: float) -> None:
+    """Add one finished (or stopped) training part's seconds to a run's cost."""
     from mtp_dist.files import atomic_write_json
 
     total = _record(path)
     total.update(cpu=round(total["cpu"] + cpu, 1), wall=round(total["wall"] + wall, 1),
-                 parts=total["parts"] + (not running), running=running)  # fmt: skip
+                 parts=total["parts"] + 1, running=False)  # fmt: skip
     atomic_write_json(path, total)
 
 
