@@ -191,6 +191,8 @@ class GridStopped(Exception):
 
 
 def _on_stop_signal(signum, _frame) -> None:
+    """The grid's SIGTERM and SIGINT handler: the first stops the grid (GridStopped, raised in
+    the main thread); a later one only says it is stopping already."""
     if _STOPPING.is_set():  # stopping already: let the commands in flight finish saving
         print(
             f"{signal.Signals(signum).name}: already stopping, waiting for the runs in flight "
