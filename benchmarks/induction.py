@@ -31,6 +31,7 @@ n=1 and n=2 learned first in each seed pair, and a sign test of the paper's dire
     python benchmarks/induction.py --quick  # d=32,64 x n=1,2 x 2 seeds, 1.2M tokens: ~8 min
     python benchmarks/induction.py          # d=32,64,128 x n=1,2 x 3 seeds, 6M tokens: ~2 h
     python benchmarks/induction.py --task copy  # d=32,64,128 x n=1,2 x 3 seeds, 600 steps
+    python benchmarks/induction.py --widths 128 --tokens 12e6 --evals 12  # where all learn: ~2.2 h
 
 (on 2 idle cores, --jobs 2: the measured tokens per CPU second of each run are in the JSON.)
 """
