@@ -103,9 +103,12 @@ def train_all(a, g, cells: list[tuple]) -> dict:
             elapsed = time.time() - t0
             rate = sum(done.values()) * tokens_per_step / elapsed
             left = max((r[2] - done[c]) / max(done[c], 1) * elapsed for c, r in runs.items())
-            print(f"{elapsed:5.0f} s: {sum(done.values()):,} steps of "
-                  f"{sum(r[2] for r in runs.values()):,} ({rate / 1e6:.2f}M tokens/s in all); "
-                  f"slowest run at {min(done.values())}; eta {left:.0f} s", flush=True)
+            print(
+                f"{elapsed:5.0f} s: {sum(done.values()):,} steps of "
+                f"{sum(r[2] for r in runs.values()):,} ({rate / 1e6:.2f}M tokens/s in all); "
+                f"slowest run at {min(done.values())}; eta {left:.0f} s",
+                flush=True,
+            )
     finally:
         stopped = [c for c, p in procs.items() if p.poll() is None]
         for c in stopped:
@@ -122,8 +125,11 @@ def train_all(a, g, cells: list[tuple]) -> dict:
     for c in runs:
         runs[c][3] = runs[c][3] or time.time() - t0
     if stopped:
-        print(f"stopped {len(stopped)} of {len(cells)} runs at the deadline "
-              f"({g.train_seconds:.0f} s)", flush=True)
+        print(
+            f"stopped {len(stopped)} of {len(cells)} runs at the deadline "
+            f"({g.train_seconds:.0f} s)",
+            flush=True,
+        )
     return {c: tuple(r) for c, r in runs.items()}
 
 
@@ -216,8 +222,11 @@ def main(argv=None) -> int:
     chance, first_chance = info["chance"], 1 / len(info["first"])
     cells = [(w, n, s) for w in a.widths for s in range(a.seeds) for n in a.ns]
     t0 = time.time()
-    print(f"{len(cells)} runs on {device}, {a.tokens / 1e6:.1f}M tokens each, "
-          f"{g.train_seconds:.0f} s to train", flush=True)
+    print(
+        f"{len(cells)} runs on {device}, {a.tokens / 1e6:.1f}M tokens each, "
+        f"{g.train_seconds:.0f} s to train",
+        flush=True,
+    )
     runs = train_all(a, g, cells)
     train_seconds = time.time() - t0
     results = sorted(score(a, g, runs), key=lambda r: (r["width"], r["n"], r["seed"]))
