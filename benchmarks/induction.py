@@ -34,6 +34,7 @@ n=1 and n=2 learned first in each seed pair, and a sign test of the paper's dire
     python benchmarks/induction.py --widths 128 --tokens 12e6 --evals 12  # where all learn: ~2.2 h
 
 (on 2 idle cores, --jobs 2: the measured tokens per CPU second of each run are in the JSON.)
+On one GPU, benchmarks/gpu/induction_grid.py runs these runs all at once under a deadline.
 """
 
 from __future__ import annotations
@@ -301,6 +302,18 @@ def run_config(a, width: int, n: int, seed: int) -> tuple[Path, list[str], int]:
     return run_dir, [f"run.dir={run_dir}", *overrides], steps
 
 
+def drop_stop_checkpoints(manager, interval: int) -> None:
+    """Before a run resumes: a checkpoint saved when an earlier stop came, off the schedule,
+    served its resume and is not scored. It is removed, so that the trainer's keep-last-(evals
+    + 1) never prunes a scheduled one (before: a run stopped twice lost its first curve point)."""
+    from mtp_dist.checkpointing import step_of
+
+    latest = manager.latest()
+    for c in manager.committed():
+        if c != latest and step_of(c) % interval:
+            shutil.rmtree(c)
+
+
 def one_run(a, width: int, n: int, seed: int) -> dict:
     """Train (or reuse) one run and score its checkpoints; the result is kept in the run's
     directory, so a rerun of the grid skips it."""
@@ -329,12 +342,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(spent, {"cpu": 0.0, "wall": 0.0, "parts": 0, "running": False,
                                       "from_step": from_step})  # fmt: skip
-        # A checkpoint saved when an earlier stop came, off the schedule, served its resume and
-        # is not scored: removed, so that the trainer's keep-last-(evals + 1) never prunes a
-        # scheduled one (before: a run stopped twice lost its first curve point).
-        for c in manager.committed():
-            if c != latest and step_of(c) % interval:
-                shutil.rmtree(c)
+        drop_stop_checkpoints(manager, interval)
         train = [py, "-m", "mtp_dist.train", "--config", "configs/induction.yaml", *overrides]
         _run(train, run_dir / "train.log", spent=spent)
         # A trainer stopped by a signal saves and exits 0 (a scheduler's preemption): the
@@ -456,31 +464,59 @@ def learned_either(run: dict) -> bool:
     return any(learned_at(run, k) is not None for k in ("induction_success", "first_half_success"))
 
 
-def first_learned(run: dict) -> float:
-    """Tokens at which a run first reached LEARNED by either measure; inf if not by its end."""
-    seen = [learned_at(run, k) for k in ("induction_success", "first_half_success")]
+MEASURES = ("induction_success", "first_half_success")
+
+
+def first_learned(run: dict, measures: tuple[str, ...] = MEASURES) -> float:
+    """Tokens at which a run first reached LEARNED by any of `measures` (by default either);
+    inf if not by its end."""
+    seen = [learned_at(run, k) for k in measures]
     return min((t for t in seen if t is not None), default=math.inf)
 
 
-def paired(results: list[dict]) -> list[dict]:
+def sign_test(n2_first: int, n1_first: int) -> float:
+    """One-sided sign test of the paper's direction: the chance of at least n2_first n=2-first
+    pairs among the decided ones if which learned first were a coin flip."""
+    decided = n2_first + n1_first
+    return sum(math.comb(decided, k) for k in range(n2_first, decided + 1)) / 2**decided
+
+
+def paired(results: list[dict], measures: tuple[str, ...] = MEASURES) -> list[dict]:
     """Per width, over the seeds run with both n=1 and n=2: in how many pairs n=2 learned first
-    (either measure; a run that never learned counts as after any that did), n=1 first, or
-    neither (the same checkpoint, or neither learned); and the one-sided sign test of the
-    paper's direction: the chance of at least that many n=2-first pairs among the decided ones
-    if which learned first were a coin flip."""
+    (by any of `measures`, by default either; a run that never learned counts as after any that
+    did), n=1 first, or neither (the same checkpoint, or neither learned); and the sign test."""
     by = {(r["width"], r["n"], r["seed"]): r for r in results}
     rows = []
     for width in sorted({r["width"] for r in results}):
         seeds = sorted(s for (w, n, s) in by if w == width and n == 1 and (w, 2, s) in by)
-        order = [first_learned(by[width, 2, s]) - first_learned(by[width, 1, s]) for s in seeds]
+        order = [first_learned(by[width, 2, s], measures) - first_learned(by[width, 1, s], measures)
+                 for s in seeds]  # fmt: skip
         n2_first = sum(d < 0 for d in order)
         n1_first = sum(d > 0 for d in order)
-        decided = n2_first + n1_first
-        p = sum(math.comb(decided, k) for k in range(n2_first, decided + 1)) / 2**decided
         rows.append({"width": width, "pairs": len(seeds), "n2_first": n2_first,
-                     "n1_first": n1_first, "neither": len(seeds) - decided,
-                     "sign_test_p": p})  # fmt: skip
+                     "n1_first": n1_first, "neither": len(seeds) - n2_first - n1_first,
+                     "sign_test_p": sign_test(n2_first, n1_first)})  # fmt: skip
     return rows
+
+
+def pairs_table(rows: list[dict], what: str) -> list[str]:
+    """The pairs' table, with a last row over every width (the sign test over all the pairs)."""
+    rows = [p for p in rows if p["pairs"]]
+    if not rows:
+        return []
+    lines = ["", f"Which learned first, seed by seed ({what}; one-sided sign test of the "
+             "paper's direction, n=2 first, over the decided pairs):", "",
+             "| width | pairs | n=2 first | n=1 first | neither | p |",
+             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in rows:
+        lines.append(f"| {p['width']} | {p['pairs']} | {p['n2_first']} | {p['n1_first']} | "
+                     f"{p['neither']} | {p['sign_test_p']:.3f} |")  # fmt: skip
+    if len(rows) > 1:
+        total = {k: sum(p[k] for p in rows) for k in ("pairs", "n2_first", "n1_first", "neither")}
+        p = sign_test(total["n2_first"], total["n1_first"])
+        lines.append(f"| all | {total['pairs']} | {total['n2_first']} | {total['n1_first']} | "
+                     f"{total['neither']} | {p:.4f} |")  # fmt: skip
+    return lines
 
 
 def summarise(results: list[dict]) -> list[dict]:
@@ -533,20 +569,18 @@ def tables(results: list[dict], summary: list[dict], chance: float, first_chance
                      f"{s['first_half_mean']:.4f} ± {s['first_half_std']:.4f} | "
                      f"{s['head1_loss_mean']:.4f} ± {s['head1_loss_std']:.4f} | "
                      f"{s['seeds_learned']} of {s['seeds']} |")  # fmt: skip
-    pairs = [p for p in paired(results) if p["pairs"]]
-    if pairs:
-        lines += ["", "Which learned first, seed by seed (either measure; one-sided sign test "
-                  "of the paper's direction, n=2 first, over the decided pairs):", "",
-                  "| width | pairs | n=2 first | n=1 first | neither | p |",
-                  "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for p in pairs:
-            lines.append(f"| {p['width']} | {p['pairs']} | {p['n2_first']} | {p['n1_first']} | "
-                         f"{p['neither']} | {p['sign_test_p']:.3f} |")  # fmt: skip
+    lines += pairs_table(paired(results), "either measure")
+    lines += pairs_table(paired(results, ("induction_success",)), "the paper's measure alone")
     return "\n".join(lines)
 
 
 def plot(
-    results: list[dict], summary: list[dict], chance: float, first_chance: float, out: Path
+    results: list[dict],
+    summary: list[dict],
+    chance: float,
+    first_chance: float,
+    out: Path,
+    title: str = "after the full token budget",
 ) -> None:
     """Like the paper's Figure 7 (success against size, n=1 and n=2, error bars over seeds),
     and success against tokens seen per size."""
@@ -582,7 +616,7 @@ def plot(
         ax.set_ylim(-0.05, 1.1)
     left.set_xscale("log")
     left.set_xlabel("non-embedding parameters")
-    left.set_title("after the full token budget")
+    left.set_title(title)
     for k, width in enumerate(sorted({r["width"] for r in results})):
         for n, style in zip(ns, ("-", "--", ":"), strict=False):
             # The mean over the seeds that have a point at those tokens (a run stopped twice
@@ -643,7 +677,9 @@ def main(argv=None) -> int:
                  "first_chance": first_chance},
         "cores": os.cpu_count(), "load_average": os.getloadavg(),
         "wall_seconds": round(time.time() - t0, 1),
-        "summary": summary, "pairs": paired(results), "runs": results, "paper": PAPER,
+        "summary": summary, "pairs": paired(results),
+        "pairs_paper_measure": paired(results, ("induction_success",)),
+        "runs": results, "paper": PAPER,
     }  # fmt: skip
     atomic_write_json(a.out, payload)
     print(f"wrote {a.out} and {png} ({(time.time() - t0) / 60:.1f} min)")

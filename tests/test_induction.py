@@ -630,3 +630,68 @@ def test_pairs_and_sign_test_of_which_learned_first(tmp_path):
     png = tmp_path / "pairs.png"
     bench.plot(results, bench.summarise(results), 1 / 32, 1 / 64, png)
     assert png.stat().st_size > 10_000
+
+
+def test_gpu_grid_stops_at_its_deadline_scores_what_was_reached_and_resumes(tmp_path):
+    """benchmarks/gpu/induction_grid.py (run here on the CPU, as in CI): the data made with
+    --prepare-only; every run stopped at the deadline saves, its scheduled checkpoints reached
+    are scored, each width compared at the last checkpoint all its runs reached; a rerun resumes
+    every run (an earlier stop's checkpoint removed), --report reprints the tables. Checks the
+    pipeline, not the result."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    out, work = tmp_path / "gpu.json", tmp_path / "g"
+    small = ["--workdir", str(work), "--widths", "32", "--seeds", "1", "--seq", "64",
+             "--vocab", "500", "--max-windows", "16", "--corpus-mb", "0.3"]  # fmt: skip
+    script = [sys.executable, "benchmarks/gpu/induction_grid.py"]
+
+    def grid(*extra, seconds="12"):
+        # 4,000 steps of 1,024 tokens: far more than the deadline allows; a checkpoint each 10.
+        cmd = [*script, *small, "--tokens", "4096000", "--evals", "400", "--train-seconds",
+               seconds, "--out", str(out), *extra]  # fmt: skip
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    proc = grid()
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
+    assert "missing: run this script with --prepare-only" in proc.stderr
+    proc = grid("--prepare-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    proc = grid()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "stopped 2 of 2 runs at the deadline" in proc.stdout
+    first = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    for r in first["runs"]:
+        assert not r["finished"] and 10 <= r["steps_trained"] < r["steps"] == 4000
+        steps = [p["step"] for p in r["curve"]]
+        assert steps == list(range(10, 10 * len(steps) + 1, 10))  # scheduled ones only
+        assert r["resumed_from_step"] == 0
+    common = min(r["curve"][-1]["tokens"] for r in first["runs"])
+    assert first["compared_at_tokens"] == {"32": common}
+    assert f"d=32: compared at {common / 1e6:.2f}M tokens" in proc.stdout
+    assert "the paper's measure alone" in proc.stdout and first["pairs_paper_measure"]
+
+    # The rerun resumes each run from the checkpoint its stop saved; an earlier stop's
+    # checkpoint, off the schedule and older than that one, is removed first (it would take a
+    # kept slot); the curve keeps every earlier point.
+    stale = []
+    for run_dir in (work / "runs").iterdir():
+        stale.append(run_dir / "checkpoints" / "step_00000001")
+        shutil.copytree(run_dir / "checkpoints" / "step_00000010", stale[-1])
+    proc = grid(seconds="8")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    again = json.loads(out.read_text())
+    for before, after in zip(first["runs"], again["runs"], strict=True):
+        assert after["resumed_from_step"] == before["steps_trained"]
+        assert after["steps_trained"] > before["steps_trained"]
+        assert after["curve"][: len(before["curve"])] == before["curve"]
+    assert not any(c.exists() for c in stale)
+
+    proc = subprocess.run([*script, "--report", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 32 | 0.07M | 2 | 0 |" in proc.stdout and "the paper's measure alone" in proc.stdout

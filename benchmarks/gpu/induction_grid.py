@@ -6,8 +6,10 @@ configs/induction.yaml and overrides, fp32 as on the CPU; only the micro batch i
 global batch, one forward a step). At --train-seconds the runs still training are stopped (each
 saves a checkpoint); then every scheduled checkpoint reached is scored as the CPU grid scores it
 (`python -m mtp_dist.evaluate induction`). A run's curve is what it reached. Within a width the
-runs are compared at the last scheduled checkpoint all of them reached (n=2 trains a little
-slower than n=1), so the tables and the figure never compare runs at different token counts.
+runs are compared at the last scheduled checkpoint all of them reached (the runs do not all
+train at the same speed), so the tables and the figure never compare runs at different token
+counts. A rerun on the same machine resumes every run from its latest checkpoint (the trainer's
+resume=auto): two calls of a lease extend the same runs, and the second scores them all.
 
 Here, on CPU (the held-out and training shards, the tokenizer and names.json; carry the folder):
     python benchmarks/gpu/induction_grid.py --prepare-only   # -> runs/induction-gpu/data
@@ -49,15 +51,22 @@ def parse_args(argv=None):
     p.add_argument("--evals", type=int, default=24, help="scheduled checkpoints per run")
     p.add_argument("--train-seconds", type=float, default=330.0, help="then stop and score")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    for flag in ("--seq", "--batch", "--vocab", "--corpus-mb", "--max-windows"):
+        p.add_argument(flag, help="as benchmarks/induction.py's (its default)")
     p.add_argument("--score-jobs", type=int, default=8, help="scoring commands at once")
     p.add_argument("--prepare-only", action="store_true", help="make WORKDIR/data and stop")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="only print the tables of a JSON it wrote; redraw its PNG")  # fmt: skip
     p.add_argument("--out", type=Path, default=OUT, help="JSON (the PNG beside it)")
     g = p.parse_args(argv)
     if g.train_seconds <= 0 or g.score_jobs < 1:
         grid._usage("--train-seconds must be > 0 and --score-jobs >= 1")
     a = grid.parse_args(["--workdir", g.workdir, "--widths", g.widths, "--ns", g.ns,
                          "--layers", str(g.layers), "--seeds", str(g.seeds),
-                         "--tokens", str(g.tokens), "--evals", str(g.evals)])  # fmt: skip
+                         "--tokens", str(g.tokens), "--evals", str(g.evals),
+                         *[x for k in ("seq", "batch", "vocab", "corpus_mb", "max_windows")
+                           if getattr(g, k) is not None
+                           for x in (f"--{k.replace('_', '-')}", getattr(g, k))]])  # fmt: skip
     return g, a
 
 
@@ -71,19 +80,24 @@ def last_step(run_dir: Path) -> int:
 
 
 def train_all(a, g, cells: list[tuple]) -> dict:
-    """Start every run, report progress, stop those still training at the deadline. Returns
-    {cell: (run_dir, overrides, steps, wall seconds)}; a failed run stops all and exits 1."""
+    """Start (or resume) every run, report progress, stop those still training at the
+    deadline. Returns {cell: (run_dir, overrides, steps, wall seconds, step resumed from)}; a
+    failed run stops all and exits 1."""
+    from mtp_dist.checkpointing import CheckpointManager
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs, runs, t0 = {}, {}, time.time()
     for cell in cells:
         run_dir, overrides, steps = grid.run_config(a, *cell)
         overrides = [*overrides, f"train.dtype={g.dtype}", f"train.micro_batch_size={a.batch}"]
         run_dir.mkdir(parents=True, exist_ok=True)
+        grid.drop_stop_checkpoints(CheckpointManager(run_dir / "checkpoints", keep=1),
+                                   steps // a.evals)  # fmt: skip
         cmd = [sys.executable, "-m", "mtp_dist.train", "--config", "configs/induction.yaml",
                *overrides]  # fmt: skip
         with open(run_dir / "train.log", "w") as log:
             procs[cell] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
-        runs[cell] = [run_dir, overrides, steps, None]
+        runs[cell] = [run_dir, overrides, steps, None, last_step(run_dir)]
     deadline, tokens_per_step = t0 + g.train_seconds, a.seq * a.batch
     try:
         while any(p.poll() is None for p in procs.values()):
@@ -100,9 +114,10 @@ def train_all(a, g, cells: list[tuple]) -> dict:
                 break
             time.sleep(min(15.0, max(0.5, deadline - time.time())))
             done = {c: last_step(r[0]) for c, r in runs.items()}
+            new = {c: done[c] - r[4] for c, r in runs.items()}  # this invocation's steps
             elapsed = time.time() - t0
-            rate = sum(done.values()) * tokens_per_step / elapsed
-            left = max((r[2] - done[c]) / max(done[c], 1) * elapsed for c, r in runs.items())
+            rate = sum(new.values()) * tokens_per_step / elapsed
+            left = max((r[2] - done[c]) / max(new[c], 1) * elapsed for c, r in runs.items())
             print(
                 f"{elapsed:5.0f} s: {sum(done.values()):,} steps of "
                 f"{sum(r[2] for r in runs.values()):,} ({rate / 1e6:.2f}M tokens/s in all); "
@@ -142,7 +157,7 @@ def score(a, g, runs: dict) -> list[dict]:
     paths, tokens_per_step = grid.task_paths(a), a.seq * a.batch
 
     def one(cell):
-        run_dir, overrides, steps, wall = runs[cell]
+        run_dir, overrides, steps, wall, resumed_from = runs[cell]
         interval = steps // a.evals
         manager = CheckpointManager(run_dir / "checkpoints", keep=1)  # reads only
         checkpoints = [c for c in manager.committed() if step_of(c) % interval == 0]
@@ -168,7 +183,7 @@ def score(a, g, runs: dict) -> list[dict]:
         return {"width": width, "n": n, "seed": seed, "layers": a.layers,
                 "non_embedding_params": params["trunk"] + params["heads"],
                 "steps": steps, "steps_trained": reached, "finished": reached == steps,
-                "train_wall_seconds": round(wall, 1),
+                "resumed_from_step": resumed_from, "train_wall_seconds": round(wall, 1),
                 "tokens_per_s_wall": round(statistics.median(m["tokens_per_s"]
                                                              for m in metrics)) if metrics else 0,
                 "curve": curve, "overrides": overrides}  # fmt: skip
@@ -194,6 +209,19 @@ def compared(results: list[dict]) -> tuple[list[dict], dict]:
     return cut, common
 
 
+def report(results: list[dict], chance: float, first_chance: float, png: Path) -> tuple:
+    """Print the comparison (each width at its common checkpoint) and draw the figure; returns
+    (the compared records, the tokens compared at per width, the summary)."""
+    cut, common = compared(results)
+    summary = grid.summarise(cut)
+    print(", ".join(f"d={w}: compared at {t / 1e6:.2f}M tokens" for w, t in common.items()))
+    print(grid.tables(cut, summary, chance, first_chance))
+    if cut:
+        title = "at the last checkpoint all of a width's runs reached"
+        grid.plot(cut, summary, chance, first_chance, png, title=title)
+    return cut, common, summary
+
+
 def main(argv=None) -> int:
     from data_prep.induction import read_names
     from mtp_dist.compat import quiet_upstream_warnings
@@ -202,6 +230,10 @@ def main(argv=None) -> int:
 
     quiet_upstream_warnings()
     g, a = parse_args(argv)
+    if g.report:
+        saved = grid._record(g.report)
+        report(saved["runs"], saved["chance"], saved["first_chance"], g.report.with_suffix(".png"))
+        return 0
     os.chdir(ROOT)  # the workdir and the runs' data paths are relative to the repo root
     if g.prepare_only:
         info = grid.prepare_data(a)
@@ -230,14 +262,9 @@ def main(argv=None) -> int:
     runs = train_all(a, g, cells)
     train_seconds = time.time() - t0
     results = sorted(score(a, g, runs), key=lambda r: (r["width"], r["n"], r["seed"]))
-    cut, common = compared(results)
-    summary = grid.summarise(cut)
-    print(", ".join(f"d={w}: compared at {t / 1e6:.2f}M tokens" for w, t in common.items()))
-    print(grid.tables(cut, summary, chance, first_chance))
     g.out.parent.mkdir(parents=True, exist_ok=True)
     png = g.out.with_suffix(".png")
-    if cut:
-        grid.plot(cut, summary, chance, first_chance, png)
+    cut, common, summary = report(results, chance, first_chance, png)
     atomic_write_json(g.out, {
         "benchmark": "induction on one GPU", "device": device, "torch": torch.__version__,
         "settings": {**{k: v for k, v in vars(g).items() if k != "out"},
@@ -247,6 +274,7 @@ def main(argv=None) -> int:
         "chance": chance, "first_chance": first_chance, "cores": os.cpu_count(),
         "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t0, 1),
         "compared_at_tokens": common, "summary": summary, "pairs": grid.paired(cut),
+        "pairs_paper_measure": grid.paired(cut, ("induction_success",)),
         "runs": results, "paper": grid.PAPER,
     })  # fmt: skip
     print(f"wrote {g.out} and {png} ({(time.time() - t0) / 60:.1f} min)")
