@@ -616,6 +616,13 @@ def test_pairs_and_sign_test_of_which_learned_first(tmp_path):
     [row] = bench.paired(results)
     assert row == {"width": 32, "pairs": 5, "n2_first": 3, "n1_first": 0, "neither": 2,
                    "sign_test_p": 1 / 8}  # fmt: skip
+    # The paper's measure alone: only seed 1's n=2 learned it (at 30).
+    [row] = bench.paired(results, ("induction_success",))
+    assert (row["n2_first"], row["n1_first"], row["neither"]) == (1, 0, 4)
+    # A second width: the table's last row pools the pairs of both (6 of 6 decided: 1/64).
+    wider = [{**r, "width": 64} for r in results]
+    table = bench.pairs_table(bench.paired(results + wider), "either measure")
+    assert table[-1] == "| all | 10 | 6 | 0 | 4 | 0.0156 |"
     results.append(run(2, 5, never))  # now a pair, n=1 never learned either
     results[0:2] = [run(1, 0, (0.6, 0.6, 0.6)), run(2, 0, never)]  # n=1 first
     [row] = bench.paired(results)
