@@ -645,8 +645,10 @@ def test_gpu_grid_stops_at_its_deadline_scores_what_was_reached_and_resumes(tmp_
     are scored, each width compared at the last checkpoint all its runs reached; a rerun resumes
     every run (an earlier stop's checkpoint removed), --report reprints the tables. Checks the
     pipeline, not the result."""
+    import signal
     import subprocess
     import sys
+    import time
 
     from tests.support import ROOT
 
@@ -697,6 +699,38 @@ def test_gpu_grid_stops_at_its_deadline_scores_what_was_reached_and_resumes(tmp_
         assert after["steps_trained"] > before["steps_trained"]
         assert after["curve"][: len(before["curve"])] == before["curve"]
     assert not any(c.exists() for c in stale)
+
+    # SIGTERM to the script while its trainers run: each saves a checkpoint past where it was,
+    # none is left running, exit 143 with one error line, nothing scored or written.
+    def steps(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"]
+
+    run_dirs = sorted((work / "runs").iterdir())
+    was = {d: steps(d) for d in run_dirs}
+    cmd = [*script, *small, "--tokens", "4096000", "--evals", "400", "--train-seconds", "600",
+           "--out", str(out)]  # fmt: skip
+    stopped = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    wait_until = time.time() + 120
+    while time.time() < wait_until and not all(steps(d) > was[d] for d in run_dirs):
+        time.sleep(0.5)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=180)
+    assert stopped.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM"), err[-2000:]
+
+    def cmdline(path):
+        try:
+            return path.read_bytes().decode(errors="replace")
+        except OSError:  # a process that has just ended
+            return ""
+
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(work) in cmdline(p)]
+    for d in run_dirs:
+        latest = (d / "checkpoints" / "latest").read_text().strip()
+        assert int(latest.removeprefix("step_")) > was[d]
+    assert json.loads(out.read_text()) == again
 
     proc = subprocess.run([*script, "--report", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)  # fmt: skip

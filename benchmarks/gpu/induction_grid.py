@@ -10,6 +10,7 @@ runs are compared at the last scheduled checkpoint all of them reached (the runs
 train at the same speed), so the tables and the figure never compare runs at different token
 counts. A rerun on the same machine resumes every run from its latest checkpoint (the trainer's
 resume=auto): two calls of a lease extend the same runs, and the second scores them all.
+SIGTERM or Ctrl-C stops it as the deadline would, then exits 128 + the signal, unscored.
 
 Here, on CPU (the held-out and training shards, the tokenizer and names.json; carry the folder):
     python benchmarks/gpu/induction_grid.py --prepare-only   # -> runs/induction-gpu/data
@@ -23,6 +24,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -125,6 +127,7 @@ def train_all(a, g, cells: list[tuple]) -> dict:
                 flush=True,
             )
     finally:
+        grid._STOPPING.set()  # a second stop signal only says so (grid._on_stop_signal)
         stopped = [c for c, p in procs.items() if p.poll() is None]
         for c in stopped:
             procs[c].terminate()  # the trainer saves a checkpoint and exits
@@ -259,9 +262,19 @@ def main(argv=None) -> int:
         f"{g.train_seconds:.0f} s to train",
         flush=True,
     )
-    runs = train_all(a, g, cells)
-    train_seconds = time.time() - t0
-    results = sorted(score(a, g, runs), key=lambda r: (r["width"], r["n"], r["seed"]))
+    stops = (signal.SIGTERM, signal.SIGINT)
+    handlers = {sig: signal.signal(sig, grid._on_stop_signal) for sig in stops}
+    try:
+        runs = train_all(a, g, cells)
+        train_seconds = time.time() - t0
+        results = sorted(score(a, g, runs), key=lambda r: (r["width"], r["n"], r["seed"]))
+    except grid.GridStopped as e:
+        print(f"error: stopped by {e}: every run saved a checkpoint; rerun the same command to "
+              "resume them", file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     g.out.parent.mkdir(parents=True, exist_ok=True)
     png = g.out.with_suffix(".png")
     cut, common, summary = report(results, chance, first_chance, png)
