@@ -314,6 +314,24 @@ def drop_stop_checkpoints(manager, interval: int) -> None:
             shutil.rmtree(c)
 
 
+def score_command(a, checkpoints: list[Path]) -> list[str]:
+    """`evaluate induction` of a run's checkpoints on the held-out split's first --max-windows
+    windows, one JSON object per checkpoint on stdout."""
+    paths = task_paths(a)
+    return [sys.executable, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints),
+            "--data", str(paths["heldout"]), "--names", str(paths["names"]),
+            "--max-windows", str(a.max_windows), "--json"]  # fmt: skip
+
+
+def curve_point(score: dict, tokens_per_step: int) -> dict:
+    """One point of a run's curve, from one checkpoint's `evaluate induction --json` object."""
+    return {"step": score["step"], "tokens": score["step"] * tokens_per_step,
+            "induction_success": score["induction_success"], "head1_loss": score["head1_loss"],
+            "scored_loss": score["scored_loss"], "scored": score["scored_occurrences"],
+            "first_half_success": score["first_half_success"],
+            "first_scored": score["first_half_scored"]}  # fmt: skip
+
+
 def one_run(a, width: int, n: int, seed: int) -> dict:
     """Train (or reuse) one run and score its checkpoints; the result is kept in the run's
     directory, so a rerun of the grid skips it."""
@@ -358,11 +376,8 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
     # The scheduled checkpoints only: a run stopped and resumed also keeps the one it saved
     # when it was stopped.
     checkpoints = [c for c in manager.committed() if step_of(c) % interval == 0]
-    paths = task_paths(a)
-    score = [py, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints), "--data",
-             str(paths["heldout"]), "--names", str(paths["names"]),
-             "--max-windows", str(a.max_windows), "--json"]  # fmt: skip
-    score_cpu = _run(score, run_dir / "score.log", stdout=run_dir / "scores.json")
+    score_cpu = _run(score_command(a, checkpoints), run_dir / "score.log",
+                     stdout=run_dir / "scores.json")  # fmt: skip
     scores = json.loads((run_dir / "scores.json").read_text())
     cfg = config_mod.load("configs/induction.yaml", overrides)
     params = parameter_breakdown(cfg.model)
@@ -381,13 +396,7 @@ def one_run(a, width: int, n: int, seed: int) -> dict:
         # Tokens per CPU second: what one idle core would give (the wall rate depends on load).
         "tokens_per_cpu_s": round((steps - from_step) * tokens_per_step / train_cost["cpu"]),
         "tokens_per_s_wall": round(statistics.median(m["tokens_per_s"] for m in metrics)),
-        "curve": [
-            {"step": s["step"], "tokens": s["step"] * tokens_per_step,
-             "induction_success": s["induction_success"], "head1_loss": s["head1_loss"],
-             "scored_loss": s["scored_loss"], "scored": s["scored_occurrences"],
-             "first_half_success": s["first_half_success"], "first_scored": s["first_half_scored"]}
-            for s in scores
-        ],
+        "curve": [curve_point(s, tokens_per_step) for s in scores],
         "overrides": overrides,
     }  # fmt: skip
     last = result["curve"][-1]
@@ -453,6 +462,7 @@ def run_grid(a) -> list[dict]:
 
 
 LEARNED = 0.5  # success at which a run counts as having learned induction (chance: 1/16-1/32)
+MEASURES = ("induction_success", "first_half_success")  # the paper's, then the second
 
 
 def learned_at(run: dict, key: str) -> int | None:
@@ -461,10 +471,7 @@ def learned_at(run: dict, key: str) -> int | None:
 
 
 def learned_either(run: dict) -> bool:
-    return any(learned_at(run, k) is not None for k in ("induction_success", "first_half_success"))
-
-
-MEASURES = ("induction_success", "first_half_success")
+    return any(learned_at(run, k) is not None for k in MEASURES)
 
 
 def first_learned(run: dict, measures: tuple[str, ...] = MEASURES) -> float:

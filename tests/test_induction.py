@@ -736,3 +736,12 @@ def test_gpu_grid_stops_at_its_deadline_scores_what_was_reached_and_resumes(tmp_
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| 32 | 0.07M | 2 | 0 |" in proc.stdout and "the paper's measure alone" in proc.stdout
+    other = tmp_path / "other.json"  # a JSON, but not this script's: one error line, exit 2
+    other.write_text('{"runs": []}')
+    proc = subprocess.run([*script, "--report", str(other)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --report {other}: not a JSON of this script (it needs runs, chance and "
+        "first_chance): give its --out"
+    ]

@@ -89,19 +89,20 @@ def train_all(a, g, cells: list[tuple]) -> dict:
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs, runs, t0 = {}, {}, time.time()
-    for cell in cells:
-        run_dir, overrides, steps = grid.run_config(a, *cell)
-        overrides = [*overrides, f"train.dtype={g.dtype}", f"train.micro_batch_size={a.batch}"]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        grid.drop_stop_checkpoints(CheckpointManager(run_dir / "checkpoints", keep=1),
-                                   steps // a.evals)  # fmt: skip
-        cmd = [sys.executable, "-m", "mtp_dist.train", "--config", "configs/induction.yaml",
-               *overrides]  # fmt: skip
-        with open(run_dir / "train.log", "w") as log:
-            procs[cell] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
-        runs[cell] = [run_dir, overrides, steps, None, last_step(run_dir)]
     deadline, tokens_per_step = t0 + g.train_seconds, a.seq * a.batch
-    try:
+    try:  # from the first start: a failed start or a stop signal stops those already started
+        for cell in cells:
+            run_dir, overrides, steps = grid.run_config(a, *cell)
+            overrides = [*overrides, f"train.dtype={g.dtype}",
+                         f"train.micro_batch_size={a.batch}"]  # fmt: skip
+            run_dir.mkdir(parents=True, exist_ok=True)
+            grid.drop_stop_checkpoints(CheckpointManager(run_dir / "checkpoints", keep=1),
+                                       steps // a.evals)  # fmt: skip
+            runs[cell] = [run_dir, overrides, steps, None, last_step(run_dir)]
+            cmd = [sys.executable, "-m", "mtp_dist.train", "--config", "configs/induction.yaml",
+                   *overrides]  # fmt: skip
+            with open(run_dir / "train.log", "w") as log:
+                procs[cell] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
         while any(p.poll() is None for p in procs.values()):
             failed = [c for c, p in procs.items() if p.poll() not in (None, 0)]
             if failed:
@@ -157,7 +158,7 @@ def score(a, g, runs: dict) -> list[dict]:
     from mtp_dist.config import load
     from mtp_dist.model.costs import parameter_breakdown
 
-    paths, tokens_per_step = grid.task_paths(a), a.seq * a.batch
+    tokens_per_step = a.seq * a.batch
 
     def one(cell):
         run_dir, overrides, steps, wall, resumed_from = runs[cell]
@@ -166,19 +167,11 @@ def score(a, g, runs: dict) -> list[dict]:
         checkpoints = [c for c in manager.committed() if step_of(c) % interval == 0]
         curve = []
         if checkpoints:
-            cmd = [sys.executable, "-m", "mtp_dist.evaluate", "induction", *map(str, checkpoints),
-                   "--data", str(paths["heldout"]), "--names", str(paths["names"]),
-                   "--max-windows", str(a.max_windows), "--json"]  # fmt: skip
+            cmd = grid.score_command(a, checkpoints)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"error: scoring {run_dir.name} failed:\n{proc.stderr[-3000:]}")
-            curve = [{"step": s["step"], "tokens": s["step"] * tokens_per_step,
-                      "induction_success": s["induction_success"],
-                      "head1_loss": s["head1_loss"], "scored_loss": s["scored_loss"],
-                      "scored": s["scored_occurrences"],
-                      "first_half_success": s["first_half_success"],
-                      "first_scored": s["first_half_scored"]}
-                     for s in json.loads(proc.stdout)]  # fmt: skip
+            curve = [grid.curve_point(s, tokens_per_step) for s in json.loads(proc.stdout)]
         params = parameter_breakdown(load("configs/induction.yaml", overrides).model)
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         reached = metrics[-1]["step"] if metrics else 0
@@ -235,6 +228,9 @@ def main(argv=None) -> int:
     g, a = parse_args(argv)
     if g.report:
         saved = grid._record(g.report)
+        if not {"runs", "chance", "first_chance"} <= saved.keys():
+            raise UserError(f"--report {g.report}: not a JSON of this script (it needs runs, "
+                            "chance and first_chance): give its --out")  # fmt: skip
         report(saved["runs"], saved["chance"], saved["first_chance"], g.report.with_suffix(".png"))
         return 0
     os.chdir(ROOT)  # the workdir and the runs' data paths are relative to the repo root
